@@ -1,0 +1,147 @@
+"""GenerationSpec: the frozen statement of what a user asked for one image.
+
+Validated once, at the edge (CLI parser, HTTP schema, Python API); the engine only sees resolved specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+from .samplers import SAMPLERS
+
+MIN_SIDE, MAX_SIDE = 8, 4096
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model fills in for fields a spec leaves unset."""
+
+    height: int = 512  # the model's native resolution
+    width: int = 512
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    strength: float = 0.8  # img2img only
+    vae_scale_factor: int = 8  # height and width must be multiples of this
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """One image request. ``None`` means "the model's default" (or a random seed)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    image: Any = None  # init image for image-to-image: a PIL image or a path
+    strength: float | None = None
+    scheduler: str | None = None  # a name from diffbatch.samplers.SAMPLERS; None: the model's own
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.image is not None
+
+    def resolve(self, defaults: ModelDefaults, seed: int, image_size: tuple[int, int] | None = None
+                ) -> GenerationSpec:
+        """Fill every unset field; img2img takes its size from the init image (as diffusers does)."""
+        height, width = self.height, self.width
+        if image_size is not None:  # (width, height), rounded down to the VAE grid like diffusers
+            f = defaults.vae_scale_factor
+            width = width or image_size[0] // f * f
+            height = height or image_size[1] // f * f
+        resolved = dataclasses.replace(
+            self,
+            seed=self.seed if self.seed is not None else seed,
+            num_inference_steps=self.num_inference_steps or defaults.num_inference_steps,
+            guidance_scale=_first(self.guidance_scale, defaults.guidance_scale),
+            height=height or defaults.height,
+            width=width or defaults.width,
+            strength=_first(self.strength, defaults.strength) if self.is_img2img else self.strength,
+        )
+        check_size(resolved, defaults.vae_scale_factor)
+        return resolved
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON-able fields (the init image as its path, or ``"<image>"`` for in-memory ones)."""
+        record = dataclasses.asdict(self)
+        if self.image is not None:
+            record["image"] = os.fspath(self.image) if isinstance(self.image, str | os.PathLike) else "<image>"
+        return record
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerationSpec))
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise SpecError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def validate_fields(spec: GenerationSpec) -> None:
+    """Check each field on its own; size against the model's grid comes at resolve time."""
+    _require(isinstance(spec.prompt, str), "prompt", spec.prompt, "must be a string")
+    _require(isinstance(spec.negative_prompt, str), "negative_prompt", spec.negative_prompt, "must be a string")
+    if spec.seed is not None:
+        _require(_is_int(spec.seed) and 0 <= spec.seed < 2**63, "seed", spec.seed,
+                 "must be an integer in [0, 2**63)")
+    if spec.num_inference_steps is not None:
+        _require(_is_int(spec.num_inference_steps) and spec.num_inference_steps >= 1,
+                 "num_inference_steps", spec.num_inference_steps, "must be an integer >= 1")
+    if spec.guidance_scale is not None:
+        _require(_is_number(spec.guidance_scale) and spec.guidance_scale >= 0,
+                 "guidance_scale", spec.guidance_scale, "must be a number >= 0")
+    if spec.strength is not None:
+        _require(_is_number(spec.strength) and 0 < spec.strength <= 1,
+                 "strength", spec.strength, "must be in (0, 1]")
+    _require(spec.scheduler is None or spec.scheduler in SAMPLERS, "scheduler", spec.scheduler,
+             "must be one of " + ", ".join(SAMPLERS))
+    for name in ("height", "width"):
+        value = getattr(spec, name)
+        if value is not None:
+            _require(_is_int(value) and MIN_SIDE <= value <= MAX_SIDE, name, value,
+                     f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels")
+
+
+def check_size(spec: GenerationSpec, vae_scale_factor: int) -> None:
+    for name in ("height", "width"):
+        value = getattr(spec, name)
+        _require(value % vae_scale_factor == 0 and MIN_SIDE <= value <= MAX_SIDE, name, value,
+                 f"must be a multiple of {vae_scale_factor} (the model's VAE scale factor) "
+                 f"from {MIN_SIDE} to {MAX_SIDE} pixels")
+
+
+def spec_from_record(record: dict[str, Any], where: str = "spec") -> GenerationSpec:
+    """Build a spec from a JSON object, naming ``where`` (e.g. ``prompts.jsonl:3``) in any error."""
+    if not isinstance(record, dict):
+        raise SpecError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(FIELDS))
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+    if "prompt" not in record:
+        raise SpecError(f"{where}: missing field 'prompt'")
+    try:
+        return GenerationSpec(**record)
+    except SpecError as exc:
+        raise SpecError(f"{where}: {exc}") from None

@@ -1,0 +1,1 @@
+"""Training code for the embedded default model (procedural shapes data, tokenizer, training command)."""

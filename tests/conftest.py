@@ -1,0 +1,13 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
