@@ -1,0 +1,94 @@
+"""Find a model (local folder, hub id, or the embedded default), pick its adapter, load it on a device."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+from .base import Adapter
+
+# model_index.json ``_class_name`` -> "module:AdapterClass" (imported only when a model of that family loads)
+ADAPTERS: dict[str, str] = {
+    "StableDiffusionPipeline": "stable_diffusion:StableDiffusionAdapter",
+    "StableDiffusionImg2ImgPipeline": "stable_diffusion:StableDiffusionAdapter",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` picks the best available: CUDA, then Apple's MPS, then the CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"--device {device!r} is not a device (use cpu, cuda, cuda:N or mps)") from None
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``None`` means float16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(model: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that names a file system place is a path.
+    return (Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+            or model.count("/") > 1 or "\\" in model)
+
+
+def read_model_index(model: str) -> dict[str, Any]:
+    """The pipeline's model_index.json, from a folder or (cache-aware, offline-aware) from the hub."""
+    if _looks_like_path(model):
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"model path {model!r} does not exist")
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"model path {model!r} is not a diffusers pipeline (no model_index.json)")
+        return json.loads(index.read_text())
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(model))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot load"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else type(exc).__name__
+        raise ModelLoadError(f"model {model!r} is neither a local folder nor a loadable hub id: {why}") from None
+
+
+def adapter_class(class_name: str, model: str) -> type[Adapter]:
+    target = ADAPTERS.get(class_name)
+    if target is None:
+        raise ModelLoadError(f"model {model!r} is a {class_name}, which diffbatch does not support yet; "
+                             f"supported: {', '.join(sorted(set(ADAPTERS)))}")
+    module_name, cls_name = target.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module_name}"), cls_name)
+
+
+def default_model() -> str:
+    from ..models import default_model_path
+
+    return str(default_model_path())
+
+
+def load_adapter(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None) -> Adapter:
+    model = default_model() if model is None else os.fspath(model)
+    index = read_model_index(model)
+    cls = adapter_class(index.get("_class_name", "?"), model)
+    torch_device = resolve_device(device)
+    pipe = cls.load_pipeline(model, resolve_dtype(dtype, torch_device))
+    pipe.set_progress_bar_config(disable=True)
+    return cls(pipe.to(torch_device), name=Path(model).name if _looks_like_path(model) else model)

@@ -1,0 +1,63 @@
+"""Stable Diffusion 1.x / 2.x (UNet2DConditionModel, one CLIP text encoder, AutoencoderKL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+
+from ..spec import GenerationSpec, ModelDefaults
+from .base import Adapter, Cond
+
+
+class StableDiffusionAdapter(Adapter):
+    family = "stable-diffusion"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+
+    @classmethod
+    def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        # No safety checker: the engine returns what the model makes (diffbatch is a batch tool, not a filter).
+        return StableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.text_encoder.dtype  # diffusers runs latents in the prompt embeddings' dtype
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return ModelDefaults(height=size, width=size, vae_scale_factor=self.pipe.vae_scale_factor)
+
+    def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:
+        f = self.pipe.vae_scale_factor
+        return (1, self.pipe.unet.config.in_channels, spec.height // f, spec.width // f)
+
+    def encode_prompts(self, texts: list[str]) -> list[Cond]:
+        # diffusers encodes the negative prompt exactly like a prompt, so one cache serves both.
+        embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)  # [B, L, D]
+        return [{"encoder_hidden_states": e[None]} for e in embeds]
+
+    def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
+        return self.pipe.image_processor.preprocess(image, height=height, width=width)  # [1, 3, H, W]
+
+    def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        vae = self.pipe.vae
+        params = vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters  # [B, 2C, h, w]
+        # Sample per item, as diffusers does for one image: each draw from that item's own generator.
+        latents = [DiagonalGaussianDistribution(params[i : i + 1]).sample(g) for i, g in enumerate(generators)]
+        return vae.config.scaling_factor * torch.cat(latents)
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.pipe.unet(sample, timesteps, **cond, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))
+

@@ -1,0 +1,128 @@
+"""Engine: the step loop. ``step()`` is schedule -> execute -> update; ``generate()`` loops it to the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .io.images import load_init_image
+from .request import Request
+from .runner import Runner
+from .samplers import sampler_label
+from .scheduler import Scheduler
+from .spec import GenerationSpec, ModelDefaults
+
+
+@dataclass
+class Result:
+    """One finished image."""
+
+    index: int  # position in the ``generate`` call's specs (the request id for ``step``)
+    spec: GenerationSpec  # resolved: the seed and every default actually used
+    image: Image.Image
+    pixels: np.ndarray  # [H, W, 3] float32 in [0, 1], before rounding to uint8
+    seconds: float  # this image's share of the engine time spent on the steps it took part in
+
+
+class Engine:
+    def __init__(self, adapter, max_batch_size: int = 8, vae_batch_size: int | None = None,
+                 generator_device: str = "cpu") -> None:
+        self.adapter = adapter
+        self.scheduler = Scheduler(max_batch_size)
+        self.runner = Runner(adapter, vae_batch_size or max_batch_size, generator_device)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # add_request may come from another thread (the server)
+        self._seconds: dict[int, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
+                        dtype: str | None = None, max_batch_size: int = 8, vae_batch_size: int | None = None,
+                        generator_device: str = "cpu") -> Engine:
+        """Load a diffusers pipeline folder or hub id (``None``: the embedded default model)."""
+        from .adapters import load_adapter
+
+        return cls(load_adapter(model, device, dtype), max_batch_size, vae_batch_size, generator_device)
+
+    @property
+    def model_name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.adapter.defaults
+
+    def sampler_label(self, spec: GenerationSpec) -> str:
+        return sampler_label(spec.scheduler, self.adapter.default_scheduler_class.__name__)
+
+    def resolve(self, spec: GenerationSpec, seed: int | None = None) -> GenerationSpec:
+        """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
+        image_size = load_init_image(spec.image).size if spec.is_img2img else None
+        seed = secrets.randbits(63) if seed is None else seed
+        return spec.resolve(self.defaults, seed, image_size)
+
+    def add_request(self, spec: GenerationSpec, seed: int | None = None) -> int:
+        """Admit one image; it joins the running batch at the next step. Returns its request id."""
+        return self._admit(self.resolve(spec, seed))
+
+    def _admit(self, resolved: GenerationSpec) -> int:
+        init_image = load_init_image(resolved.image) if resolved.is_img2img else None
+        if init_image is not None and init_image.size != (resolved.width, resolved.height):
+            init_image = init_image.resize((resolved.width, resolved.height), Image.Resampling.LANCZOS)
+        with self._lock:
+            request = Request(next(self._ids), resolved, (resolved.height, resolved.width),
+                              init_image=init_image, started=time.perf_counter())
+            self.scheduler.add(request)
+            self._seconds[request.request_id] = 0.0
+        return request.request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Result]:
+        """One engine iteration: schedule, execute, update. Returns the images finished in it."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        began = time.perf_counter()
+        pixels = self.runner.execute(plan)
+        self._charge(plan.decode + plan.denoise, time.perf_counter() - began)
+        with self._lock:
+            finished = self.scheduler.update(plan)
+        return [self._result(r, pixels[r.request_id]) for r in finished]
+
+    def generate(self, specs: Sequence[GenerationSpec], on_result: Callable[[Result], None] | None = None,
+                 base_seed: int | None = None) -> list[Result]:
+        """Make every image; results in input order. Image k without a seed gets ``base_seed + k``
+        (a random seed when ``base_seed`` is None); ``on_result`` sees each image as it finishes."""
+        resolved = [self.resolve(s, None if base_seed is None else base_seed + k) for k, s in enumerate(specs)]
+        ids = {self._admit(spec): k for k, spec in enumerate(resolved)}
+        results: list[Result | None] = [None] * len(specs)
+        while any(r is None for r in results):
+            for result in self.step():
+                k = ids.pop(result.index, None)
+                if k is None:
+                    continue  # a request someone else added
+                results[k] = dataclasses.replace(result, index=k)
+                if on_result is not None:
+                    on_result(results[k])
+        return results  # type: ignore[return-value]
+
+    def _charge(self, requests: list[Request], seconds: float) -> None:
+        unique = {r.request_id for r in requests}
+        for request_id in unique:
+            self._seconds[request_id] += seconds / len(unique)
+
+    def _result(self, request: Request, pixels: np.ndarray) -> Result:
+        image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
+        seconds = self._seconds.pop(request.request_id)
+        return Result(request.request_id, request.spec, image, pixels, seconds)

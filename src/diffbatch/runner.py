@@ -1,0 +1,184 @@
+"""The runner: owns device, dtype, inference mode and the batching of tensors.
+
+It executes one ``SchedulerOutput``: decode the requests that finished denoising, prepare the newly admitted
+ones (prompt embeddings from a cache, each request's own sampler, initial latents), then make one batched
+denoiser call and step each request's own sampler.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .adapters import Adapter, Cond
+from .request import Request
+from .samplers import SAMPLERS
+from .scheduler import SchedulerOutput
+
+PROMPT_BATCH = 64  # texts per text-encoder call
+
+
+class PromptCache:
+    """LRU cache of text conditioning: prompts repeat a lot in batch jobs (``-n``, negative prompts)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Cond] = OrderedDict()
+
+    def get(self, text: str) -> Cond:
+        self._items.move_to_end(text)
+        return self._items[text]
+
+    def missing(self, texts: Sequence[str]) -> list[str]:
+        return [t for t in dict.fromkeys(texts) if t not in self._items]
+
+    def put(self, text: str, cond: Cond) -> None:
+        self._items[text] = cond
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+@functools.cache
+def _step_params(sampler_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(sampler_class.step).parameters)
+
+
+def _chunks(items: Sequence[Request], size: int) -> Iterator[list[Request]]:
+    by_shape: dict[tuple[int, int], list[Request]] = {}
+    for r in items:
+        by_shape.setdefault(r.shape_key, []).append(r)
+    for group in by_shape.values():
+        for i in range(0, len(group), size):
+            yield group[i : i + size]
+
+
+class Runner:
+    def __init__(self, adapter: Adapter, vae_batch_size: int = 8, generator_device: str = "cpu") -> None:
+        self.adapter = adapter
+        self.vae_batch_size = vae_batch_size
+        self.generator_device = generator_device if generator_device == "cpu" else adapter.device
+        self.prompts = PromptCache()
+
+    def execute(self, plan: SchedulerOutput) -> dict[int, np.ndarray]:
+        """Run one engine step; return the decoded pixels (``[H, W, 3]`` in [0, 1]) by request id."""
+        with torch.inference_mode():
+            pixels = self._decode(plan.decode)
+            if plan.prepare:
+                self._prepare(plan.prepare)
+            if plan.denoise:
+                self._denoise(plan.denoise)
+        return pixels
+
+    # 1. Preparation --------------------------------------------------------------------------------------
+    def _prepare(self, requests: list[Request]) -> None:
+        self._attach_conditioning(requests)
+        for r in requests:
+            self._init_sampler(r)
+        for r in requests:
+            if r.init_image is None:
+                r.latents = self._noise(r) * r.sampler.init_noise_sigma
+        for chunk in _chunks([r for r in requests if r.init_image is not None], self.vae_batch_size):
+            self._encode_init_images(chunk)
+
+    def _attach_conditioning(self, requests: list[Request]) -> None:
+        texts = [r.spec.prompt for r in requests] + [r.spec.negative_prompt for r in requests if _cfg(r)]
+        missing = self.prompts.missing(texts)
+        for i in range(0, len(missing), PROMPT_BATCH):
+            batch = missing[i : i + PROMPT_BATCH]
+            for text, cond in zip(batch, self.adapter.encode_prompts(batch), strict=True):
+                self.prompts.put(text, cond)
+        for r in requests:
+            r.cond = self.adapter.request_cond(self.prompts.get(r.spec.prompt), r.spec)
+            r.uncond = self.adapter.request_cond(self.prompts.get(r.spec.negative_prompt), r.spec) if _cfg(r) else None
+
+    def _init_sampler(self, r: Request) -> None:
+        spec = r.spec
+        r.generator = torch.Generator(self.generator_device).manual_seed(spec.seed)
+        r.sampler = self._make_sampler(spec.scheduler)
+        r.sampler.set_timesteps(spec.num_inference_steps, device=self.adapter.device)
+        timesteps = r.sampler.timesteps
+        if spec.is_img2img:  # as StableDiffusionImg2ImgPipeline.get_timesteps: skip the first (1 - strength)
+            steps = spec.num_inference_steps
+            t_start = (steps - min(int(steps * spec.strength), steps)) * r.sampler.order
+            timesteps = timesteps[t_start:]
+            if hasattr(r.sampler, "set_begin_index"):
+                r.sampler.set_begin_index(t_start)
+        r.timesteps = timesteps
+        r.num_steps = len(timesteps)
+
+    def _make_sampler(self, name: str | None) -> Any:
+        config = self.adapter.scheduler_config
+        if name is None:
+            return self.adapter.default_scheduler_class.from_config(config)
+        sampler = SAMPLERS[name]
+        return getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
+
+    def _noise(self, r: Request, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        shape = shape or self.adapter.latent_shape(r.spec)
+        return randn_tensor(shape, generator=r.generator, device=self.adapter.device, dtype=self.adapter.dtype)
+
+    def _encode_init_images(self, chunk: list[Request]) -> None:
+        # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.
+        spec = chunk[0].spec
+        pixels = torch.cat([self.adapter.preprocess_image(r.init_image, spec.height, spec.width) for r in chunk])
+        init_latents = self.adapter.encode_images(pixels, [r.generator for r in chunk])  # [B, C, h, w]
+        for i, r in enumerate(chunk):
+            latent = init_latents[i : i + 1]
+            r.latents = r.sampler.add_noise(latent, self._noise(r, tuple(latent.shape)), r.timesteps[:1])
+            r.init_image = None  # the pixels are no longer needed
+
+    # 2. Denoising ----------------------------------------------------------------------------------------
+    def _denoise(self, requests: list[Request]) -> None:
+        samples, timesteps, conds = [], [], []
+        for r in requests:
+            t = r.timesteps[r.step_index]
+            x = r.sampler.scale_model_input(r.latents, t)  # per item: Euler-type samplers scale by sigma
+            rows = [r.uncond, r.cond] if r.uses_cfg else [r.cond]
+            samples += [x] * len(rows)
+            timesteps += [t.reshape(1).to(torch.float32)] * len(rows)  # the UNet casts timesteps to float32
+            conds += rows
+        cond = {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+        out = self.adapter.denoise(torch.cat(samples), torch.cat(timesteps), cond)  # [N, C, h, w]
+        row = 0
+        for r in requests:
+            if r.uses_cfg:
+                uncond, text = out[row : row + 1], out[row + 1 : row + 2]
+                eps = uncond + r.spec.guidance_scale * (text - uncond)
+            else:
+                eps = out[row : row + 1]
+            row += 2 if r.uses_cfg else 1
+            self._step(r, eps)
+
+    def _step(self, r: Request, eps: torch.Tensor) -> None:
+        params = _step_params(type(r.sampler))
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = 0.0
+        if "generator" in params:
+            kwargs["generator"] = r.generator  # ancestral samplers draw from the request's own generator
+        t = r.timesteps[r.step_index]
+        r.latents = r.sampler.step(eps, t, r.latents, **kwargs, return_dict=False)[0]
+
+    # 3. Decoding -----------------------------------------------------------------------------------------
+    def _decode(self, requests: list[Request]) -> dict[int, np.ndarray]:
+        pixels: dict[int, np.ndarray] = {}
+        for chunk in _chunks(requests, self.vae_batch_size):
+            images = self.adapter.decode(torch.cat([r.latents for r in chunk]))  # [B, H, W, 3]
+            for r, image in zip(chunk, images, strict=True):
+                pixels[r.request_id] = image
+                r.latents = r.sampler = r.uncond = r.generator = None  # free memory early
+                r.cond = {}
+        return pixels
+
+
+def _cfg(r: Request) -> bool:
+    """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""
+    return r.spec.guidance_scale > 1
