@@ -1,0 +1,124 @@
+"""Job outputs: ``{k:05d}-{seed}.png`` written atomically with an A1111-style ``parameters`` chunk, and
+one ``manifest.jsonl`` line per image, appended only once its PNG is in place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..spec import GenerationSpec
+
+MANIFEST = "manifest.jsonl"
+PARAMETERS_KEY = "parameters"  # the text chunk AUTOMATIC1111 (and tools reading its files) use
+
+
+def png_name(index: int, seed: int) -> str:
+    return f"{index:05d}-{seed}.png"
+
+
+def format_parameters(spec: GenerationSpec, sampler: str, model: str) -> str:
+    """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings."""
+    settings: list[tuple[str, Any]] = [
+        ("Steps", spec.num_inference_steps), ("Sampler", _quote(sampler)),
+        ("CFG scale", _number(spec.guidance_scale)), ("Seed", spec.seed),
+        ("Size", f"{spec.width}x{spec.height}"), ("Model", _quote(model)),
+    ]
+    if spec.is_img2img:
+        settings.append(("Denoising strength", _number(spec.strength)))
+    lines = [spec.prompt]
+    if spec.negative_prompt:
+        lines.append(f"Negative prompt: {spec.negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in settings))
+    return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    """As A1111 does: a value holding ``,`` ``:`` or a newline is JSON-quoted so the line still parses."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _number(value: float | int | None) -> str:
+    """``7`` rather than ``7.0``, ``7.5`` as is."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def write_png_atomic(path: Path, image: Image.Image, parameters: str) -> None:
+    """Temporary file in the same folder, fsync, then ``os.replace``: a reader never sees half a PNG."""
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)  # PIL stores non-Latin-1 text as iTXt by itself
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as file:  # "x": never clobber; mode follows the umask, unlike mkstemp's 0600
+            image.save(file, format="PNG", pnginfo=info)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX only; Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OutputWriter:
+    """Writes finished images into ``out_dir`` (which must exist); safe to call from any thread."""
+
+    def __init__(self, out_dir: str | os.PathLike, model: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.model = model
+        self._lock = threading.Lock()
+        self._manifest: IO[str] | None = None
+
+    def write(self, index: int, spec: GenerationSpec, image: Image.Image, sampler: str,
+              seconds: float) -> Path:
+        """PNG first, manifest line after: every manifest line points at a complete file."""
+        name = png_name(index, spec.seed)
+        path = self.out_dir / name
+        write_png_atomic(path, image, format_parameters(spec, sampler, self.model))
+        record = {"index": index, "file": name, **spec.to_record(), "model": self.model,
+                  "seconds": round(seconds, 4)}
+        self._append(record)
+        return path
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            if self._manifest is None:
+                self._manifest = open(self.out_dir / MANIFEST, "a", encoding="utf-8")
+            self._manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._manifest.flush()
+            os.fsync(self._manifest.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._manifest is not None:
+                self._manifest.close()
+                self._manifest = None
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
