@@ -67,7 +67,9 @@ class Engine:
         """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
         image_size = load_init_image(spec.image).size if spec.is_img2img else None
         seed = secrets.randbits(63) if seed is None else seed
-        return spec.resolve(self.defaults, seed, image_size)
+        resolved = spec.resolve(self.defaults, seed, image_size)
+        self.runner.check_sampler(resolved)
+        return resolved
 
     def add_request(self, spec: GenerationSpec, seed: int | None = None) -> int:
         """Admit one image; it joins the running batch at the next step. Returns its request id."""

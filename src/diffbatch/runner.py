@@ -19,9 +19,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapters import Adapter, Cond
+from .errors import SpecError
 from .request import Request
 from .samplers import SAMPLERS
 from .scheduler import SchedulerOutput
+from .spec import GenerationSpec
 
 PROMPT_BATCH = 64  # texts per text-encoder call
 
@@ -113,6 +115,16 @@ class Runner:
                 r.sampler.set_begin_index(t_start)
         r.timesteps = timesteps
         r.num_steps = len(timesteps)
+
+    def check_sampler(self, spec: GenerationSpec) -> None:
+        """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
+        without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
+        try:
+            self._make_sampler(spec.scheduler).set_timesteps(spec.num_inference_steps, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported step counts
+            name = spec.scheduler or self.adapter.default_scheduler_class.__name__
+            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
+                            f"{type(exc).__name__}: {exc}") from None
 
     def _make_sampler(self, name: str | None) -> Any:
         config = self.adapter.scheduler_config

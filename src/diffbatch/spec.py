@@ -69,6 +69,9 @@ class GenerationSpec:
             strength=_first(self.strength, defaults.strength) if self.is_img2img else self.strength,
         )
         check_size(resolved, defaults.vae_scale_factor)
+        if resolved.is_img2img and int(resolved.num_inference_steps * resolved.strength) < 1:
+            raise SpecError(f"strength={resolved.strength} with num_inference_steps={resolved.num_inference_steps} "
+                            "leaves no denoising step: need num_inference_steps * strength >= 1")
         return resolved
 
     def to_record(self) -> dict[str, Any]:

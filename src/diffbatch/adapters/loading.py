@@ -61,12 +61,17 @@ def read_model_index(model: str) -> dict[str, Any]:
         return json.loads(index.read_text())
     from diffusers import DiffusionPipeline
 
+    offline = hub_offline()
     try:
-        return dict(DiffusionPipeline.load_config(model))
+        return dict(DiffusionPipeline.load_config(model, local_files_only=offline))
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot load"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else type(exc).__name__
         raise ModelLoadError(f"model {model!r} is neither a local folder nor a loadable hub id: {why}") from None
+
+
+def hub_offline() -> bool:
+    """Read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def adapter_class(class_name: str, model: str) -> type[Adapter]:

@@ -21,9 +21,12 @@ class StableDiffusionAdapter(Adapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusionPipeline
 
+        from .loading import hub_offline
+
         # No safety checker: the engine returns what the model makes (diffbatch is a batch tool, not a filter).
         return StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+            model, torch_dtype=dtype, use_safetensors=True, local_files_only=hub_offline(),
+            safety_checker=None, requires_safety_checker=False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,49 @@
+"""Shared test factories: diffusers reference images for a spec (the oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from diffbatch import GenerationSpec
+from diffbatch.samplers import SAMPLERS
+
+
+class DiffusersOracle:
+    """Calls diffusers' own pipeline for one image, with a CPU generator seeded with the spec's seed."""
+
+    def __init__(self, model: Path) -> None:
+        self.pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.config = dict(self.pipe.scheduler.config)
+
+    def scheduler(self, name: str | None):
+        if name is None:
+            return type(self.pipe.scheduler).from_config(self.config)
+        sampler = SAMPLERS[name]
+        return getattr(diffusers, sampler.class_name).from_config(self.config, **sampler.options)
+
+    def __call__(self, spec: GenerationSpec) -> np.ndarray:
+        """[H, W, 3] float pixels in [0, 1]."""
+        components = {**self.pipe.components, "scheduler": self.scheduler(spec.scheduler)}
+        kwargs = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+                      num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                      generator=torch.Generator("cpu").manual_seed(spec.seed), output_type="np")
+        if spec.image is None:
+            pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+            kwargs.update(height=spec.height, width=spec.width)
+        else:
+            pipe = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
+            kwargs.update(image=spec.image, strength=spec.strength)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**kwargs).images[0]
+
+
+def noise_image(size: int = 32, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))

@@ -1,0 +1,43 @@
+"""Loading models: clear errors for what cannot be loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffbatch import Engine, ModelLoadError
+
+
+def test_missing_model_path_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Engine.from_pretrained(str(tmp_path / "nope"), device="cpu")
+
+
+def test_folder_that_is_not_a_pipeline_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a diffusers pipeline"):
+        Engine.from_pretrained(tmp_path, device="cpu")
+
+
+def test_unsupported_family_is_refused_naming_it(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDMPipeline"}))
+    with pytest.raises(ModelLoadError, match="AudioLDMPipeline"):
+        Engine.from_pretrained(tmp_path, device="cpu")
+
+
+def test_hub_id_while_offline_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        Engine.from_pretrained("nobody/no-such-model", device="cpu")
+
+
+def test_bad_dtype_is_refused(tiny_sd_path):
+    with pytest.raises(ModelLoadError, match="dtype"):
+        Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float8")
+
+
+def test_model_loads_from_a_folder_with_its_defaults(tiny_sd_path):
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+    assert (engine.defaults.height, engine.defaults.width, engine.defaults.vae_scale_factor) == (32, 32, 2)
+    assert engine.model_name == tiny_sd_path.name
