@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import noise_image
 
 from diffbatch import Engine, GenerationSpec
+from helpers import noise_image
 
 TARGET = GenerationSpec(prompt="a blue star", negative_prompt="ugly", seed=42, num_inference_steps=4,
                         guidance_scale=6.0, scheduler="euler_a")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from helpers import noise_image
 
 from diffbatch import Engine, GenerationSpec, InputError, SpecError
+from helpers import noise_image
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import DiffusersOracle, noise_image
 
 from diffbatch import Engine, GenerationSpec
 from diffbatch.samplers import SAMPLERS
+from helpers import DiffusersOracle, noise_image
 
 SAMPLER_NAMES = [*SAMPLERS, None]  # None: the model's own scheduler
 

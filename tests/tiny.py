@@ -54,6 +54,7 @@ def tiny_sd_components(tokenizer_dir: Path, seed: int = 0) -> dict:
 
 def save_tiny_sd(folder: Path, seed: int = 0) -> Path:
     """Write a tiny random SD pipeline (32x32 native size, VAE factor 2) as safetensors to ``folder``."""
-    pipe = StableDiffusionPipeline(**tiny_sd_components(folder.with_name(folder.name + "-tokenizer"), seed), requires_safety_checker=False)
+    components = tiny_sd_components(folder.with_name(folder.name + "-tokenizer"), seed)
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
