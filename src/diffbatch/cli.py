@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -105,7 +106,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--strength", type=float, metavar="S", help="img2img strength in (0, 1]")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="most images per model call")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
     p.set_defaults(func=run_generate)
 
 
@@ -185,8 +186,21 @@ def load_engine(args: argparse.Namespace) -> Engine:
     """The engine for ``--model`` (imported here: torch and diffusers load only when a job runs)."""
     from .engine import Engine
 
-    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                  max_batch_size=args.batch_size)
+    _quiet_loading()
+    with warnings.catch_warnings():  # library deprecation notes are not the user's business here
+        warnings.simplefilter("ignore")
+        return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                      max_batch_size=args.batch_size)
+
+
+def _quiet_loading() -> None:
+    """Keep stderr for our progress bar and one-line errors: no loading bars or notices from the libraries."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
 
 
 def resolve_all(engine: Engine, items: list[JobItem]) -> list[GenerationSpec]:
