@@ -10,14 +10,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
-def write_byte_level_clip_tokenizer(folder: Path) -> CLIPTokenizer:
+def write_byte_level_clip_tokenizer(folder: Path, max_length: int = 16) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over the byte-level alphabet only (no merges): every text tokenizes."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = byte_alphabet()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
     return CLIPTokenizer.from_pretrained(folder)
 
 

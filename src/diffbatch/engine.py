@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .io.images import load_init_image
+from .io.images import init_image_size
 from .request import Request
 from .runner import Runner
 from .samplers import sampler_label
@@ -65,7 +65,7 @@ class Engine:
 
     def resolve(self, spec: GenerationSpec, seed: int | None = None) -> GenerationSpec:
         """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
-        image_size = load_init_image(spec.image).size if spec.is_img2img else None
+        image_size = init_image_size(spec.image) if spec.is_img2img else None
         seed = secrets.randbits(63) if seed is None else seed
         resolved = spec.resolve(self.defaults, seed, image_size)
         self.runner.check_sampler(resolved)
@@ -76,12 +76,11 @@ class Engine:
         return self._admit(self.resolve(spec, seed))
 
     def _admit(self, resolved: GenerationSpec) -> int:
-        init_image = load_init_image(resolved.image) if resolved.is_img2img else None
-        if init_image is not None and init_image.size != (resolved.width, resolved.height):
-            init_image = init_image.resize((resolved.width, resolved.height), Image.Resampling.LANCZOS)
+        # The init image is read when the request is prepared, not held from admission: a job of many
+        # img2img requests would otherwise keep every decoded image in memory at once.
         with self._lock:
             request = Request(next(self._ids), resolved, (resolved.height, resolved.width),
-                              init_image=init_image, started=time.perf_counter())
+                              started=time.perf_counter())
             self.scheduler.add(request)
             self._seconds[request.request_id] = 0.0
         return request.request_id

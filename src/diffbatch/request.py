@@ -28,7 +28,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     step_index: int = 0
     num_steps: int = 0  # len(timesteps) once prepared (Heun's doubled steps included)
-    init_image: Any = None  # PIL image for img2img, resized to the spec's size
     # Runner-owned state (torch objects):
     generator: Any = None
     sampler: Any = None  # this request's own diffusers scheduler instance, never shared

@@ -7,6 +7,7 @@ denoiser call and step each request's own sampler.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections import OrderedDict
@@ -17,9 +18,11 @@ import diffusers
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from .adapters import Adapter, Cond
 from .errors import SpecError
+from .io.images import load_init_image
 from .request import Request
 from .samplers import SAMPLERS
 from .scheduler import SchedulerOutput
@@ -68,6 +71,7 @@ class Runner:
         self.vae_batch_size = vae_batch_size
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
         self.prompts = PromptCache()
+        self._prototypes: dict[str | None, Any] = {}
 
     def execute(self, plan: SchedulerOutput) -> dict[int, np.ndarray]:
         """Run one engine step; return the decoded pixels (``[H, W, 3]`` in [0, 1]) by request id."""
@@ -85,9 +89,9 @@ class Runner:
         for r in requests:
             self._init_sampler(r)
         for r in requests:
-            if r.init_image is None:
+            if not r.spec.is_img2img:
                 r.latents = self._noise(r) * r.sampler.init_noise_sigma
-        for chunk in _chunks([r for r in requests if r.init_image is not None], self.vae_batch_size):
+        for chunk in _chunks([r for r in requests if r.spec.is_img2img], self.vae_batch_size):
             self._encode_init_images(chunk)
 
     def _attach_conditioning(self, requests: list[Request]) -> None:
@@ -119,19 +123,29 @@ class Runner:
     def check_sampler(self, spec: GenerationSpec) -> None:
         """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
         without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
-        try:
-            self._make_sampler(spec.scheduler).set_timesteps(spec.num_inference_steps, device="cpu")
-        except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported step counts
+        error = self._sampler_error(spec.scheduler, spec.num_inference_steps)
+        if error:
             name = spec.scheduler or self.adapter.default_scheduler_class.__name__
-            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
-                            f"{type(exc).__name__}: {exc}") from None
+            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: {error}")
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one runner per engine; the cache dies with it
+    def _sampler_error(self, name: str | None, steps: int) -> str:
+        try:
+            self._make_sampler(name).set_timesteps(steps, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported step counts
+            return f"{type(exc).__name__}: {exc}"
+        return ""
 
     def _make_sampler(self, name: str | None) -> Any:
-        config = self.adapter.scheduler_config
-        if name is None:
-            return self.adapter.default_scheduler_class.from_config(config)
-        sampler = SAMPLERS[name]
-        return getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
+        """A fresh sampler: a copy of a never-used prototype (``from_config`` costs ~1 ms of signature parsing)."""
+        if name not in self._prototypes:
+            config = self.adapter.scheduler_config
+            if name is None:
+                self._prototypes[name] = self.adapter.default_scheduler_class.from_config(config)
+            else:
+                sampler = SAMPLERS[name]
+                self._prototypes[name] = getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
+        return copy.deepcopy(self._prototypes[name])
 
     def _noise(self, r: Request, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         shape = shape or self.adapter.latent_shape(r.spec)
@@ -139,13 +153,17 @@ class Runner:
 
     def _encode_init_images(self, chunk: list[Request]) -> None:
         # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.
-        spec = chunk[0].spec
-        pixels = torch.cat([self.adapter.preprocess_image(r.init_image, spec.height, spec.width) for r in chunk])
+        pixels = torch.cat([self._init_pixels(r.spec) for r in chunk])  # [B, 3, H, W]
         init_latents = self.adapter.encode_images(pixels, [r.generator for r in chunk])  # [B, C, h, w]
         for i, r in enumerate(chunk):
             latent = init_latents[i : i + 1]
             r.latents = r.sampler.add_noise(latent, self._noise(r, tuple(latent.shape)), r.timesteps[:1])
-            r.init_image = None  # the pixels are no longer needed
+
+    def _init_pixels(self, spec: GenerationSpec) -> torch.Tensor:
+        image = load_init_image(spec.image)
+        if image.size != (spec.width, spec.height):
+            image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+        return self.adapter.preprocess_image(image, spec.height, spec.width)
 
     # 2. Denoising ----------------------------------------------------------------------------------------
     def _denoise(self, requests: list[Request]) -> None:

@@ -25,7 +25,7 @@ class StableDiffusionAdapter(Adapter):
 
         # No safety checker: the engine returns what the model makes (diffbatch is a batch tool, not a filter).
         return StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, use_safetensors=True, local_files_only=hub_offline(),
+            model, dtype=dtype, use_safetensors=True, local_files_only=hub_offline(),
             safety_checker=None, requires_safety_checker=False)
 
     @property

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from ..errors import InputError
 
+T = TypeVar("T")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -17,6 +19,17 @@ def load_init_image(value: Any, where: str = "init image") -> Image.Image:
     """An RGB PIL image from a PIL image or a path; ``InputError`` naming ``where`` and the path otherwise."""
     if isinstance(value, Image.Image):
         return value if value.mode == "RGB" else value.convert("RGB")
+    return _open(value, where, lambda image: image.convert("RGB"))
+
+
+def init_image_size(value: Any, where: str = "init image") -> tuple[int, int]:
+    """(width, height) of an init image, reading only the file's header; errors as ``load_init_image``."""
+    if isinstance(value, Image.Image):
+        return value.size
+    return _open(value, where, lambda image: image.size)
+
+
+def _open(value: Any, where: str, read: Callable[[Image.Image], T]) -> T:
     if not isinstance(value, str | os.PathLike):
         raise InputError(f"{where}: must be a PIL image or a file path, "
                          f"got {type(value).__name__}")
@@ -26,7 +39,7 @@ def load_init_image(value: Any, where: str = "init image") -> Image.Image:
         raise InputError(f"{where}: {str(path)!r} {reason}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return read(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         raise InputError(f"{where}: cannot read {str(path)!r} as an image: {_first_line(exc)}") from None
 

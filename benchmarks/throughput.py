@@ -1,0 +1,152 @@
+"""Images/s of diffbatch vs diffusers, side by side in one process on one machine.
+
+Strategies: (a) diffusers called once per image; (b) diffusers with list batches of identical parameters (the
+best a diffusers user can do, chunked at the same max batch size); (c) diffbatch's step-level engine.
+Workloads: uniform (every image the same parameters) and mixed (steps, guidance, img2img strength vary).
+Models: a tiny random SD pipeline, and the SD-1.5 UNet/VAE/CLIP architecture with random weights (no download).
+
+    python benchmarks/throughput.py --model tiny --images 48
+    python benchmarks/throughput.py --model sd15 --images 12 --steps-scale 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny import save_tiny_sd, write_byte_level_clip_tokenizer  # noqa: E402
+
+from diffbatch import Engine, GenerationSpec  # noqa: E402
+
+
+def save_sd15_random(folder: Path) -> Path:
+    """The SD-1.5 architecture (UNet 320-640-1280-1280, VAE 128-256-512-512, CLIP ViT-L text encoder)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)  # defaults are SD-1.5's blocks
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    tokenizer = write_byte_level_clip_tokenizer(folder.with_name(folder.name + "-tok"), max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def workloads(n: int, size: int, steps_scale: float) -> dict[str, list[GenerationSpec]]:
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    steps = [max(1, round(s * steps_scale)) for s in (10, 20, 30)]
+    uniform = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=steps[1], guidance_scale=7.5)
+               for k in range(n)]
+    combos = itertools.cycle(itertools.product(steps, (1.0, 5.0, 7.5), (None, 0.3, None, 0.6, None, 0.9)))
+    mixed = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=st, guidance_scale=g,
+                            image=init if s else None, strength=s)
+             for k, (st, g, s) in zip(range(n), combos, strict=False)]
+    rng.shuffle(mixed)  # arrival order should not favour any strategy
+    return {"uniform": uniform, "mixed": mixed}
+
+
+def diffusers_call(pipes: dict, specs: list[GenerationSpec]) -> None:
+    spec = specs[0]
+    kwargs = dict(prompt=[s.prompt for s in specs], num_inference_steps=spec.num_inference_steps,
+                  guidance_scale=spec.guidance_scale, output_type="np",
+                  generator=[torch.Generator("cpu").manual_seed(s.seed) for s in specs])
+    if spec.image is None:
+        pipes["txt2img"](height=spec.height, width=spec.width, **kwargs)
+    else:
+        pipes["img2img"](image=[s.image for s in specs], strength=spec.strength, **kwargs)
+
+
+def per_image(pipes: dict, specs: list[GenerationSpec], batch: int) -> None:
+    for spec in specs:
+        diffusers_call(pipes, [spec])
+
+
+def list_batches(pipes: dict, specs: list[GenerationSpec], batch: int) -> None:
+    groups: dict[tuple, list[GenerationSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.num_inference_steps, s.guidance_scale, s.strength, s.height, s.width), []).append(s)
+    for group in groups.values():
+        for i in range(0, len(group), batch):
+            diffusers_call(pipes, group[i : i + batch])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int) -> dict:
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32", max_batch_size=batch)
+    txt = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    txt.set_progress_bar_config(disable=True)
+    pipes = {"txt2img": txt, "img2img": StableDiffusionImg2ImgPipeline(**txt.components)}
+    pipes["img2img"].set_progress_bar_config(disable=True)
+    size = engine.defaults.height
+    results = {}
+    for name, specs in workloads(n, size, steps_scale).items():
+        specs = [engine.resolve(s) for s in specs]
+        strategies = {
+            "diffusers_per_image": lambda specs=specs: per_image(pipes, specs, batch),
+            "diffusers_list_batches": lambda specs=specs: list_batches(pipes, specs, batch),
+            "diffbatch": lambda specs=specs: engine.generate(specs),
+        }
+        times = {k: [] for k in strategies}
+        for _ in range(repeats):  # interleaved, so machine noise hits every strategy alike
+            for key, fn in strategies.items():
+                times[key].append(timed(fn))
+                print(f"  {name:8s} {key:24s} {times[key][-1]:8.2f} s", file=sys.stderr, flush=True)
+        best = {k: min(v) for k, v in times.items()}
+        results[name] = {k: {"seconds": t, "images_per_s": n / t} for k, t in best.items()}
+        results[name]["ratio_vs_list_batches"] = best["diffusers_list_batches"] / best["diffbatch"]
+        results[name]["ratio_vs_per_image"] = best["diffusers_per_image"] / best["diffbatch"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the 10/20/30 step counts")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / args.model
+        model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
+        results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats)
+    record = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
+              "steps_scale": args.steps_scale, "repeats": args.repeats, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"throughput-{args.model}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
