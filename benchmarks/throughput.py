@@ -27,9 +27,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny import save_tiny_sd, write_byte_level_clip_tokenizer  # noqa: E402
-
 from diffbatch import Engine, GenerationSpec  # noqa: E402
+from tiny import save_tiny_sd, write_byte_level_clip_tokenizer  # noqa: E402
 
 
 def save_sd15_random(folder: Path) -> Path:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv with diffbatch and its test tools. Works on a fresh machine:
+# prefers the CPU build torch==2.13.0 where the machine's pip can find it (no multi-GB CUDA download),
+# and falls back to the default torch wheel elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  .venv/bin/pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/pip install -q torch
+fi
+.venv/bin/pip install -q -e ".[test]"
