@@ -36,7 +36,7 @@ class DiffusersOracle:
                       generator=torch.Generator("cpu").manual_seed(spec.seed), output_type="np")
         if spec.image is None:
             pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
-            kwargs.update(height=spec.height, width=spec.width)
+            kwargs.update(height=spec.height, width=spec.width, guidance_rescale=spec.guidance_rescale or 0.0)
         else:
             pipe = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
             kwargs.update(image=spec.image, strength=spec.strength)

@@ -50,6 +50,16 @@ def test_mixed_batch_really_mixes_parameters_in_one_call(mixed_results):
     assert len(used) > 10
 
 
+def test_guidance_rescale_equals_diffusers(tiny_sd_path, oracle):
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+    specs = [GenerationSpec(prompt="glow", seed=3, num_inference_steps=4, guidance_scale=7.0, guidance_rescale=0.7),
+             GenerationSpec(prompt="dim", seed=4, num_inference_steps=5, guidance_scale=4.0)]
+    results = engine.generate(specs)
+    assert results[1].spec.guidance_rescale == 0.0
+    for result in results:
+        assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4
+
+
 def test_non_square_size_equals_diffusers(tiny_sd_path, oracle):
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
     spec = GenerationSpec(prompt="wide", seed=7, num_inference_steps=3, guidance_scale=3.0, height=16, width=40)

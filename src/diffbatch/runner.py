@@ -17,7 +17,7 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
 
 from .adapters import Adapter, Cond
@@ -31,21 +31,24 @@ from .spec import GenerationSpec
 PROMPT_BATCH = 64  # texts per text-encoder call
 
 
+PromptKey = tuple[bool, str]  # (is a negative prompt, text)
+
+
 class PromptCache:
     """LRU cache of text conditioning: prompts repeat a lot in batch jobs (``-n``, negative prompts)."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, Cond] = OrderedDict()
+        self._items: OrderedDict[PromptKey, Cond] = OrderedDict()
 
-    def get(self, text: str) -> Cond:
-        self._items.move_to_end(text)
-        return self._items[text]
+    def get(self, key: PromptKey) -> Cond:
+        self._items.move_to_end(key)
+        return self._items[key]
 
-    def missing(self, texts: Sequence[str]) -> list[str]:
-        return [t for t in dict.fromkeys(texts) if t not in self._items]
+    def missing(self, keys: Sequence[PromptKey]) -> list[PromptKey]:
+        return [k for k in dict.fromkeys(keys) if k not in self._items]
 
-    def put(self, text: str, cond: Cond) -> None:
+    def put(self, text: PromptKey, cond: Cond) -> None:
         self._items[text] = cond
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -87,38 +90,30 @@ class Runner:
     def _prepare(self, requests: list[Request]) -> None:
         self._attach_conditioning(requests)
         for r in requests:
-            self._init_sampler(r)
-        for r in requests:
+            r.generator = torch.Generator(self.generator_device).manual_seed(r.spec.seed)
+            r.sampler = self._make_sampler(r.spec.scheduler)
+            r.timesteps = self.adapter.set_timesteps(r.sampler, r.spec)
+            r.num_steps = len(r.timesteps)
             if not r.spec.is_img2img:
-                r.latents = self._noise(r) * r.sampler.init_noise_sigma
+                r.latents = self.adapter.initial_noise(r.spec, r.generator) * r.sampler.init_noise_sigma
         for chunk in _chunks([r for r in requests if r.spec.is_img2img], self.vae_batch_size):
             self._encode_init_images(chunk)
 
     def _attach_conditioning(self, requests: list[Request]) -> None:
-        texts = [r.spec.prompt for r in requests] + [r.spec.negative_prompt for r in requests if _cfg(r)]
-        missing = self.prompts.missing(texts)
+        guided = [r for r in requests if self.adapter.uses_cfg(r.spec)]
+        self._encode_missing([r.spec.prompt for r in requests], negative=False)
+        self._encode_missing([r.spec.negative_prompt for r in guided], negative=True)
+        for r in requests:
+            r.cond = self.adapter.request_cond(self.prompts.get((False, r.spec.prompt)), r.spec)
+        for r in guided:
+            r.uncond = self.adapter.request_cond(self.prompts.get((True, r.spec.negative_prompt)), r.spec, True)
+
+    def _encode_missing(self, texts: list[str], negative: bool) -> None:
+        missing = [text for _, text in self.prompts.missing([(negative, t) for t in texts])]
         for i in range(0, len(missing), PROMPT_BATCH):
             batch = missing[i : i + PROMPT_BATCH]
-            for text, cond in zip(batch, self.adapter.encode_prompts(batch), strict=True):
-                self.prompts.put(text, cond)
-        for r in requests:
-            r.cond = self.adapter.request_cond(self.prompts.get(r.spec.prompt), r.spec)
-            r.uncond = self.adapter.request_cond(self.prompts.get(r.spec.negative_prompt), r.spec) if _cfg(r) else None
-
-    def _init_sampler(self, r: Request) -> None:
-        spec = r.spec
-        r.generator = torch.Generator(self.generator_device).manual_seed(spec.seed)
-        r.sampler = self._make_sampler(spec.scheduler)
-        r.sampler.set_timesteps(spec.num_inference_steps, device=self.adapter.device)
-        timesteps = r.sampler.timesteps
-        if spec.is_img2img:  # as StableDiffusionImg2ImgPipeline.get_timesteps: skip the first (1 - strength)
-            steps = spec.num_inference_steps
-            t_start = (steps - min(int(steps * spec.strength), steps)) * r.sampler.order
-            timesteps = timesteps[t_start:]
-            if hasattr(r.sampler, "set_begin_index"):
-                r.sampler.set_begin_index(t_start)
-        r.timesteps = timesteps
-        r.num_steps = len(timesteps)
+            for text, cond in zip(batch, self.adapter.encode_prompts(batch, negative), strict=True):
+                self.prompts.put((negative, text), cond)
 
     def check_sampler(self, spec: GenerationSpec) -> None:
         """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
@@ -147,17 +142,12 @@ class Runner:
                 self._prototypes[name] = getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
         return copy.deepcopy(self._prototypes[name])
 
-    def _noise(self, r: Request, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        shape = shape or self.adapter.latent_shape(r.spec)
-        return randn_tensor(shape, generator=r.generator, device=self.adapter.device, dtype=self.adapter.dtype)
-
     def _encode_init_images(self, chunk: list[Request]) -> None:
         # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.
         pixels = torch.cat([self._init_pixels(r.spec) for r in chunk])  # [B, 3, H, W]
         init_latents = self.adapter.encode_images(pixels, [r.generator for r in chunk])  # [B, C, h, w]
         for i, r in enumerate(chunk):
-            latent = init_latents[i : i + 1]
-            r.latents = r.sampler.add_noise(latent, self._noise(r, tuple(latent.shape)), r.timesteps[:1])
+            r.latents = self.adapter.noise_init_latents(r.sampler, init_latents[i : i + 1], r.generator, r.timesteps)
 
     def _init_pixels(self, spec: GenerationSpec) -> torch.Tensor:
         image = load_init_image(spec.image)
@@ -182,6 +172,8 @@ class Runner:
             if r.uses_cfg:
                 uncond, text = out[row : row + 1], out[row + 1 : row + 2]
                 eps = uncond + r.spec.guidance_scale * (text - uncond)
+                if r.spec.guidance_rescale > 0:
+                    eps = rescale_noise_cfg(eps, text, guidance_rescale=r.spec.guidance_rescale)
             else:
                 eps = out[row : row + 1]
             row += 2 if r.uses_cfg else 1
@@ -201,14 +193,10 @@ class Runner:
     def _decode(self, requests: list[Request]) -> dict[int, np.ndarray]:
         pixels: dict[int, np.ndarray] = {}
         for chunk in _chunks(requests, self.vae_batch_size):
-            images = self.adapter.decode(torch.cat([r.latents for r in chunk]))  # [B, H, W, 3]
+            images = self.adapter.decode(torch.cat([r.latents for r in chunk]), chunk[0].spec)  # [B, H, W, 3]
             for r, image in zip(chunk, images, strict=True):
                 pixels[r.request_id] = image
                 r.latents = r.sampler = r.uncond = r.generator = None  # free memory early
                 r.cond = {}
         return pixels
 
-
-def _cfg(r: Request) -> bool:
-    """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""
-    return r.spec.guidance_scale > 1

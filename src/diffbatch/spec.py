@@ -43,6 +43,7 @@ class GenerationSpec:
     image: Any = None  # init image for image-to-image: a PIL image or a path
     strength: float | None = None
     scheduler: str | None = None  # a name from diffbatch.samplers.SAMPLERS; None: the model's own
+    guidance_rescale: float | None = None  # CFG rescale (Lin et al. 2023, sec. 3.4), 0 = off; for v-prediction
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -64,6 +65,7 @@ class GenerationSpec:
             seed=self.seed if self.seed is not None else seed,
             num_inference_steps=self.num_inference_steps or defaults.num_inference_steps,
             guidance_scale=_first(self.guidance_scale, defaults.guidance_scale),
+            guidance_rescale=_first(self.guidance_rescale, 0.0),
             height=height or defaults.height,
             width=width or defaults.width,
             strength=_first(self.strength, defaults.strength) if self.is_img2img else self.strength,
@@ -115,6 +117,9 @@ def validate_fields(spec: GenerationSpec) -> None:
     if spec.guidance_scale is not None:
         _require(_is_number(spec.guidance_scale) and spec.guidance_scale >= 0,
                  "guidance_scale", spec.guidance_scale, "must be a number >= 0")
+    if spec.guidance_rescale is not None:
+        _require(_is_number(spec.guidance_rescale) and 0 <= spec.guidance_rescale <= 1,
+                 "guidance_rescale", spec.guidance_rescale, "must be in [0, 1]")
     if spec.strength is not None:
         _require(_is_number(spec.strength) and 0 < spec.strength <= 1,
                  "strength", spec.strength, "must be in (0, 1]")

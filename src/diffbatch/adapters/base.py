@@ -1,7 +1,8 @@
 """The adapter interface: everything model-family specific, behind one small surface.
 
 The engine and runner never look inside a pipeline; an adapter (one module per family) knows how to encode
-prompts, turn init images into latents, call the denoiser on a batch, and decode.
+prompts, make initial latents, turn init images into latents, call the denoiser on a batch, and decode.
+Methods with a body are the Stable-Diffusion-style default that most families share; families override them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
@@ -32,6 +34,7 @@ class Adapter(ABC):
         self.scheduler_config = copy.deepcopy(dict(pipe.scheduler.config))
         self.default_scheduler_class: type = type(pipe.scheduler)
 
+    # Loading and defaults ------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
@@ -50,14 +53,46 @@ class Adapter(ABC):
     def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:
         """Shape of one image's latents, batch dimension included (``[1, C, h, w]`` for UNet models)."""
 
+    # Conditioning ----------------------------------------------------------------------------------------
     @abstractmethod
-    def encode_prompts(self, texts: list[str]) -> list[Cond]:
-        """Encode a batch of texts in one call; one conditioning (batch dim 1) per text."""
+    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
+        """Encode a batch of texts in one call; one conditioning (batch dim 1) per text. ``negative``: the
+        texts are negative prompts (SDXL zeroes an empty one)."""
 
-    def request_cond(self, text_cond: Cond, spec: GenerationSpec) -> Cond:
+    def request_cond(self, text_cond: Cond, spec: GenerationSpec, negative: bool = False) -> Cond:
         """Per-request additions to a prompt's conditioning (SDXL time ids); none by default."""
         return text_cond
 
+    def uses_cfg(self, spec: GenerationSpec) -> bool:
+        """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""
+        return spec.guidance_scale > 1
+
+    # Sampling --------------------------------------------------------------------------------------------
+    def set_timesteps(self, sampler: Any, spec: GenerationSpec) -> Any:
+        """Set the request's sampler up for its step count; return its timesteps (img2img cut applied).
+        The cut is StableDiffusionImg2ImgPipeline.get_timesteps: skip the first (1 - strength) of them."""
+        steps = spec.num_inference_steps
+        sampler.set_timesteps(steps, device=self.device)
+        if not spec.is_img2img:
+            return sampler.timesteps
+        t_start = (steps - min(int(steps * spec.strength), steps)) * sampler.order
+        if hasattr(sampler, "set_begin_index"):
+            sampler.set_begin_index(t_start)
+        return sampler.timesteps[t_start:]
+
+    def initial_noise(self, spec: GenerationSpec, generator: torch.Generator) -> torch.Tensor:
+        """Text-to-image starting noise, drawn as diffusers' ``prepare_latents`` draws it (before scaling by
+        the sampler's ``init_noise_sigma``)."""
+        return randn_tensor(self.latent_shape(spec), generator=generator, device=self.device, dtype=self.dtype)
+
+    def noise_init_latents(self, sampler: Any, latents: torch.Tensor, generator: torch.Generator,
+                           timesteps: torch.Tensor) -> torch.Tensor:
+        """Image-to-image: noise the init image's latents to the first timestep (noise drawn after the VAE
+        sample, as diffusers does)."""
+        noise = randn_tensor(tuple(latents.shape), generator=generator, device=self.device, dtype=self.dtype)
+        return sampler.add_noise(latents, noise, timesteps[:1])
+
+    # Model calls -----------------------------------------------------------------------------------------
     @abstractmethod
     def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """Init image to model input pixels ``[1, 3, H, W]``, as the family's img2img pipeline does."""
@@ -71,5 +106,5 @@ class Adapter(ABC):
         """One batched denoiser call: ``sample [N, ...]``, per-row ``timesteps [N]``, batched ``cond``."""
 
     @abstractmethod
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Batched VAE decode to float pixels in [0, 1], ``[B, H, W, 3]``."""
+    def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
+        """Batched VAE decode (all of ``spec``'s size) to float pixels in [0, 1], ``[B, H, W, 3]``."""

@@ -17,6 +17,12 @@ from .base import Adapter
 ADAPTERS: dict[str, str] = {
     "StableDiffusionPipeline": "stable_diffusion:StableDiffusionAdapter",
     "StableDiffusionImg2ImgPipeline": "stable_diffusion:StableDiffusionAdapter",
+    "StableDiffusionXLPipeline": "sdxl:StableDiffusionXLAdapter",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl:StableDiffusionXLAdapter",
+    "StableDiffusion3Pipeline": "sd3:StableDiffusion3Adapter",
+    "StableDiffusion3Img2ImgPipeline": "sd3:StableDiffusion3Adapter",
+    "FluxPipeline": "flux:FluxAdapter",
+    "FluxImg2ImgPipeline": "flux:FluxAdapter",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

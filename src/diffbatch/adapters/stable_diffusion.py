@@ -41,7 +41,7 @@ class StableDiffusionAdapter(Adapter):
         f = self.pipe.vae_scale_factor
         return (1, self.pipe.unet.config.in_channels, spec.height // f, spec.width // f)
 
-    def encode_prompts(self, texts: list[str]) -> list[Cond]:
+    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
         # diffusers encodes the negative prompt exactly like a prompt, so one cache serves both.
         embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)  # [B, L, D]
         return [{"encoder_hidden_states": e[None]} for e in embeds]
@@ -59,7 +59,7 @@ class StableDiffusionAdapter(Adapter):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.pipe.unet(sample, timesteps, **cond, return_dict=False)[0]
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         vae = self.pipe.vae
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))
