@@ -33,6 +33,25 @@ class Result:
     seconds: float  # this image's share of the engine time spent on the steps it took part in
 
 
+@dataclass
+class EngineStats:
+    """Counters for monitoring (the server's /metrics); plain values, read from any thread."""
+
+    steps: int = 0
+    denoiser_calls: int = 0
+    denoised_images: int = 0  # sum of denoiser batch sizes, in images
+    last_batch_size: int = 0  # images in the latest denoiser call
+    images_finished: int = 0
+
+    def record(self, denoised: int, finished: int) -> None:
+        self.steps += 1
+        self.last_batch_size = denoised
+        if denoised:
+            self.denoiser_calls += 1
+            self.denoised_images += denoised
+        self.images_finished += finished
+
+
 class Engine:
     def __init__(self, adapter, max_batch_size: int = 8, vae_batch_size: int | None = None,
                  generator_device: str = "cpu") -> None:
@@ -42,6 +61,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)
         self._seconds: dict[int, float] = {}
+        self.stats = EngineStats()
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
@@ -88,6 +108,9 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.requests)
+
     def step(self) -> list[Result]:
         """One engine iteration: schedule, execute, update. Returns the images finished in it."""
         with self._lock:
@@ -99,6 +122,7 @@ class Engine:
         self._charge(plan.decode + plan.denoise, time.perf_counter() - began)
         with self._lock:
             finished = self.scheduler.update(plan)
+        self.stats.record(len(plan.denoise), len(finished))
         return [self._result(r, pixels[r.request_id]) for r in finished]
 
     def generate(self, specs: Sequence[GenerationSpec], on_result: Callable[[Result], None] | None = None,
