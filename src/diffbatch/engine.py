@@ -88,6 +88,7 @@ class Engine:
         image_size = init_image_size(spec.image) if spec.is_img2img else None
         seed = secrets.randbits(63) if seed is None else seed
         resolved = spec.resolve(self.defaults, seed, image_size)
+        self.adapter.check_spec(resolved)
         self.runner.check_sampler(resolved)
         return resolved
 

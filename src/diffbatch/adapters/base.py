@@ -63,6 +63,11 @@ class Adapter(ABC):
         """Per-request additions to a prompt's conditioning (SDXL time ids); none by default."""
         return text_cond
 
+    def check_spec(self, spec: GenerationSpec) -> None:
+        """Raise ``SpecError`` at admission for a resolved spec this model cannot run (an SDXL refiner refuses
+        text-to-image); by default every spec the engine accepts is fine."""
+        return None
+
     def uses_cfg(self, spec: GenerationSpec) -> bool:
         """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""
         return spec.guidance_scale > 1
