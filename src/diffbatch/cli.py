@@ -72,19 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffbatch {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)
-    _register_evaluation(subparsers)
+    _register_optional(subparsers, "diffbatch.server.cli", ("diffbatch.server", "fastapi", "uvicorn"))
+    _register_optional(subparsers, "diffbatch.evaluation.cli", ("diffbatch.evaluation",))
     return parser
 
 
-def _register_evaluation(subparsers: Subparsers) -> None:
-    """The evaluation subcommands, when that package is there (a missing module is fine, a broken one not)."""
+def _register_optional(subparsers: Subparsers, module: str, optional: tuple[str, ...]) -> None:
+    """Subcommands of optional parts (the server, the evaluation): skipped when their module or an optional
+    dependency is missing; a module that is there but broken still raises."""
     try:
-        evaluation_cli = importlib.import_module("diffbatch.evaluation.cli")
+        feature = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name in ("diffbatch.evaluation", "diffbatch.evaluation.cli"):
+        if exc.name == module or (exc.name or "").split(".")[0] in optional or exc.name in optional:
             return
         raise
-    evaluation_cli.register(subparsers)
+    feature.register(subparsers)
 
 
 def register(subparsers: Subparsers) -> None:

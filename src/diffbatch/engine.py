@@ -8,8 +8,9 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,7 @@ class EngineStats:
     denoised_images: int = 0  # sum of denoiser batch sizes, in images
     last_batch_size: int = 0  # images in the latest denoiser call
     images_finished: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # denoiser calls by batch size (images)
 
     def record(self, denoised: int, finished: int) -> None:
         self.steps += 1
@@ -49,6 +51,7 @@ class EngineStats:
         if denoised:
             self.denoiser_calls += 1
             self.denoised_images += denoised
+            self.batch_sizes[denoised] += 1
         self.images_finished += finished
 
 

@@ -1,0 +1,35 @@
+"""Server settings: one frozen dataclass, filled from the command line or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICIES = ("continuous", "window", "none")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None  # pipeline folder or hub id; None: the embedded model
+    host: str = "127.0.0.1"  # loopback unless asked otherwise
+    port: int = 8000
+    api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer KEY"
+    data_dir: Path = Path("diffbatch-data")  # SQLite job store and generated images
+    device: str | None = None
+    dtype: str | None = None
+    max_batch_size: int = 8  # images per denoiser call
+    max_queue: int = 256  # images admitted but unfinished; beyond it requests get 429
+    batching: str = "continuous"  # continuous | window (identical parameters, 100 ms) | none (one at a time)
+    window_ms: int = 100  # the "window" policy's wait
+    max_n: int = 10  # images per request
+    max_side: int = 2048  # pixels, height and width
+    max_steps: int = 150
+    max_prompt_chars: int = 4000
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # uploaded init images
+    max_batch_lines: int = 100_000  # lines in one /v1/batches body
+    drain_seconds: float = 30.0  # on shutdown, how long running images may take to finish
+
+    def __post_init__(self) -> None:
+        if self.batching not in POLICIES:
+            raise ValueError(f"batching={self.batching!r} is invalid: must be one of {', '.join(POLICIES)}")

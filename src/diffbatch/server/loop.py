@@ -1,0 +1,143 @@
+"""The engine loop: the engine runs in its own thread; HTTP handlers only submit and await.
+
+Admission happens in the engine thread between steps, by policy:
+- ``continuous``: every waiting image joins the running batch at the next denoising step (diffbatch's way);
+- ``window``: what peers do — when the engine is idle, wait ``window`` after the oldest waiting image, then
+  run the images with its exact parameters (up to the batch size) to completion;
+- ``none``: one image at a time (AUTOMATIC1111's global lock).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..engine import Engine
+from ..spec import GenerationSpec
+
+log = logging.getLogger("diffbatch.server")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` images: the caller should retry later (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and admits nothing new (HTTP 503)."""
+
+
+@dataclass
+class Pending:
+    spec: GenerationSpec  # resolved
+    future: concurrent.futures.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+def parameter_key(spec: GenerationSpec) -> tuple:
+    """What must be identical for a diffusers list batch: everything but prompt, negative prompt and seed."""
+    record = dataclasses.asdict(dataclasses.replace(spec, prompt="", negative_prompt="", seed=0, image=None))
+    return (*record.values(), spec.is_img2img)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_queue: int, policy: str = "continuous", window_s: float = 0.1) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.policy = policy
+        self.window_s = window_s
+        self._pending: deque[Pending] = deque()
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="diffbatch-engine", daemon=True)
+
+    # Caller side (any thread) ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, specs: list[GenerationSpec]) -> list[concurrent.futures.Future]:
+        """Validate all now (``SpecError``/``InputError``), then queue all or none; futures of the Results."""
+        resolved = [self.engine.resolve(spec) for spec in specs]
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if self.queue_length() + len(resolved) > self.max_queue:
+                raise QueueFull(f"the queue is full ({self.queue_length()} of {self.max_queue} images)")
+            items = [Pending(spec, concurrent.futures.Future()) for spec in resolved]
+            self._pending.extend(items)
+            self._cond.notify()
+        return [item.future for item in items]
+
+    def queue_length(self) -> int:
+        """Images waiting or running."""
+        return len(self._pending) + len(self._futures)
+
+    def stop(self, drain_seconds: float) -> None:
+        """Stop admitting; let running images finish (up to ``drain_seconds``); fail what never started."""
+        with self._cond:
+            self._stopping = True
+            never_started, self._pending = list(self._pending), deque()
+            self._cond.notify()
+        for item in never_started:
+            item.future.set_exception(ShuttingDown("the server shut down before this image started"))
+        self._thread.join(drain_seconds)
+
+    # Engine thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._admit()
+                if not self.engine.has_unfinished():
+                    if self._stopping:
+                        return
+                    self._cond.wait(timeout=self._idle_wait())
+                    continue
+            self._step()
+
+    def _step(self) -> None:
+        try:
+            results = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+            log.exception("engine step failed; failing its in-flight images")
+            self._fail_all(exc)
+            return
+        for result in results:
+            self._futures.pop(result.index).set_result(result)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self.engine.scheduler.abort(list(self.engine.scheduler.requests))
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            future.set_exception(exc)
+
+    def _admit(self) -> None:
+        for item in self._ready():
+            request_id = self.engine.add_request(item.spec)
+            self._futures[request_id] = item.future
+
+    def _ready(self) -> list[Pending]:
+        if self.policy == "continuous" or not self._pending or self.engine.has_unfinished():
+            return self._take(len(self._pending)) if self.policy == "continuous" else []
+        if self.policy == "none":
+            return self._take(1)
+        if time.monotonic() < self._pending[0].arrived + self.window_s:
+            return []
+        key = parameter_key(self._pending[0].spec)
+        group = [p for p in self._pending if parameter_key(p.spec) == key][: self.engine.scheduler.max_batch_size]
+        for p in group:
+            self._pending.remove(p)
+        return group
+
+    def _take(self, n: int) -> list[Pending]:
+        return [self._pending.popleft() for _ in range(n)]
+
+    def _idle_wait(self) -> float | None:
+        if self.policy == "window" and self._pending:
+            return max(0.0, self._pending[0].arrived + self.window_s - time.monotonic())
+        return None
+

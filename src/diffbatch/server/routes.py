@@ -1,0 +1,266 @@
+"""HTTP routes. Handlers validate, submit to the engine loop, and await: no model code runs here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from ..engine import Engine, Result
+from ..errors import DiffbatchError
+from ..io.writer import PARAMETERS_KEY, format_parameters, write_png_atomic
+from ..spec import FIELDS, GenerationSpec, spec_from_record
+from .loop import QueueFull, ShuttingDown
+from .schemas import ApiError, ImageGenerationRequest
+
+router = APIRouter()
+FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "strength", "seed", "negative_prompt",
+               "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality")
+
+
+def state(request: Request):  # noqa: ANN201 - ServerState (import cycle otherwise)
+    return request.app.state.server
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    return {"status": "ok", "model": state(request).engine.model_name}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    name = state(request).engine.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "diffbatch"}]}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    s = state(request)
+    text = s.metrics.render(s.loop.queue_length(), s.engine.stats)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+# Images ----------------------------------------------------------------------------------------------------
+@router.post("/v1/images/generations")
+async def generations(body: ImageGenerationRequest, request: Request) -> dict:
+    s = state(request)
+    fields = body.model_dump(exclude={"model", "n", "size", "response_format", "user", "quality", "style"})
+    specs = _specs(s, fields, body.model, body.n, body.size)
+    return await _generate(request, specs, body.response_format)
+
+
+@router.post("/v1/images/edits")
+async def edits(request: Request) -> dict:
+    s = state(request)
+    form = await request.form(max_files=1, max_fields=len(EDIT_FIELDS) + 2)
+    unknown = sorted(set(form) - set(EDIT_FIELDS) - {"image", "image[]"})
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}", unknown[0])
+    upload = form.get("image") or form.get("image[]")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "image: an image file is required (multipart field 'image')", "image")
+    image = _read_upload(await upload.read(), s.config.max_image_pixels)
+    fields = {k: _form_value(k, form[k]) for k in EDIT_FIELDS if k in form and k not in ("model", "n", "size")}
+    response_format = fields.pop("response_format", "b64_json")
+    fields.pop("user", None), fields.pop("quality", None)
+    if response_format not in ("b64_json", "url"):
+        raise ApiError(400, "response_format: must be b64_json or url", "response_format")
+    n = _form_value("n", form.get("n", "1"))
+    specs = _specs(s, {**fields, "image": image}, form.get("model"), n, form.get("size"))
+    return await _generate(request, specs, response_format)
+
+
+def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | None) -> list[GenerationSpec]:
+    """Check the request against the server's limits and build one spec per image (seeds ``seed + i``)."""
+    config = s.config
+    if model not in (None, "", s.engine.model_name):
+        raise ApiError(400, f"model: {model!r} is not served here; available: {s.engine.model_name}", "model")
+    _bound("n", n, 1, config.max_n)
+    _bound("num_inference_steps", fields.get("num_inference_steps"), 1, config.max_steps)
+    if len(fields.get("prompt") or "") > config.max_prompt_chars:
+        raise ApiError(400, f"prompt: longer than {config.max_prompt_chars} characters", "prompt")
+    if size not in (None, "", "auto"):
+        fields["width"], fields["height"] = _parse_size(size, config.max_side)
+    seed = fields.pop("seed", None)
+    base = secrets.randbits(31) if seed is None else seed
+    try:
+        return [GenerationSpec(**fields, seed=base + i) for i in range(n)]
+    except DiffbatchError as exc:
+        raise ApiError(400, str(exc), _field_of(str(exc))) from None
+
+
+async def _generate(request: Request, specs: list[GenerationSpec], response_format: str) -> dict:
+    s = state(request)
+    began = time.monotonic()
+    futures = await asyncio.get_running_loop().run_in_executor(None, _submit, s, specs)
+    results: list[Result] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    s.metrics.observe_request(time.monotonic() - began, len(results))
+    data = [await asyncio.get_running_loop().run_in_executor(None, _item, s, request, r, response_format)
+            for r in results]
+    return {"created": int(time.time()), "data": data}
+
+
+def _submit(s, specs: list[GenerationSpec]) -> list:
+    try:
+        return s.loop.submit(specs)
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), kind="server_error", headers={"Retry-After": "5"}) from None
+    except DiffbatchError as exc:
+        raise ApiError(400, str(exc), _field_of(str(exc))) from None
+
+
+def _item(s, request: Request, result: Result, response_format: str) -> dict[str, Any]:
+    if response_format == "b64_json":
+        return {"b64_json": base64.b64encode(png_bytes(s.engine, result)).decode(), "seed": result.spec.seed}
+    file_id = secrets.token_hex(16)
+    path = save_png(s.engine, s.store.data_dir / "files" / f"{file_id}.png", result)
+    s.store.add_file(path, file_id)
+    return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed}
+
+
+# Batch jobs ------------------------------------------------------------------------------------------------
+@router.post("/v1/batches")
+async def create_batch(request: Request) -> dict:
+    s = state(request)
+    lines = (await request.body()).decode("utf-8", errors="replace").splitlines()
+    records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, lines)
+    job_id = s.store.create_job(records)
+    s.jobs.wake()
+    return s.store.job(job_id)
+
+
+def _batch_records(s, lines: list[str]) -> list[dict[str, Any]]:
+    """Validate every line (errors name it), fix every seed now: a resumed job makes the same images."""
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"{where}: malformed JSON ({exc.msg})", "body") from None
+        if isinstance(record, dict) and "image" in record:
+            raise ApiError(400, f"{where}: 'image' is not accepted in batch lines; use /v1/images/edits", "image")
+        try:
+            spec = s.engine.resolve(spec_from_record(record, where), seed=len(records))
+        except DiffbatchError as exc:
+            raise ApiError(400, str(exc), _field_of(str(exc))) from None
+        records.append(spec.to_record())
+    if not records:
+        raise ApiError(400, "the batch body holds no JSON lines", "body")
+    if len(records) > s.config.max_batch_lines:
+        raise ApiError(400, f"the batch holds {len(records)} lines; the limit is {s.config.max_batch_lines}", "body")
+    return records
+
+
+@router.get("/v1/batches/{job_id}")
+async def get_batch(job_id: str, request: Request) -> dict:
+    return _job_or_404(state(request), job_id)
+
+
+@router.get("/v1/batches/{job_id}/results")
+async def batch_results(job_id: str, request: Request) -> Response:
+    s = state(request)
+    _job_or_404(s, job_id)
+    base = str(request.base_url).rstrip("/")
+    lines = [json.dumps({**{k: v for k, v in row.items() if k != "file_id"},
+                         "url": f"{base}/files/{row['file_id']}.png"}) for row in s.store.results(job_id)]
+    return Response("".join(line + "\n" for line in lines), media_type="application/jsonl")
+
+
+@router.post("/v1/batches/{job_id}/cancel")
+async def cancel_batch(job_id: str, request: Request) -> dict:
+    s = state(request)
+    _job_or_404(s, job_id)
+    s.store.cancel(job_id)
+    return s.store.job(job_id)
+
+
+def _job_or_404(s, job_id: str) -> dict:
+    job = s.store.job(job_id) if FILE_ID.match(job_id) else None
+    if job is None:
+        raise ApiError(404, f"no batch {job_id!r}", "batch_id", kind="not_found_error")
+    return job
+
+
+# Files -----------------------------------------------------------------------------------------------------
+@router.get("/files/{name}")
+async def files(name: str, request: Request) -> FileResponse:
+    stem = name.removesuffix(".png")
+    path = state(request).store.file_path(stem) if name.endswith(".png") and FILE_ID.match(stem) else None
+    if path is None or not path.is_file():
+        raise ApiError(404, f"no file {name!r}", "name", kind="not_found_error")
+    return FileResponse(path, media_type="image/png")
+
+
+# Helpers ---------------------------------------------------------------------------------------------------
+def png_bytes(engine: Engine, result: Result) -> bytes:
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, format_parameters(result.spec, engine.sampler_label(result.spec), engine.model_name))
+    buffer = io.BytesIO()
+    result.image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(engine: Engine, path: Path, result: Result) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parameters = format_parameters(result.spec, engine.sampler_label(result.spec), engine.model_name)
+    write_png_atomic(path, result.image, parameters)
+    return path
+
+
+def _read_upload(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:
+                raise ApiError(400, f"image: {image.width}x{image.height} is over {max_pixels} pixels", "image")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ApiError(400, "image: not a readable image file", "image") from None
+
+
+def _form_value(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{key}: must be a text field", key)
+    converters = {"n": int, "seed": int, "num_inference_steps": int, "strength": float, "guidance_scale": float,
+                  "guidance_rescale": float}
+    try:
+        return converters.get(key, str)(value)
+    except ValueError:
+        raise ApiError(400, f"{key}: {value!r} is not a number", key) from None
+
+
+def _parse_size(size: str, max_side: int) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    if not match:
+        raise ApiError(400, f"size: {size!r} is invalid: use WIDTHxHEIGHT, e.g. 512x512", "size")
+    width, height = int(match[1]), int(match[2])
+    _bound("size", max(width, height), 8, max_side)
+    return width, height
+
+
+def _bound(name: str, value: int | None, low: int, high: int) -> None:
+    if value is not None and not low <= value <= high:
+        raise ApiError(400, f"{name}: {value} is out of range [{low}, {high}]", name)
+
+
+def _field_of(message: str) -> str | None:
+    """The spec field an error message names (``steps=0 is invalid`` -> ``num_inference_steps``)."""
+    found = [f for f in FIELDS if re.search(rf"\b{f}\b", message)]
+    return found[0] if found else None
+

@@ -1,0 +1,42 @@
+"""HTTP request bodies (pydantic lives only here, at the edge) and OpenAI-style errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's ``POST /v1/images/generations`` body, plus diffbatch's extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None  # "WxH" or "auto"; default: the model's native size
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = None
+    quality: str | None = None  # OpenAI fields accepted for client compatibility, without effect
+    style: str | None = None
+    # Extensions
+    seed: int | None = None  # image i of the request gets seed + i
+    negative_prompt: str = ""
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    scheduler: str | None = None
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}

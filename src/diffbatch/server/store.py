@@ -1,0 +1,126 @@
+"""SQLite store of batch jobs, their items, and the files the server wrote.
+
+The database is the source of truth: an item is done when its row says so, and only after its PNG was renamed
+into place. After a crash, every item not marked done is generated again, into the same file name (the
+write is atomic), so a job ends with no lost and no duplicated image.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, total INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    job_id TEXT NOT NULL, idx INTEGER NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
+    file_id TEXT, error TEXT, seconds REAL, PRIMARY KEY (job_id, idx));
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class JobItem:
+    job_id: str
+    index: int
+    spec: dict[str, Any]  # a resolved GenerationSpec record (seed fixed at submission)
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(data_dir / "diffbatch.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # Jobs ------------------------------------------------------------------------------------------------
+    def create_job(self, specs: list[dict[str, Any]]) -> str:
+        job_id = "batch_" + uuid.uuid4().hex
+        rows = [(job_id, k, json.dumps(spec), "pending") for k, spec in enumerate(specs)]
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO jobs VALUES (?, ?, 'in_progress', ?)", (job_id, time.time(), len(specs)))
+            self._db.executemany("INSERT INTO items (job_id, idx, spec, status) VALUES (?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT id, created, status, total FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        job_id, created, status, total = rows[0]
+        counts = dict(self._query("SELECT status, COUNT(*) FROM items WHERE job_id = ? GROUP BY status", (job_id,)))
+        errors = [{"line": idx + 1, "message": error} for idx, error in self._query(
+            "SELECT idx, error FROM items WHERE job_id = ? AND status = 'failed' ORDER BY idx LIMIT 100", (job_id,))]
+        return {"id": job_id, "object": "batch", "created_at": int(created), "status": status,
+                "request_counts": {"total": total, "completed": counts.get("done", 0),
+                                   "failed": counts.get("failed", 0), "cancelled": counts.get("cancelled", 0)},
+                "errors": errors}
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT idx, spec, file_id, seconds FROM items WHERE job_id = ? AND status = 'done' "
+                           "ORDER BY idx", (job_id,))
+        return [{"index": idx, **json.loads(spec), "file_id": file_id, "seconds": seconds}
+                for idx, spec, file_id, seconds in rows]
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE items SET status = 'cancelled' WHERE job_id = ? AND status = 'pending'",
+                             (job_id,))
+            self._db.execute("UPDATE jobs SET status = 'cancelled' WHERE id = ? AND status = 'in_progress'",
+                             (job_id,))
+            self._db.execute("COMMIT")
+
+    def pending_items(self, limit: int, exclude: set[tuple[str, int]]) -> list[JobItem]:
+        """Oldest job first, in index order; ``exclude`` are items already in flight."""
+        rows = self._query(
+            "SELECT i.job_id, i.idx, i.spec FROM items i JOIN jobs j ON j.id = i.job_id "
+            "WHERE i.status = 'pending' AND j.status = 'in_progress' ORDER BY j.created, i.idx LIMIT ?",
+            (limit + len(exclude),))
+        items = [JobItem(job_id, idx, json.loads(spec)) for job_id, idx, spec in rows
+                 if (job_id, idx) not in exclude]
+        return items[:limit]
+
+    def finish_item(self, item: JobItem, file_id: str | None, error: str | None, seconds: float = 0.0) -> None:
+        status = "done" if error is None else "failed"
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE items SET status = ?, file_id = ?, error = ?, seconds = ? "
+                             "WHERE job_id = ? AND idx = ? AND status = 'pending'",
+                             (status, file_id, error, seconds, item.job_id, item.index))
+            self._db.execute("UPDATE jobs SET status = 'completed' WHERE id = ? AND status = 'in_progress' AND "
+                             "NOT EXISTS (SELECT 1 FROM items WHERE job_id = ? AND status = 'pending')",
+                             (item.job_id, item.job_id))
+            self._db.execute("COMMIT")
+
+    # Files -----------------------------------------------------------------------------------------------
+    def add_file(self, path: Path, file_id: str | None = None) -> str:
+        """Register a written file; URLs name it by this server-made id, never by a user-given path."""
+        file_id = file_id or uuid.uuid4().hex
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
+                             (file_id, str(path.relative_to(self.data_dir)), time.time()))
+        return file_id
+
+    def file_path(self, file_id: str) -> Path | None:
+        rows = self._query("SELECT path FROM files WHERE id = ?", (file_id,))
+        return self.data_dir / rows[0][0] if rows else None
