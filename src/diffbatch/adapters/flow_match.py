@@ -1,0 +1,93 @@
+"""What the flow-matching families (SD3, Flux) share: sampler, strength cut, img2img noising, VAE, admission.
+
+Both pipelines sample with a rectified-flow scheduler (Esser et al. 2024, "Scaling Rectified Flow Transformers",
+sec. 2): ``x_t = (1 - sigma) x_0 + sigma * noise``, the model predicts the velocity ``noise - x_0``.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..errors import SpecError
+from ..spec import GenerationSpec
+from .base import Adapter
+
+
+@functools.cache
+def runner_sampler_class(flow_class: type) -> type:
+    """``flow_class`` with the two members the runner asks of every sampler, which flow schedulers lack:
+    diffusers' flow pipelines neither scale the model input nor the initial noise (identity and 1.0).
+
+    The subclass keeps the class name (it is the sampler's label in PNG metadata). ``set_timesteps`` without
+    ``mu`` under dynamic shifting comes only from the runner's admission check of a step count, which knows no
+    image size: it gets the shift of the base sequence length. Adapters always pass ``mu``.
+    """
+
+    def set_timesteps(self: Any, *args: Any, mu: float | None = None, **kwargs: Any) -> None:
+        if mu is None and self.config.get("use_dynamic_shifting"):
+            mu = self.config.get("base_shift", 0.5)
+        flow_class.set_timesteps(self, *args, mu=mu, **kwargs)
+
+    members = {"init_noise_sigma": 1.0, "scale_model_input": lambda self, sample, timestep=None: sample,
+               "set_timesteps": set_timesteps, "__module__": flow_class.__module__}
+    return type(flow_class.__name__, (flow_class,), members)
+
+
+class FlowMatchAdapter(Adapter):
+    """Base of the SD3 and Flux adapters; a family supplies its schedule (``schedule_kwargs``)."""
+
+    def __init__(self, pipe: Any, name: str) -> None:
+        super().__init__(pipe, name)
+        self.default_scheduler_class = runner_sampler_class(type(pipe.scheduler))
+
+    def check_spec(self, spec: GenerationSpec) -> None:
+        if spec.scheduler is not None:
+            raise SpecError(f"scheduler={spec.scheduler!r} is invalid for {self.family} model {self.name!r}: it "
+                            f"samples with flow matching ({type(self.pipe.scheduler).__name__}), which the "
+                            "Stable Diffusion samplers cannot run; leave scheduler unset")
+        if spec.guidance_rescale:
+            raise SpecError(f"guidance_rescale={spec.guidance_rescale} is invalid for {self.family} model "
+                            f"{self.name!r}: its diffusers pipeline has no guidance rescale; leave it at 0")
+
+    # Sampling --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def schedule_kwargs(self, sampler: Any, spec: GenerationSpec) -> dict[str, Any]:
+        """The family pipeline's ``retrieve_timesteps`` arguments (step count or sigmas, shift ``mu``)."""
+
+    def set_timesteps(self, sampler: Any, spec: GenerationSpec) -> Any:
+        """The family's schedule, then the img2img cut of StableDiffusion3Img2ImgPipeline.get_timesteps (Flux
+        copies it): unlike SD's, it rounds ``steps * (1 - strength)`` down, not ``steps * strength``."""
+        sampler.set_timesteps(device=self.device, **self.schedule_kwargs(sampler, spec))
+        steps = spec.num_inference_steps
+        strength = spec.strength if spec.is_img2img else 1.0
+        t_start = int(max(steps - min(steps * strength, steps), 0)) * sampler.order
+        sampler.set_begin_index(t_start)
+        return sampler.timesteps[t_start:]
+
+    def noise_init_latents(self, sampler: Any, latents: torch.Tensor, generator: torch.Generator,
+                           timesteps: torch.Tensor) -> torch.Tensor:
+        """Flow matching mixes noise in linearly (``scale_noise``) where SD samplers ``add_noise``."""
+        noise = randn_tensor(tuple(latents.shape), generator=generator, device=self.device, dtype=self.dtype)
+        return sampler.scale_noise(latents, timesteps[:1], noise)
+
+    # VAE -------------------------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        vae = self.pipe.vae
+        params = vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters  # [B, 2C, h, w]
+        # Sample per item, as diffusers does for one image: each draw from that item's own generator.
+        latents = torch.cat([DiagonalGaussianDistribution(params[i : i + 1]).sample(g)
+                             for i, g in enumerate(generators)])  # [B, C, h, w]
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Unshifted, unscaled VAE decode of ``[B, C, h, w]`` latents to ``[B, H, W, 3]`` pixels in [0, 1]."""
+        vae = self.pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * len(image))

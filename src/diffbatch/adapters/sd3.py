@@ -1,0 +1,77 @@
+"""Stable Diffusion 3 / 3.5 (SD3Transformer2DModel MMDiT, CLIP-L + CLIP-G + optional T5, flow matching)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from PIL import Image
+
+from ..spec import GenerationSpec, ModelDefaults
+from .base import Cond
+from .flow_match import FlowMatchAdapter
+
+
+class StableDiffusion3Adapter(FlowMatchAdapter):
+    family = "stable-diffusion-3"
+    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    max_sequence_length = 256  # T5 tokens: StableDiffusion3Pipeline's default
+
+    @classmethod
+    def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        from .loading import hub_offline
+
+        # A folder without text_encoder_3 loads with None: diffusers then feeds zeros in place of T5.
+        return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, use_safetensors=True,
+                                                        local_files_only=hub_offline())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.text_encoder.dtype  # diffusers runs latents in the prompt embeddings' dtype
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        pipe = self.pipe
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        # Latents are cut into patch_size^2 patches, so sizes are multiples of both factors (as check_inputs).
+        return ModelDefaults(height=size, width=size, num_inference_steps=28, guidance_scale=7.0, strength=0.6,
+                             vae_scale_factor=pipe.vae_scale_factor * pipe.patch_size)
+
+    def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:
+        f = self.pipe.vae_scale_factor
+        return (1, self.pipe.transformer.config.in_channels, spec.height // f, spec.width // f)
+
+    # Conditioning ----------------------------------------------------------------------------------------
+    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
+        # Without clip_skip, diffusers encodes a negative prompt exactly like a prompt: one cache serves both.
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            texts, None, None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)  # [B, 77 + 256, D], [B, P]
+        return [{"encoder_hidden_states": e[None], "pooled_projections": p[None]}
+                for e, p in zip(embeds, pooled, strict=True)]
+
+    # Sampling --------------------------------------------------------------------------------------------
+    def schedule_kwargs(self, sampler: Any, spec: GenerationSpec) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"num_inference_steps": spec.num_inference_steps}
+        config = sampler.config
+        if config.get("use_dynamic_shifting"):  # SD3 models trained with a resolution-dependent shift
+            _, _, h, w = self.latent_shape(spec)
+            patch = self.pipe.patch_size
+            kwargs["mu"] = calculate_shift((h // patch) * (w // patch), config.get("base_image_seq_len", 256),
+                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                           config.get("max_shift", 1.16))
+        return kwargs
+
+    # Model calls -----------------------------------------------------------------------------------------
+    def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
+        return self.pipe.image_processor.preprocess(image, height=height, width=width)  # [1, 3, H, W]
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.pipe.transformer(hidden_states=sample, timestep=timesteps, **cond, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
+        return self.decode_latents(latents)
