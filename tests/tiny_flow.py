@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -23,6 +24,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from diffbatch import GenerationSpec
 from tiny import write_byte_level_clip_tokenizer
 
 T5_DIM = 32  # T5 width = the transformers' joint_attention_dim
@@ -55,9 +57,10 @@ def tiny_flow_vae() -> AutoencoderKL:
                          use_quant_conv=False, use_post_quant_conv=False)
 
 
-def save_tiny_sd3(folder: Path, with_t5: bool = True, seed: int = 0) -> Path:
+def save_tiny_sd3(folder: Path, with_t5: bool = True, dynamic_shift: bool = False, seed: int = 0) -> Path:
     """Tiny SD3 (patch 2, 32x32 native size, sizes multiples of 4 up to 64); ``with_t5=False``: no third
-    encoder, as SD3 users load it to save memory (diffusers feeds zeros)."""
+    encoder, as SD3 users load it to save memory (diffusers feeds zeros); ``dynamic_shift``: a scheduler with
+    a resolution-dependent shift (an option of SD3's pipeline, off in the released SD3 models)."""
     scratch = folder.with_name(folder.name + "-tokenizers")
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
@@ -65,8 +68,9 @@ def save_tiny_sd3(folder: Path, with_t5: bool = True, seed: int = 0) -> Path:
                                         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)
     clip = write_byte_level_clip_tokenizer(scratch / "clip")
     t5_tokenizer = write_char_t5_tokenizer(scratch / "t5")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic_shift)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, vae=tiny_flow_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer, vae=tiny_flow_vae(), scheduler=scheduler,
         text_encoder=CLIPTextModelWithProjection(tiny_clip_config(projection_dim=16)), tokenizer=clip,
         text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(projection_dim=16)), tokenizer_2=clip,
         text_encoder_3=tiny_t5(len(t5_tokenizer)) if with_t5 else None, tokenizer_3=t5_tokenizer if with_t5 else None)
@@ -92,3 +96,25 @@ def save_tiny_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) ->
                         text_encoder_2=tiny_t5(len(t5_tokenizer)), tokenizer_2=t5_tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+class PipelineOracle:
+    """diffusers' own text-to-image / image-to-image pipeline called for one image, with a CPU generator."""
+
+    def __init__(self, model: Path, txt2img: type, img2img: type, **components) -> None:
+        self.txt2img = txt2img.from_pretrained(model, **components)
+        self.img2img = img2img(**self.txt2img.components)
+        for pipe in (self.txt2img, self.img2img):
+            pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, spec: GenerationSpec) -> np.ndarray:
+        """[H, W, 3] float pixels in [0, 1]. Sizes always given: diffusers' SD3/Flux img2img would otherwise use
+        the model's native size, not the init image's (diffbatch resolves img2img sizes from the image)."""
+        kwargs = dict(prompt=spec.prompt, num_inference_steps=spec.num_inference_steps,
+                      guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width,
+                      generator=torch.Generator("cpu").manual_seed(spec.seed), output_type="np")
+        if spec.negative_prompt:
+            kwargs["negative_prompt"] = spec.negative_prompt
+        if spec.image is None:
+            return self.txt2img(**kwargs).images[0]
+        return self.img2img(**kwargs, image=spec.image, strength=spec.strength).images[0]

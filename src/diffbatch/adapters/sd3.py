@@ -23,11 +23,14 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusion3Pipeline
 
-        from .loading import hub_offline
+        from .loading import hub_offline, read_model_index
 
-        # A folder without text_encoder_3 loads with None: diffusers then feeds zeros in place of T5.
+        # A pipeline saved without T5 (model_index.json entries null) loads only when told so; diffusers then
+        # feeds zeros in place of the T5 embeddings.
+        index = read_model_index(model)
+        absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if index.get(name, [None])[0] is None}
         return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, use_safetensors=True,
-                                                        local_files_only=hub_offline())
+                                                        local_files_only=hub_offline(), **absent)
 
     @property
     def dtype(self) -> torch.dtype:
