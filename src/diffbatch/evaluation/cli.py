@@ -1,0 +1,105 @@
+"""``diffbatch eval-shapes``: prompt adherence of a shapes model, judged by the deterministic analyser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .shapes import ATTRIBUTES, EVAL_PROMPTS, EvalResult, evaluate
+
+TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80, "position": 0.80}  # issue 3
+
+
+def register(subparsers) -> None:
+    """Add ``diffbatch eval-shapes`` to a ``diffbatch`` argument parser."""
+    p = subparsers.add_parser(
+        "eval-shapes", help="score a shapes model's prompt adherence with the deterministic analyser",
+        description="Generate a fixed prompt list x N seeds and report per-attribute accuracy "
+                    "(background colour, shape colour, shape class, position).")
+    p.add_argument("--model", help="diffusers pipeline folder (default: the embedded shapes model)")
+    p.add_argument("--seeds", type=int, default=4, metavar="N", help="seeds 0..N-1 per prompt (default 4)")
+    p.add_argument("--steps", type=int, metavar="N", help="inference steps (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, metavar="G", help="CFG scale (default: the model's)")
+    p.add_argument("--scheduler", metavar="NAME", help="sampler name, e.g. euler_a (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="engine max batch size")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (default: built-in list)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write eval.json and grid.png here")
+    p.set_defaults(func=run_eval_shapes)
+
+
+def run_eval_shapes(args: argparse.Namespace) -> int:
+    """Run the evaluation; print the table; exit 0 (the scores are the output, not a pass/fail)."""
+    prompts = _read_prompts(args.prompts) if args.prompts else list(EVAL_PROMPTS)
+    generate = engine_generate_fn(args.model, args.steps, args.guidance_scale, args.scheduler, args.batch_size)
+    result, images = evaluate(generate, prompts, range(args.seeds))
+    settings = {"model": args.model or "default", "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "scheduler": args.scheduler, "seeds": args.seeds, "prompts": len(prompts)}
+    print(format_table(result, settings))
+    if args.out:
+        write_outputs(args.out, result, images, settings)
+    return 0
+
+
+def engine_generate_fn(model: str | None, steps: int | None, guidance: float | None, scheduler: str | None,
+                       batch_size: int):
+    """A ``generate_fn`` over diffbatch's Engine (float32, CPU unless the model says otherwise)."""
+    from .. import Engine, GenerationSpec
+
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32", max_batch_size=batch_size)
+
+    def generate(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        specs = [GenerationSpec(prompt=p, seed=s, num_inference_steps=steps, guidance_scale=guidance,
+                                scheduler=scheduler) for p, s in zip(prompts, seeds, strict=True)]
+        return [r.image for r in engine.generate(specs)]
+
+    return generate
+
+
+def format_table(result: EvalResult, settings: dict) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+    lines = [f"eval-shapes ({shown}); {len(result.records)} images", "attribute   accuracy  target"]
+    for attribute in ATTRIBUTES:
+        if attribute in result.accuracy:
+            lines.append(f"{attribute:<11} {result.accuracy[attribute]:>7.1%}  {TARGETS[attribute]:>6.0%}")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, result: EvalResult, images: list[Image.Image], settings: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"settings": settings, **result.to_dict()}, indent=1))
+    captioned_grid(images, [r["prompt"] for r in result.records]).save(out / "grid.png")
+
+
+def captioned_grid(images: Sequence[Image.Image], captions: Sequence[str], columns: int = 6,
+                   scale: int = 3) -> Image.Image:
+    """Images enlarged ``scale`` times in a grid, each with its prompt written under it."""
+    side = images[0].width * scale
+    cell_h = side + 40
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * side, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, text) in enumerate(zip(images, captions, strict=True)):
+        x, y = (k % columns) * side, (k // columns) * cell_h
+        grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
+        for j, line in enumerate(_wrap(text, side // 6)):
+            draw.text((x + 3, y + side + 2 + 12 * j), line, fill="black")
+    return grid
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, current = [], ""
+    for word in text.split():
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    return (lines + [current])[:3]
+
+
+def _read_prompts(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,362 @@
+"""Train the embedded default model on procedural shapes: ``python -m diffbatch.training.shapes``.
+
+Two phases, both from a fixed seed: (1) a small AutoencoderKL (factor 4: 64x64 RGB -> 4x16x16), then
+(2) a small CLIP text encoder and UNet2DConditionModel trained jointly on the VAE's latents, with
+caption dropout so classifier-free guidance works. The result is a standard diffusers Stable Diffusion
+folder (float16 safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import shapes_data
+from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer_files
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "shapes"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    num_images: int = 40_000  # pre-rendered training pictures (captions are re-drawn every step)
+    vae_steps: int = 4_000  # upper bounds: with *_minutes set, a phase ends when its time is up
+    vae_minutes: float = 9.0  # 0: run all the steps; else the LR schedule follows elapsed time
+    vae_batch: int = 32
+    vae_crop: int = 32  # the VAE is fully convolutional, so it trains on random crops (4x cheaper)
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction losses
+    vae_decoder_noise: float = 0.05  # extra latent noise (x latent std) so the decoder forgives sampling error
+    vae_bf16: bool = True  # autocast the VAE's convolutions to bfloat16 (AMX); master weights stay float32
+    unet_steps: int = 20_000
+    unet_minutes: float = 50.0
+    unet_batch: int = 32
+    unet_lr: float = 8e-4
+    warmup: int = 200
+    caption_dropout: float = 0.15  # empty caption -> the unconditional branch for CFG
+    attribute_drop: float = 0.25  # each of size / position / background left out of a caption
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
+    ema_decay: float = 0.999
+    unet_bf16: bool = False  # measured: no faster for this small UNet on 1-2 cores (casts cost as much)
+    save_every: int = 500
+    threads: int = 1  # the 2 development cores are shared with tests; 2 threads there oversubscribe them
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32,
+        mid_block_add_attention=False,
+    )
+
+
+def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH, bos_token_id=bos_id, eos_token_id=eos_id,
+        pad_token_id=eos_id, projection_dim=128,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 128), norm_num_groups=32, cross_attention_dim=128,
+        # attention only at 8x8 and 4x4: self-attention over 16x16 latents cost most of a step on CPU
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+    )
+
+
+def build_scheduler():
+    """Stable Diffusion's own noise schedule, so every standard diffusers sampler applies."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+class Schedule:
+    """Training progress in [0, 1]: by steps, or by wall time when a time budget is set (then the run
+    stops when its minutes are up and prints the step count reached; rerun with that many steps and no
+    time budget to repeat it exactly)."""
+
+    def __init__(self, steps: int, minutes: float) -> None:
+        self.steps, self.seconds, self.start = steps, minutes * 60, time.time()
+
+    def progress(self, step: int) -> float:
+        by_steps = step / self.steps
+        return max(by_steps, (time.time() - self.start) / self.seconds) if self.seconds else by_steps
+
+    def lr(self, step: int, base: float, warmup: int) -> float:
+        """Linear warm-up, then cosine decay to 10% of ``base``."""
+        if step < warmup:
+            return base * (step + 1) / warmup
+        progress = min(1.0, self.progress(step))
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+class Progress:
+    """Prints a loss line every ``every`` steps with the running mean and wall time."""
+
+    def __init__(self, name: str, total: int, start: float, every: int = 50) -> None:
+        self.name, self.total, self.start, self.every, self.values = name, total, start, every, []
+
+    def add(self, step: int, **values: float) -> None:
+        self.values.append(values)
+        if (step + 1) % self.every and step + 1 != self.total:
+            return
+        mean = {k: sum(v[k] for v in self.values) / len(self.values) for k in values}
+        text = " ".join(f"{k}={v:.4f}" for k, v in mean.items())
+        print(f"[{self.name}] step {step + 1}/{self.total} {text} "
+              f"elapsed={(time.time() - self.start) / 60:.1f}min", flush=True)
+        self.values = []
+
+
+# ---------------------------------------------------------------------------------------------- VAE phase
+
+def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
+    """Reconstruction (L1 + MSE) plus a small KL term that keeps the latent space smooth and decodable."""
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    progress = Progress("vae", cfg.vae_steps, start)
+    schedule = Schedule(cfg.vae_steps, cfg.vae_minutes)
+    for step in range(cfg.vae_steps):
+        if schedule.progress(step) >= 1:
+            print(f"[vae] time budget reached at step {step}", flush=True)
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(step, cfg.vae_lr, 100)
+        x = random_crops(images, cfg.vae_batch, cfg.vae_crop, gen)  # [B, 3, crop, crop]
+        with autocast(cfg.vae_bf16):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            z = z + cfg.vae_decoder_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+            recon = vae.decode(z).sample.float()
+        mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
+        loss = mse + l1 + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        progress.add(step, mse=mse.item(), l1=l1.item(), kl=kl.item())
+    return vae.eval()
+
+
+def random_crops(images: np.ndarray, batch: int, crop: int, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(len(images), (batch,), generator=gen).numpy()
+    y0, x0 = torch.randint(images.shape[1] - crop + 1, (2,), generator=gen).tolist()
+    return to_tensor(np.ascontiguousarray(images[idx, y0:y0 + crop, x0:x0 + crop]))
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image: [N, 4, 16, 16] each."""
+    means, stds = [], []
+    for k in range(0, len(images), 256):
+        with autocast(bf16):
+            posterior = vae.encode(to_tensor(images[k:k + 256])).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------------------- UNet phase
+
+class CaptionBatcher:
+    """Draws a fresh caption for each picked scene (with dropout) and tokenizes it, with a cache."""
+
+    def __init__(self, tokenizer, scenes, cfg: TrainConfig) -> None:
+        self.tokenizer, self.scenes, self.cfg = tokenizer, scenes, cfg
+        self.rng = random.Random(cfg.seed + 2)
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, indices: list[int]) -> torch.Tensor:
+        rows = []
+        for i in indices:
+            text = "" if self.rng.random() < self.cfg.caption_dropout else \
+                shapes_data.caption(self.scenes[i], self.rng, self.cfg.attribute_drop)
+            if text not in self.cache:
+                self.cache[text] = self.tokenizer(text, padding="max_length",
+                                                  max_length=MODEL_MAX_LENGTH,
+                                                  truncation=True).input_ids
+            rows.append(self.cache[text])
+        return torch.tensor(rows)  # [B, L]
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-item loss weight min(SNR, gamma) / SNR for epsilon prediction (Min-SNR, Hang et al. 2023)."""
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, torch.Tensor, float],
+                   batcher: CaptionBatcher, out: Path, start: float) -> dict:
+    """Joint text encoder + UNet training on epsilon with Min-SNR weights; returns the EMA models."""
+    unet, text_encoder = models["unet"], models["text_encoder"]
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
+           "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    alphas_cumprod = models["scheduler"].alphas_cumprod.float()
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    progress = Progress("unet", cfg.unet_steps, start)
+    schedule = Schedule(cfg.unet_steps, cfg.unet_minutes)
+    for step, (z, ids) in enumerate(_latent_batches(cfg, latents, batcher, gen)):
+        if schedule.progress(step) >= 1:
+            print(f"[unet] time budget reached at step {step}", flush=True)
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(step, cfg.unet_lr, cfg.warmup)
+        loss = _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema["unet"], unet, decay)
+        ema_update(ema["text_encoder"], text_encoder, decay)
+        progress.add(step, loss=loss.item())
+        if (step + 1) % cfg.save_every == 0:
+            save_pipeline(out, {**models, **ema})
+    return ema
+
+
+def _latent_batches(cfg: TrainConfig, latents, batcher: CaptionBatcher, gen) -> Iterator:
+    """Scaled latents drawn from each picked image's posterior, with freshly drawn captions."""
+    means, stds, scaling = latents
+    for _ in range(cfg.unet_steps):
+        idx = torch.randint(len(means), (cfg.unet_batch,), generator=gen)
+        z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)  # [B, 4, 16, 16]
+        yield z * scaling, batcher.ids(idx.tolist())
+
+
+def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen) -> torch.Tensor:
+    t = torch.randint(0, len(alphas_cumprod), (len(z),), generator=gen)
+    noise = torch.randn(z.shape, generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+    with autocast(cfg.unet_bf16):
+        context = text_encoder(ids)[0]  # [B, L, 128], last hidden state as SD pipelines use it
+        pred = unet(noisy, t, encoder_hidden_states=context).sample.float()
+    per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    return (per_item * min_snr_weights(alphas_cumprod, t, cfg.min_snr_gamma)).mean()
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def save_pipeline(out: Path, models: dict) -> None:
+    """Write a standard SD folder: float16 UNet/VAE, float32 text encoder (transformers loads weights in
+    their stored dtype, and a float16 text encoder would not match a float32 UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="shapes-", dir=out.parent))
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(models["vae"]).half(), text_encoder=models["text_encoder"],
+        tokenizer=models["tokenizer"], unet=copy.deepcopy(models["unet"]).half(),
+        scheduler=models["scheduler"], safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import CLIPTokenizer
+
+    cfg = _parse(argv)
+    out = Path(cfg.pop("out")).resolve()
+    cfg = TrainConfig(**cfg)
+    print("config:", asdict(cfg), flush=True)
+    start = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images, scenes = shapes_data.make_dataset(cfg.num_images, cfg.seed)
+    print(f"data: {len(images)} images in {time.time() - start:.0f}s", flush=True)
+    vae = train_vae(cfg, images, start)
+    means, stds = encode_all(vae, images, cfg.vae_bf16)
+    sampled = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(cfg.seed))
+    scaling = 1.0 / sampled.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    print(f"latents: std={sampled.std().item():.4f} mean={sampled.mean().item():.4f} "
+          f"posterior std={stds.mean().item():.4f} -> scaling_factor={scaling:.4f}", flush=True)
+    tok_dir = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-"))
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(tok_dir, shapes_data.caption_vocabulary()))
+    models = {"vae": vae, "tokenizer": tokenizer, "scheduler": build_scheduler(), "unet": build_unet(),
+              "text_encoder": build_text_encoder(len(tokenizer), tokenizer.bos_token_id,
+                                                 tokenizer.eos_token_id)}
+    _report_sizes(models)
+    batcher = CaptionBatcher(tokenizer, scenes, cfg)
+    ema = train_denoiser(cfg, models, (means, stds, scaling), batcher, out, start)
+    save_pipeline(out, {**models, **ema})
+    print(f"saved {out} in {(time.time() - start) / 60:.1f} min total", flush=True)
+    return 0
+
+
+def _report_sizes(models: dict) -> None:
+    for name in ("vae", "text_encoder", "unet"):
+        count = sum(p.numel() for p in models[name].parameters())
+        print(f"{name}: {count / 1e6:.2f}M parameters", flush=True)
+
+
+def _parse(argv: list[str] | None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m diffbatch.training.shapes", description=__doc__)
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: package data)")
+    for field, default in asdict(TrainConfig()).items():
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=default,
+                            help=f"default: {default}")
+    return vars(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
