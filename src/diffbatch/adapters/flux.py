@@ -59,8 +59,8 @@ class FluxAdapter(FlowMatchAdapter):
         super().check_spec(spec)
         if spec.negative_prompt:
             raise SpecError(f"negative_prompt={spec.negative_prompt!r} is invalid for flux model {self.name!r}: "
-                            "Flux is guidance-distilled and ignores negative prompts (diffbatch does not support "
-                            "diffusers' true_cfg_scale); leave negative_prompt empty")
+                            "FluxPipeline uses a negative prompt only for true CFG (true_cfg_scale), which "
+                            "diffbatch does not support; leave negative_prompt empty")
 
     def uses_cfg(self, spec: GenerationSpec) -> bool:
         return False  # FluxPipeline never runs CFG rows from guidance_scale (an embedding input, or unused)
