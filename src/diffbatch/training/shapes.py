@@ -189,6 +189,25 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
     return vae.eval()
 
 
+@torch.no_grad()
+def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor, gen: torch.Generator):
+    """Give every latent channel zero mean and unit std by folding a per-channel affine map into the
+    VAE's 1x1 ``quant_conv`` (encoder side) and its inverse into ``post_quant_conv`` (decoder side).
+    Decoding is unchanged; SD pipelines only apply one scalar ``scaling_factor``, and a small VAE's
+    channels can sit at offsets of several stds from each other, far from the sampler's N(0, 1)."""
+    sampled = means + stds * torch.randn(means.shape, generator=gen)  # [N, C, h, w]
+    m, s = sampled.mean(dim=(0, 2, 3)), sampled.std(dim=(0, 2, 3))  # [C]
+    c = len(m)
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= s.view(-1, 1, 1, 1)
+    q.bias[:c] = (q.bias[:c] - m) / s
+    q.bias[c:] -= 2 * s.log()  # log-variance of the rescaled posterior
+    pq.bias += pq.weight[:, :, 0, 0] @ m
+    pq.weight *= s.view(1, -1, 1, 1)
+    print(f"latent channels: mean={m.tolist()} std={s.tolist()} -> whitened", flush=True)
+    return (means - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1), stds / s.view(1, -1, 1, 1)
+
+
 def random_crops(images: np.ndarray, batch: int, crop: int, gen: torch.Generator) -> torch.Tensor:
     idx = torch.randint(len(images), (batch,), generator=gen).numpy()
     y0, x0 = torch.randint(images.shape[1] - crop + 1, (2,), generator=gen).tolist()
@@ -324,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {len(images)} images in {time.time() - start:.0f}s", flush=True)
     vae = train_vae(cfg, images, start)
     means, stds = encode_all(vae, images, cfg.vae_bf16)
+    means, stds = whiten_latents(vae, means, stds, torch.Generator().manual_seed(cfg.seed + 4))
     sampled = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(cfg.seed))
     scaling = 1.0 / sampled.std().item()
     vae.register_to_config(scaling_factor=scaling)
