@@ -48,8 +48,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
         from .loading import hub_offline, read_model_index
 
-        refiner = read_model_index(model).get("_class_name") == IMG2IMG_CLASS
-        pipeline_class = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+        # A refiner folder is saved as the img2img pipeline, often without the first text encoder.
+        img2img = read_model_index(model).get("_class_name") == IMG2IMG_CLASS
+        pipeline_class = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
         kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=hub_offline(), add_watermarker=False)
         if dtype == torch.float16 and has_fp16_variant(model):
             return pipeline_class.from_pretrained(model, variant="fp16", **kwargs)
@@ -71,7 +72,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def check_spec(self, spec: GenerationSpec) -> None:
         if self.is_refiner and not spec.is_img2img:
             raise SpecError(f"model {self.name!r} is an SDXL refiner, which only does image-to-image: give an init "
-                            "image (image=...), or use an SDXL base model for text-to-image")
+                            "image (--image, or a spec's image field), or use an SDXL base model for text-to-image")
 
     # Conditioning ----------------------------------------------------------------------------------------
     def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
