@@ -21,6 +21,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from PIL import Image
 
 from .adapters import Adapter, Cond
+from .adapters.invariance import batch_rows
 from .errors import SpecError
 from .io.images import load_init_image
 from .request import Request
@@ -144,7 +145,7 @@ class Runner:
 
     def _encode_init_images(self, chunk: list[Request]) -> None:
         # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.
-        pixels = torch.cat([self._init_pixels(r.spec) for r in chunk])  # [B, 3, H, W]
+        pixels = batch_rows([self._init_pixels(r.spec) for r in chunk])  # [B, 3, H, W], B >= 2
         init_latents = self.adapter.encode_images(pixels, [r.generator for r in chunk])  # [B, C, h, w]
         for i, r in enumerate(chunk):
             r.latents = self.adapter.noise_init_latents(r.sampler, init_latents[i : i + 1], r.generator, r.timesteps)
@@ -165,8 +166,9 @@ class Runner:
             samples += [x] * len(rows)
             timesteps += [t.reshape(1).to(torch.float32)] * len(rows)  # the UNet casts timesteps to float32
             conds += rows
-        cond = {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
-        out = self.adapter.denoise(torch.cat(samples), torch.cat(timesteps), cond)  # [N, C, h, w]
+        # Never one row: some kernels compute N = 1 differently (see adapters/invariance.py).
+        cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
+        out = self.adapter.denoise(batch_rows(samples), batch_rows(timesteps), cond)  # [N, ...]
         row = 0
         for r in requests:
             if r.uses_cfg:
@@ -193,7 +195,8 @@ class Runner:
     def _decode(self, requests: list[Request]) -> dict[int, np.ndarray]:
         pixels: dict[int, np.ndarray] = {}
         for chunk in _chunks(requests, self.vae_batch_size):
-            images = self.adapter.decode(torch.cat([r.latents for r in chunk]), chunk[0].spec)  # [B, H, W, 3]
+            latents = batch_rows([r.latents for r in chunk])
+            images = self.adapter.decode(latents, chunk[0].spec)[: len(chunk)]  # [B, H, W, 3]
             for r, image in zip(chunk, images, strict=True):
                 pixels[r.request_id] = image
                 r.latents = r.sampler = r.uncond = r.generator = None  # free memory early

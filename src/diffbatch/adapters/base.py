@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
+from .invariance import make_batch_invariant
 
 Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch dimension first
 
@@ -33,6 +34,7 @@ class Adapter(ABC):
         # (``from_config(cfg, use_karras_sigmas=True)`` writes the option into the config it returns).
         self.scheduler_config = copy.deepcopy(dict(pipe.scheduler.config))
         self.default_scheduler_class: type = type(pipe.scheduler)
+        make_batch_invariant(*(getattr(pipe, name, None) for name in ("unet", "transformer", "vae")))
 
     # Loading and defaults ------------------------------------------------------------------------------
     @classmethod

@@ -35,6 +35,8 @@ class JobRunner:
         self._thread = threading.Thread(target=self._run, name="diffbatch-jobs", daemon=True)
 
     def start(self) -> None:
+        for stale in (self.store.data_dir / "batches").glob("*/.*.tmp"):  # half-written PNGs of a crash
+            stale.unlink(missing_ok=True)
         self._thread.start()
 
     def wake(self) -> None:

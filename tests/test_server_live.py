@@ -1,0 +1,134 @@
+"""The server on a real socket (127.0.0.1): the official openai client, and a crash in the middle of a job."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from helpers import noise_image
+from server_helpers import offline, png_pixels
+
+from diffbatch import Engine
+from diffbatch.server import ServerConfig, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sd_path) -> Engine:
+    return Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_sd_path, tmp_path_factory):
+    port = free_port()
+    config = ServerConfig(data_dir=tmp_path_factory.mktemp("live"), api_key="test-key", port=port)
+    served = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")  # not shared with `engine`
+    server = uvicorn.Server(uvicorn.Config(create_app(config, served), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_official_openai_client_generates_and_edits(live_server, engine, tmp_path):
+    client = openai.OpenAI(base_url=f"{live_server}/v1", api_key="test-key")
+    response = client.images.generate(model=engine.model_name, prompt="a red circle", n=2, size="32x32",
+                                      response_format="b64_json", extra_body={"seed": 3, "num_inference_steps": 3})
+    assert len(response.data) == 2
+    pixels = png_pixels(base64.b64decode(response.data[1].b64_json))
+    assert np.array_equal(pixels, offline(engine, prompt="a red circle", seed=4, num_inference_steps=3))
+
+    path = tmp_path / "init.png"
+    noise_image(seed=5).save(path)
+    with open(path, "rb") as image:
+        edited = client.images.edit(image=image, prompt="blue", response_format="url",
+                                    extra_body={"strength": 0.5, "seed": 8, "num_inference_steps": 4})
+    png = httpx.get(edited.data[0].url, headers={"Authorization": "Bearer test-key"}).content
+    expected = offline(engine, prompt="blue", image=noise_image(seed=5), strength=0.5, seed=8, num_inference_steps=4)
+    assert np.array_equal(png_pixels(png), expected)
+
+
+def test_official_openai_client_sees_auth_and_input_errors(live_server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live_server}/v1", api_key="wrong").images.generate(prompt="x")
+    client = openai.OpenAI(base_url=f"{live_server}/v1", api_key="test-key")
+    with pytest.raises(openai.BadRequestError, match="size"):
+        client.images.generate(prompt="x", size="huge")
+
+
+def start_server(model: Path, data_dir: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "diffbatch", "serve", "--model", str(model), "--data-dir", str(data_dir),
+           "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "server did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def wait_done(base: str, job_id: str, at_least: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = httpx.get(f"{base}/v1/batches/{job_id}").json()
+        if job["request_counts"]["completed"] >= at_least:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def test_batch_job_survives_sigkill_with_no_lost_and_no_duplicated_image(tiny_sd_path, engine, tmp_path):
+    port, data = free_port(), tmp_path / "data"
+    base = f"http://127.0.0.1:{port}"
+    lines = [{"prompt": f"crash {i}", "num_inference_steps": 6, "guidance_scale": float(i % 2) * 4}
+             for i in range(12)]
+    server = start_server(tiny_sd_path, data, port)
+    try:
+        job = httpx.post(f"{base}/v1/batches", content="\n".join(map(json.dumps, lines))).json()
+        before = wait_done(base, job["id"], at_least=2)["request_counts"]["completed"]
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        assert before < len(lines), "the job finished before the crash; the test proves nothing"
+        server = start_server(tiny_sd_path, data, port)
+        final = wait_done(base, job["id"], at_least=len(lines))
+        assert final["status"] == "completed" and final["request_counts"]["failed"] == 0
+        rows = [json.loads(x) for x in httpx.get(f"{base}/v1/batches/{job['id']}/results").text.splitlines()]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    assert [r["index"] for r in rows] == list(range(len(lines)))
+    files = sorted((data / "batches" / job["id"]).iterdir())
+    assert [f.name for f in files] == [f"{i:05d}-{i}.png" for i in range(len(lines))]  # no extra, no tmp
+    for i, path in enumerate(files):
+        expected = offline(engine, **lines[i], seed=i)
+        assert np.array_equal(png_pixels(path.read_bytes()), expected), path.name
