@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -19,11 +18,11 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from helpers import noise_image
-from server_helpers import offline, png_pixels
 
 from diffbatch import Engine
 from diffbatch.server import ServerConfig, create_app
+from helpers import noise_image
+from server_helpers import offline, png_pixels
 
 
 def free_port() -> int:

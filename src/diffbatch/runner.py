@@ -76,6 +76,7 @@ class Runner:
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
         self.prompts = PromptCache()
         self._prototypes: dict[str | None, Any] = {}
+        self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
 
     def execute(self, plan: SchedulerOutput) -> dict[int, np.ndarray]:
         """Run one engine step; return the decoded pixels (``[H, W, 3]`` in [0, 1]) by request id."""
@@ -96,7 +97,8 @@ class Runner:
             r.timesteps = self.adapter.set_timesteps(r.sampler, r.spec)
             r.num_steps = len(r.timesteps)
             if not r.spec.is_img2img:
-                r.latents = self.adapter.initial_noise(r.spec, r.generator) * r.sampler.init_noise_sigma
+                sigma = getattr(r.sampler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale noise
+                r.latents = self.adapter.initial_noise(r.spec, r.generator) * sigma
         for chunk in _chunks([r for r in requests if r.spec.is_img2img], self.vae_batch_size):
             self._encode_init_images(chunk)
 
@@ -119,18 +121,17 @@ class Runner:
     def check_sampler(self, spec: GenerationSpec) -> None:
         """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
         without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
-        error = self._sampler_error(spec.scheduler, spec.num_inference_steps)
-        if error:
+        key = (spec.scheduler, spec.num_inference_steps)
+        if key not in self._sampler_errors:
+            try:
+                self.adapter.set_timesteps(self._make_sampler(spec.scheduler), spec)
+                self._sampler_errors[key] = ""
+            except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported counts
+                self._sampler_errors[key] = f"{type(exc).__name__}: {exc}"
+        if self._sampler_errors[key]:
             name = spec.scheduler or self.adapter.default_scheduler_class.__name__
-            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: {error}")
-
-    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one runner per engine; the cache dies with it
-    def _sampler_error(self, name: str | None, steps: int) -> str:
-        try:
-            self._make_sampler(name).set_timesteps(steps, device="cpu")
-        except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported step counts
-            return f"{type(exc).__name__}: {exc}"
-        return ""
+            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
+                            f"{self._sampler_errors[key]}")
 
     def _make_sampler(self, name: str | None) -> Any:
         """A fresh sampler: a copy of a never-used prototype (``from_config`` costs ~1 ms of signature parsing)."""
@@ -161,7 +162,7 @@ class Runner:
         samples, timesteps, conds = [], [], []
         for r in requests:
             t = r.timesteps[r.step_index]
-            x = r.sampler.scale_model_input(r.latents, t)  # per item: Euler-type samplers scale by sigma
+            x = _scale_model_input(r.sampler, r.latents, t)
             rows = [r.uncond, r.cond] if r.uses_cfg else [r.cond]
             samples += [x] * len(rows)
             timesteps += [t.reshape(1).to(torch.float32)] * len(rows)  # the UNet casts timesteps to float32
@@ -203,3 +204,8 @@ class Runner:
                 r.cond = {}
         return pixels
 
+
+def _scale_model_input(sampler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per item: Euler-type samplers scale by sigma; flow-matching samplers have no such step."""
+    scale = getattr(sampler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)

@@ -6,7 +6,6 @@ sec. 2): ``x_t = (1 - sigma) x_0 + sigma * noise``, the model predicts the veloc
 
 from __future__ import annotations
 
-import functools
 from abc import abstractmethod
 from typing import Any
 
@@ -20,32 +19,8 @@ from ..spec import GenerationSpec
 from .base import Adapter
 
 
-@functools.cache
-def runner_sampler_class(flow_class: type) -> type:
-    """``flow_class`` with the two members the runner asks of every sampler, which flow schedulers lack:
-    diffusers' flow pipelines neither scale the model input nor the initial noise (identity and 1.0).
-
-    The subclass keeps the class name (it is the sampler's label in PNG metadata). ``set_timesteps`` without
-    ``mu`` under dynamic shifting comes only from the runner's admission check of a step count, which knows no
-    image size: it gets the shift of the base sequence length. Adapters always pass ``mu``.
-    """
-
-    def set_timesteps(self: Any, *args: Any, mu: float | None = None, **kwargs: Any) -> None:
-        if mu is None and self.config.get("use_dynamic_shifting"):
-            mu = self.config.get("base_shift", 0.5)
-        flow_class.set_timesteps(self, *args, mu=mu, **kwargs)
-
-    members = {"init_noise_sigma": 1.0, "scale_model_input": lambda self, sample, timestep=None: sample,
-               "set_timesteps": set_timesteps, "__module__": flow_class.__module__}
-    return type(flow_class.__name__, (flow_class,), members)
-
-
 class FlowMatchAdapter(Adapter):
     """Base of the SD3 and Flux adapters; a family supplies its schedule (``schedule_kwargs``)."""
-
-    def __init__(self, pipe: Any, name: str) -> None:
-        super().__init__(pipe, name)
-        self.default_scheduler_class = runner_sampler_class(type(pipe.scheduler))
 
     def check_spec(self, spec: GenerationSpec) -> None:
         if spec.scheduler is not None:
