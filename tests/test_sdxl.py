@@ -165,6 +165,16 @@ def test_refiner_refuses_text_to_image_at_admission(refiner):
     assert not refiner.has_unfinished()  # nothing of the refused call was admitted
 
 
+def test_vae_with_latent_mean_and_std_equals_diffusers(tmp_path):
+    path = save_tiny_sdxl(tmp_path / "sdxl-stats", latent_stats=True)
+    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    specs = [GenerationSpec(prompt="stats", seed=1, num_inference_steps=2),
+             GenerationSpec(prompt="stats img", seed=2, num_inference_steps=3, image=noise_picture(32, 32, seed=2))]
+    oracle = SDXLOracle(path)
+    for result in engine.generate(specs):
+        assert np.abs(result.pixels - oracle(result.spec)).max() <= TOLERANCE
+
+
 # Precision and loading -------------------------------------------------------------------------------------
 def test_float16_decodes_with_the_vae_upcast_as_diffusers_does(base_path):
     engine = Engine.from_pretrained(base_path, device="cpu", dtype="float16")

@@ -44,14 +44,17 @@ def _unet(refiner: bool) -> UNet2DConditionModel:
     )
 
 
-def tiny_sdxl_components(tokenizer_dir: Path, refiner: bool = False, seed: int = 0) -> dict:
-    """Components of a tiny SDXL pipeline: 32x32 native size, VAE factor 2; the refiner has no text_encoder."""
+def tiny_sdxl_components(tokenizer_dir: Path, refiner: bool = False, seed: int = 0, latent_stats: bool = False) -> dict:
+    """Components of a tiny SDXL pipeline: 32x32 native size, VAE factor 2; the refiner has no text_encoder.
+    ``latent_stats``: the VAE config has per-channel ``latents_mean``/``latents_std`` (as Playground v2.5's)."""
     torch.manual_seed(seed)
     unet = _unet(refiner)
     vae = AutoencoderKL(
         block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=32, force_upcast=True,
+        latents_mean=(0.1, -0.2, 0.3, 0.0) if latent_stats else None,
+        latents_std=(0.9, 1.1, 0.7, 1.3) if latent_stats else None,
     )
     text_encoder = None if refiner else CLIPTextModel(_text_config())
     text_encoder_2 = CLIPTextModelWithProjection(_text_config())
@@ -63,10 +66,10 @@ def tiny_sdxl_components(tokenizer_dir: Path, refiner: bool = False, seed: int =
                 image_encoder=None, feature_extractor=None)
 
 
-def save_tiny_sdxl(folder: Path, refiner: bool = False, seed: int = 0) -> Path:
+def save_tiny_sdxl(folder: Path, refiner: bool = False, seed: int = 0, latent_stats: bool = False) -> Path:
     """Write a tiny random SDXL base (``StableDiffusionXLPipeline``) or refiner (``...Img2ImgPipeline`` with
     ``requires_aesthetics_score``) as safetensors to ``folder``."""
-    components = tiny_sdxl_components(folder.with_name(folder.name + "-tokenizer"), refiner, seed)
+    components = tiny_sdxl_components(folder.with_name(folder.name + "-tokenizer"), refiner, seed, latent_stats)
     if refiner:
         pipe = StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=True, add_watermarker=False)
     else:
