@@ -47,7 +47,7 @@ def test_text_file_job_writes_index_seed_pngs_with_parameters_and_a_manifest(
                     "--negative-prompt", "blurry")
     assert code == 0, err
     names = ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png"]
-    assert sorted(p.name for p in out.iterdir()) == [*names, "manifest.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [*names, "grid.png", "index.html", "manifest.jsonl"]
     records = sorted(manifest(out), key=lambda r: r["index"])
     assert [(r["file"], r["prompt"], r["seed"]) for r in records] == [
         (names[0], "a red circle", 10), (names[1], "a red circle", 11),
@@ -82,7 +82,7 @@ def test_jsonl_line_fields_override_flags(
     code, err = run(capsys, "generate", jobs, "--out", out, *model, "--guidance-scale", "3",
                     "--size", "16x16", "--seed", "5")
     assert code == 0, err
-    assert sorted(p.name for p in out.glob("*.png")) == ["00000-5.png", "00001-99.png"]
+    assert sorted(p.name for p in out.glob("0*.png")) == ["00000-5.png", "00001-99.png"]
     assert parameters(out / "00000-5.png").endswith("Sampler: DDIMScheduler, CFG scale: 3, Seed: 5, Size: 16x16, "
                                                     f"Model: {model[1].rsplit('/', 1)[-1]}")
     assert "Sampler: Euler a, CFG scale: 1, Seed: 99, Size: 16x24," in parameters(out / "00001-99.png")
@@ -174,5 +174,5 @@ def test_installed_entry_point_reads_prompts_from_stdin(tmp_path: Path, tiny_sd_
                           input="first\n# skipped\nsecond\n", capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.glob("*.png")) == ["00000-7.png", "00001-8.png"]
+    assert sorted(p.name for p in out.glob("0*.png")) == ["00000-7.png", "00001-8.png"]
     assert [r["prompt"] for r in sorted(manifest(out), key=lambda r: r["index"])] == ["first", "second"]

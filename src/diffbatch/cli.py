@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import DiffbatchError, InputError, SpecError
+from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
 from .io.progress import Progress
 from .io.prompts import JobItem, JobSource, read_job
+from .io.resume import ResumePlan, apply_resume, plan_resume
 from .io.writer import MANIFEST, OutputWriter
+from .memory import AUTO, BatchSize
 from .samplers import SAMPLERS
 from .spec import GenerationSpec, check_size
 
 if TYPE_CHECKING:
-    from .engine import Engine, Result
+    from .engine import Engine
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -42,7 +45,9 @@ a .jsonl file (one JSON object per line with any of the fields prompt, negative_
 num_inference_steps, guidance_scale, height, width, image, strength, scheduler; a line's fields
 override the flags), or - for stdin (read as JSON lines when its first line starts with '{').
 Image k of the job (0-based, in order) gets seed BASE + k unless its line sets a seed S (then its
--n copies get S, S+1, ...). Writes DIR/{k:05d}-{seed}.png and DIR/manifest.jsonl."""
+-n copies get S, S+1, ...). Writes DIR/{k:05d}-{seed}.png, DIR/manifest.jsonl, and a gallery
+(DIR/index.html, DIR/grid.png). Run again on the same DIR, it skips the images already written
+(a changed job is refused unless --overwrite)."""
 
 
 class UsageError(DiffbatchError):
@@ -90,7 +95,7 @@ def _register_optional(subparsers: Subparsers, module: str, optional: tuple[str,
 
 
 def register(subparsers: Subparsers) -> None:
-    """Add ``diffbatch generate``."""
+    """Add ``diffbatch generate`` and ``diffbatch gallery``."""
     p = subparsers.add_parser("generate", help="generate a batch of images into a folder",
                               description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts_file", nargs="?", metavar="PROMPTS", help="prompts file (.txt or .jsonl), or -")
@@ -106,10 +111,28 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--scheduler", metavar="NAME", help="sampler: " + ", ".join(SAMPLERS))
     p.add_argument("--image", metavar="PATH_OR_DIR", help="init image, or a folder paired with prompts")
     p.add_argument("--strength", type=float, metavar="S", help="img2img strength in (0, 1]")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="most images per model call")
+    p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
+                   help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace images of a different job found in DIR instead of refusing")
+    p.add_argument("--no-gallery", action="store_true", help="do not write DIR/index.html and DIR/grid.png")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on a Ray cluster (a local one without ADDRESS); needs diffbatch[ray]")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="Ray: engine actors (default 1)")
     p.set_defaults(func=run_generate)
+    g = subparsers.add_parser("gallery", help="write index.html and grid.png for an output folder")
+    g.add_argument("folder", type=Path, metavar="DIR", help="a folder written by diffbatch generate")
+    g.set_defaults(func=run_gallery)
+
+
+def _parse_batch_size(text: str) -> BatchSize:
+    if text.strip().lower() == AUTO:
+        return AUTO
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be auto or an integer >= 1")
+    return int(text)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -129,15 +152,28 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.size is not None:
         _check_size_flag(args.size, engine.defaults.vae_scale_factor)
     specs = resolve_all(engine, items)
-    _generate(engine, specs, args.out)
-    print(f"diffbatch: wrote {len(specs)} images and {MANIFEST} to {args.out}", file=sys.stderr)
+    plan = plan_resume(args.out, specs, engine.model_name, args.overwrite)
+    _prepare_out_dir(args.out, plan)
+    _execute(args, engine, specs, plan.todo)
+    if not args.no_gallery:
+        write_gallery(args.out)
+    print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_gallery(args: argparse.Namespace) -> int:
+    folder: Path = args.folder
+    if not (folder / MANIFEST).is_file():
+        raise InputError(f"{folder}: no {MANIFEST} in it (not a folder written by diffbatch generate)")
+    write_gallery(folder)
+    print(f"diffbatch: wrote {folder / INDEX_HTML} and {folder / GRID_PNG}", file=sys.stderr)
     return 0
 
 
 def _job_source(args: argparse.Namespace) -> JobSource:
     _check_flag("--seed", "seed", args.seed)
-    if args.batch_size < 1:
-        raise SpecError(f"--batch-size {args.batch_size} is invalid: must be an integer >= 1")
+    if args.workers < 1:
+        raise SpecError(f"--workers {args.workers} is invalid: must be an integer >= 1")
     return JobSource(prompts_file=args.prompts_file, prompts=tuple(args.prompt), image=args.image,
                      images_per_prompt=args.images_per_prompt, base_seed=args.seed,
                      defaults=_flag_fields(args))
@@ -185,14 +221,15 @@ def _check_out_dir(out: Path) -> None:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    """The engine for ``--model`` (imported here: torch and diffusers load only when a job runs)."""
+    """The engine for ``--model`` (imported here: torch and diffusers load only when a job runs). With
+    ``--ray`` this process only resolves specs, so it loads the model on the CPU; the workers use --device."""
     from .engine import Engine
 
     _quiet_loading()
     with warnings.catch_warnings():  # library deprecation notes are not the user's business here
         warnings.simplefilter("ignore")
-        return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                      max_batch_size=args.batch_size)
+        device = "cpu" if args.ray is not None else args.device
+        return Engine.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch_size=args.batch_size)
 
 
 def _quiet_loading() -> None:
@@ -216,18 +253,31 @@ def resolve_all(engine: Engine, items: list[JobItem]) -> list[GenerationSpec]:
     return resolved
 
 
-def _generate(engine: Engine, specs: list[GenerationSpec], out: Path) -> None:
+def _prepare_out_dir(out: Path, plan: ResumePlan) -> None:
+    """Create the folder, repair what a killed run left (cut manifest line, temp files), say what is skipped."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot create the folder: {exc.strerror}") from None
-    with OutputWriter(out, engine.model_name) as writer, Progress(len(specs)) as progress:
-        def on_result(result: Result) -> None:
-            sampler = engine.sampler_label(result.spec)
-            writer.write(result.index, result.spec, result.image, sampler, result.seconds)
-            progress.update()
+    apply_resume(out, plan)
+    if plan.done:
+        print(f"diffbatch: resuming in {out}: skipped {plan.done} images already written, "
+              f"{len(plan.todo)} to make", file=sys.stderr)
 
-        engine.generate(specs, on_result=on_result)
+
+def _execute(args: argparse.Namespace, engine: Engine, specs: list[GenerationSpec], todo: list[int]) -> None:
+    """Make the images ``todo`` (job indices) here, or on Ray with ``--ray``."""
+    with OutputWriter(args.out, engine.model_name) as writer, Progress(len(todo)) as progress:
+        if args.ray is None:
+            from .executors.local import run_local
+
+            run_local(engine, specs, todo, writer, progress.update)
+        else:
+            from .executors.ray import RayOptions, run_ray
+
+            options = RayOptions(model=args.model, device=args.device, dtype=args.dtype,
+                                 batch_size=args.batch_size, address=args.ray or None, workers=args.workers)
+            run_ray(options, specs, todo, writer, progress.update)
 
 
 if __name__ == "__main__":

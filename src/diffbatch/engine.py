@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .io.images import init_image_size
+from .memory import BatchSize, batch_limits
 from .request import Request
 from .runner import Runner
 from .samplers import sampler_label
@@ -56,11 +57,13 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, adapter, max_batch_size: int = 8, vae_batch_size: int | None = None,
+    def __init__(self, adapter, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
                  generator_device: str = "cpu") -> None:
+        """``max_batch_size``: images per denoiser call, or "auto" to size batches from memory (memory.py)."""
         self.adapter = adapter
-        self.scheduler = Scheduler(max_batch_size)
-        self.runner = Runner(adapter, vae_batch_size or max_batch_size, generator_device)
+        limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
+        self.scheduler = Scheduler(limits.denoise.cap, limits.denoise)
+        self.runner = Runner(adapter, generator_device=generator_device, limits=limits)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)
         self._seconds: dict[int, float] = {}
@@ -68,7 +71,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
-                        dtype: str | None = None, max_batch_size: int = 8, vae_batch_size: int | None = None,
+                        dtype: str | None = None, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
                         generator_device: str = "cpu") -> Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model)."""
         from .adapters import load_adapter

@@ -24,6 +24,7 @@ from .adapters import Adapter, Cond
 from .adapters.invariance import batch_rows
 from .errors import SpecError
 from .io.images import load_init_image
+from .memory import BatchLimits, StageLimit, batch_limits
 from .request import Request
 from .samplers import SAMPLERS
 from .scheduler import SchedulerOutput
@@ -60,19 +61,25 @@ def _step_params(sampler_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(sampler_class.step).parameters)
 
 
-def _chunks(items: Sequence[Request], size: int) -> Iterator[list[Request]]:
+def _chunks(items: Sequence[Request], limit: StageLimit) -> Iterator[list[Request]]:
+    """Same-shape chunks of at most ``limit(shape)`` requests; the limit is read again for every chunk, so a
+    limit lowered after an out-of-memory error applies to the rest at once."""
     by_shape: dict[tuple[int, int], list[Request]] = {}
     for r in items:
         by_shape.setdefault(r.shape_key, []).append(r)
-    for group in by_shape.values():
-        for i in range(0, len(group), size):
-            yield group[i : i + size]
+    for shape, group in by_shape.items():
+        while group:
+            size = limit(shape)
+            yield group[:size]
+            group = group[size:]
 
 
 class Runner:
-    def __init__(self, adapter: Adapter, vae_batch_size: int = 8, generator_device: str = "cpu") -> None:
+    def __init__(self, adapter: Adapter, vae_batch_size: int = 8, generator_device: str = "cpu",
+                 limits: BatchLimits | None = None) -> None:
         self.adapter = adapter
-        self.vae_batch_size = vae_batch_size
+        # Images per denoiser call / VAE call, per shape; split and lowered on out-of-memory (memory.py).
+        self.limits = limits or batch_limits(vae_batch_size, adapter.device.type, adapter.dtype.itemsize)
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
         self.prompts = PromptCache()
         self._prototypes: dict[str | None, Any] = {}
@@ -99,7 +106,7 @@ class Runner:
             if not r.spec.is_img2img:
                 sigma = getattr(r.sampler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale noise
                 r.latents = self.adapter.initial_noise(r.spec, r.generator) * sigma
-        for chunk in _chunks([r for r in requests if r.spec.is_img2img], self.vae_batch_size):
+        for chunk in _chunks([r for r in requests if r.spec.is_img2img], self.limits.decode):
             self._encode_init_images(chunk)
 
     def _attach_conditioning(self, requests: list[Request]) -> None:
@@ -159,6 +166,14 @@ class Runner:
 
     # 2. Denoising ----------------------------------------------------------------------------------------
     def _denoise(self, requests: list[Request]) -> None:
+        # The denoiser call is retried in halves on out-of-memory; stepping the samplers comes after, once.
+        limits = self.limits
+        eps = limits.run_split(limits.denoise, requests[0].shape_key, requests, self._guided_noise)
+        for r, e in zip(requests, eps, strict=True):
+            self._step(r, e)
+
+    def _guided_noise(self, requests: list[Request]) -> list[torch.Tensor]:
+        """One batched denoiser call; each request's noise prediction with its own CFG. Changes no state."""
         samples, timesteps, conds = [], [], []
         for r in requests:
             t = r.timesteps[r.step_index]
@@ -170,7 +185,7 @@ class Runner:
         # Never one row: some kernels compute N = 1 differently (see adapters/invariance.py).
         cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
         out = self.adapter.denoise(batch_rows(samples), batch_rows(timesteps), cond)  # [N, ...]
-        row = 0
+        row, noise = 0, []
         for r in requests:
             if r.uses_cfg:
                 uncond, text = out[row : row + 1], out[row + 1 : row + 2]
@@ -180,7 +195,8 @@ class Runner:
             else:
                 eps = out[row : row + 1]
             row += 2 if r.uses_cfg else 1
-            self._step(r, eps)
+            noise.append(eps)
+        return noise
 
     def _step(self, r: Request, eps: torch.Tensor) -> None:
         params = _step_params(type(r.sampler))
@@ -195,14 +211,18 @@ class Runner:
     # 3. Decoding -----------------------------------------------------------------------------------------
     def _decode(self, requests: list[Request]) -> dict[int, np.ndarray]:
         pixels: dict[int, np.ndarray] = {}
-        for chunk in _chunks(requests, self.vae_batch_size):
-            latents = batch_rows([r.latents for r in chunk])
-            images = self.adapter.decode(latents, chunk[0].spec)[: len(chunk)]  # [B, H, W, 3]
+        limits = self.limits
+        for chunk in _chunks(requests, limits.decode):
+            images = limits.run_split(limits.decode, chunk[0].shape_key, chunk, self._decode_chunk)
             for r, image in zip(chunk, images, strict=True):
                 pixels[r.request_id] = image
                 r.latents = r.sampler = r.uncond = r.generator = None  # free memory early
                 r.cond = {}
         return pixels
+
+    def _decode_chunk(self, chunk: list[Request]) -> list[np.ndarray]:
+        latents = batch_rows([r.latents for r in chunk])
+        return list(self.adapter.decode(latents, chunk[0].spec)[: len(chunk)])  # [B, H, W, 3]
 
 
 def _scale_model_input(sampler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ Requests that finished denoising are decoded at the start of the next step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .request import Request, RequestStatus
@@ -27,10 +27,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, batch_limit: Callable[[tuple[int, int]], int] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} is invalid: must be >= 1")
         self.max_batch_size = max_batch_size
+        # Per shape, at most max_batch_size: memory.StageLimit (estimated from memory, lowered after an OOM).
+        self.batch_limit = batch_limit
         self.requests: dict[int, Request] = {}  # unfinished, in arrival order
 
     def add(self, request: Request) -> None:
@@ -48,9 +50,14 @@ class Scheduler:
         group = [r for r in active if r.shape_key == shape]
         running = [r for r in group if r.status == RequestStatus.RUNNING]
         waiting = [r for r in group if r.status == RequestStatus.WAITING]
-        plan.denoise = (running + waiting)[: self.max_batch_size]
+        plan.denoise = (running + waiting)[: self._limit(shape)]
         plan.prepare = [r for r in plan.denoise if r.status == RequestStatus.WAITING]
         return plan
+
+    def _limit(self, shape: tuple[int, int]) -> int:
+        if self.batch_limit is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.batch_limit(shape)))
 
     def update(self, plan: SchedulerOutput) -> list[Request]:
         """Advance request states after the runner executed ``plan``; return the requests now finished."""

@@ -4,6 +4,7 @@ one ``manifest.jsonl`` line per image, appended only once its PNG is in place.""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import threading
@@ -53,14 +54,30 @@ def _number(value: float | int | None) -> str:
     return str(value)
 
 
-def write_png_atomic(path: Path, image: Image.Image, parameters: str) -> None:
-    """Temporary file in the same folder, fsync, then ``os.replace``: a reader never sees half a PNG."""
+def manifest_record(index: int, spec: GenerationSpec, model: str) -> dict[str, Any]:
+    """What a manifest line says about an image (the writer adds the run's ``seconds``); resume compares it."""
+    return {"index": index, "file": png_name(index, spec.seed), **spec.to_record(), "model": model}
+
+
+def encode_png(image: Image.Image, parameters: str) -> bytes:
+    """The PNG file's bytes, with the ``parameters`` text chunk (the same bytes wherever it is encoded)."""
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)  # PIL stores non-Latin-1 text as iTXt by itself
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_png_atomic(path: Path, image: Image.Image, parameters: str) -> None:
+    write_bytes_atomic(path, encode_png(image, parameters))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, then ``os.replace``: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as file:  # "x": never clobber; mode follows the umask, unlike mkstemp's 0600
-            image.save(file, format="PNG", pnginfo=info)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -94,12 +111,14 @@ class OutputWriter:
     def write(self, index: int, spec: GenerationSpec, image: Image.Image, sampler: str,
               seconds: float) -> Path:
         """PNG first, manifest line after: every manifest line points at a complete file."""
-        name = png_name(index, spec.seed)
-        path = self.out_dir / name
-        write_png_atomic(path, image, format_parameters(spec, sampler, self.model))
-        record = {"index": index, "file": name, **spec.to_record(), "model": self.model,
-                  "seconds": round(seconds, 4)}
-        self._append(record)
+        return self.write_encoded(index, spec, encode_png(image, format_parameters(spec, sampler, self.model)),
+                                  seconds)
+
+    def write_encoded(self, index: int, spec: GenerationSpec, png: bytes, seconds: float) -> Path:
+        """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""
+        path = self.out_dir / png_name(index, spec.seed)
+        write_bytes_atomic(path, png)
+        self._append({**manifest_record(index, spec, self.model), "seconds": round(seconds, 4)})
         return path
 
     def _append(self, record: dict[str, Any]) -> None:
