@@ -27,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 POLICIES = ("continuous", "window", "none")
 
 
@@ -169,7 +170,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / "serve_load.png")
+    write_markdown(results)
     print(json.dumps(results, indent=2))
+
+
+def write_markdown(results: dict) -> None:
+    from results_md import replace_section, table
+
+    rows = []
+    for i, factor in enumerate(sorted({r["rate_x_capacity"] for r in results["runs"]["none"]})):
+        runs = {p: results["runs"][p][i] for p in POLICIES}
+        for policy, r in runs.items():
+            rows.append([f"{factor:.1f}x", policy, f"{r['completed']}/{r['sent']}", f"{r['throughput']:.2f}",
+                         *(f"{r[q]:.2f}" if r[q] is not None else "-" for q in ("p50", "p95", "p99"))])
+        c = runs["continuous"]["p99"]
+        rows.append([f"{factor:.1f}x", "**p99 continuous / none, / window**", "", "",
+                     "", "", f"**{c / runs['none']['p99']:.2f} / {c / runs['window']['p99']:.2f}**"])
+    body = (f"`python benchmarks/serve_load.py --requests {results['requests']}` on the {results['model']} model: "
+            f"one server process per policy, Poisson arrivals on loopback, mixed steps/guidance/sampler. "
+            f"One-at-a-time capacity measured first: {results['capacity_req_s']:.2f} req/s "
+            f"(mean service {results['mean_service_s']:.3f} s). Policies: continuous = diffbatch (joins the "
+            "running batch at the next step); window = identical-parameter batching after a 100 ms window "
+            "(what peers do); none = one request at a time. Plot: `results/serve_load.png`.\n\n"
+            + table(["rate / capacity", "policy", "completed", "throughput req/s", "p50 s", "p95 s", "p99 s"],
+                    rows))
+    replace_section("Serving under load (issue 5)", body)
 
 
 if __name__ == "__main__":

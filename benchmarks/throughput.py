@@ -27,6 +27,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from diffbatch import Engine, GenerationSpec  # noqa: E402
 from tiny import save_tiny_sd, write_byte_level_clip_tokenizer  # noqa: E402
 
@@ -144,7 +145,27 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"throughput-{args.model}.json"
     path.write_text(json.dumps(record, indent=2))
+    write_markdown(record)
     print(json.dumps(record, indent=2))
+
+
+def write_markdown(record: dict) -> None:
+    from results_md import replace_section, table
+
+    rows = []
+    for workload, res in record["results"].items():
+        for key in ("diffusers_per_image", "diffusers_list_batches", "diffbatch"):
+            rows.append([workload, key, f"{res[key]['seconds']:.2f}", f"{res[key]['images_per_s']:.3f}"])
+        rows.append([workload, "**diffbatch / list batches**", "", f"**{res['ratio_vs_list_batches']:.2f}x**"])
+        rows.append([workload, "diffbatch / per image", "", f"{res['ratio_vs_per_image']:.2f}x"])
+    steps = [max(1, round(s * record["steps_scale"])) for s in (10, 20, 30)]
+    body = (f"`python benchmarks/throughput.py --model {record['model']} --images {record['images']} "
+            f"--steps-scale {record['steps_scale']} --repeats {record['repeats']}` "
+            f"(torch {record['torch']}, {record['threads']} thread(s), max batch {record['batch_size']} images, "
+            f"float32, best of {record['repeats']}). Mixed workload: steps in {steps}, guidance in {{1, 5, 7.5}}, "
+            "half the images img2img with strength in {0.3, 0.6, 0.9}; uniform: every image the same parameters.\n\n"
+            + table(["workload", "strategy", "seconds", "images/s"], rows))
+    replace_section(f"Throughput: {record['model']} model (issue 2)", body)
 
 
 if __name__ == "__main__":
