@@ -78,7 +78,7 @@ def write_gallery(out: Path) -> tuple[Path, Path]:
     """Write ``out/index.html`` and ``out/grid.png`` (atomically) from the folder's manifest."""
     records = [r for r in manifest_records(out) if isinstance(r.get("file"), str) and (out / r["file"]).is_file()]
     index, grid = out / INDEX_HTML, out / GRID_PNG
-    write_bytes_atomic(index, render_html(out.name, records).encode("utf-8"))
+    write_bytes_atomic(index, render_html(records).encode("utf-8"))
     write_bytes_atomic(grid, render_grid(out, records[:GRID_LIMIT]))
     return index, grid
 
@@ -93,9 +93,11 @@ def parameters_line(record: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def render_html(title: str, records: list[dict[str, Any]]) -> str:
+def render_html(records: list[dict[str, Any]]) -> str:
+    """The page; it names no folder, so a job's gallery is the same file wherever it was made."""
     shown = records[:HTML_LIMIT]
-    heading = f"{title}: {len(records)} images" + (f" (first {HTML_LIMIT} shown)" if len(records) > HTML_LIMIT else "")
+    more = f" (the first {HTML_LIMIT} shown)" if len(records) > HTML_LIMIT else ""
+    heading = f"diffbatch: {len(records)} images{more}"
     cards = "\n".join(_card(r) for r in shown)
     e = html.escape
     return (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

@@ -1,0 +1,186 @@
+"""Resumable jobs: a run killed at any moment and run again gives the uninterrupted run's files, byte for byte."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffbatch.cli import main
+from diffbatch.io.resume import plan_resume
+from diffbatch.io.writer import MANIFEST
+from diffbatch.spec import GenerationSpec
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+N_IMAGES = 8  # 4 prompts x 2
+
+
+def job_args(tiny_sd_path: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", str(prompts), "--out", str(out), "--model", str(tiny_sd_path), "--steps", "12",
+            "--size", "16x16", "-n", "2", "--seed", "100", "--batch-size", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("job") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_path: Path, prompts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert main(job_args(tiny_sd_path, prompts, out)) == 0
+    return out
+
+
+def records(out: Path) -> list[dict]:
+    lines = (out / MANIFEST).read_text(encoding="utf-8").splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def assert_same_files(out: Path, reference: Path) -> None:
+    """Same names, same bytes (images and gallery); the same manifest records, one per image."""
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for path in reference.iterdir():
+        if path.name != MANIFEST:
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    got = records(out)
+    assert len(got) == N_IMAGES and len({r["index"] for r in got}) == N_IMAGES  # no duplicate line
+    assert sorted(got, key=lambda r: r["index"]) == records(reference)
+
+
+def kill_after(argv: list[str], out: Path, lines: int) -> int:
+    """Start the CLI, SIGKILL it once the manifest has ``lines`` lines (0: once the folder exists)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "diffbatch", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / MANIFEST
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        written = manifest.read_bytes().count(b"\n") if manifest.exists() else -1
+        if written >= lines if lines else out.exists():
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+@pytest.mark.parametrize("lines", [0, 1, 5])
+def test_sigkill_then_rerun_gives_the_uninterrupted_files(
+        lines: int, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    argv = job_args(tiny_sd_path, prompts, out)
+    assert kill_after(argv, out, lines) == -signal.SIGKILL  # killed mid-run, not finished
+    assert main(argv) == 0
+    assert_same_files(out, reference)
+
+
+def damage_cut_last_line(out: Path) -> None:
+    data = (out / MANIFEST).read_bytes()
+    (out / MANIFEST).write_bytes(data[: len(data) - 40])  # the last line cut mid-way, no newline
+
+
+def damage_png_without_line(out: Path) -> None:
+    lines = (out / MANIFEST).read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / MANIFEST).write_text("".join(lines[:-1]), encoding="utf-8")  # died between rename and append
+
+
+def damage_cut_png(out: Path) -> None:
+    path = out / "00003-103.png"
+    path.write_bytes(path.read_bytes()[:50])  # a copy cut short: the manifest line is there
+
+
+def damage_leftover_temp_file(out: Path) -> None:
+    (out / ".00002-102.png.0123abcd.tmp").write_bytes(b"\x89PNG half")
+    (out / "00002-102.png").unlink()  # died before the rename
+
+
+def damage_line_twice(out: Path) -> None:
+    lines = (out / MANIFEST).read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / MANIFEST).write_text("".join(lines + lines[:1]), encoding="utf-8")
+
+
+DAMAGES = {
+    "cut manifest line": (damage_cut_last_line, N_IMAGES - 1),
+    "png without manifest line": (damage_png_without_line, N_IMAGES - 1),
+    "cut png": (damage_cut_png, N_IMAGES - 1),
+    "leftover temp file": (damage_leftover_temp_file, N_IMAGES - 1),
+    "repeated manifest line": (damage_line_twice, N_IMAGES),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_repairs_what_a_kill_can_leave_and_says_how_many_it_skipped(
+        damage: str, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in reference.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    damage_fn, skipped = DAMAGES[damage]
+    damage_fn(out)
+    capsys.readouterr()
+    assert main(job_args(tiny_sd_path, prompts, out)) == 0
+    assert f"skipped {skipped} images already written, {N_IMAGES - skipped} to make" in capsys.readouterr().err
+    assert_same_files(out, reference)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_changed_job_is_refused_naming_the_image_and_nothing_is_touched(
+        tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    changed = tmp_path / "changed.txt"
+    changed.write_text("a red circle\na purple square\na green triangle\na yellow star\n")
+    before = snapshot(reference)
+    capsys.readouterr()
+    assert main(job_args(tiny_sd_path, changed, reference)) == 2
+    err = capsys.readouterr().err
+    assert "holds a different job" in err and "image 2" in err and "'a purple square'" in err
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert snapshot(reference) == before
+    assert main(job_args(tiny_sd_path, prompts, reference, "--steps", "3")) == 2  # a parameter changed too
+
+
+def test_overwrite_replaces_the_changed_images_and_keeps_the_rest(
+        tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in reference.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    changed = tmp_path / "changed.txt"
+    changed.write_text("a red circle\na purple square\n")  # images 0-1 kept, 2-3 changed, 4-7 gone
+    fresh = tmp_path / "fresh"
+    assert main(job_args(tiny_sd_path, changed, fresh)) == 0
+    capsys.readouterr()
+    assert main(job_args(tiny_sd_path, changed, out, "--overwrite")) == 0
+    assert "skipped 2 images already written, 2 to make" in capsys.readouterr().err
+    assert snapshot(out).keys() == snapshot(fresh).keys()  # the old job's other images are gone
+    assert all(data == (fresh / name).read_bytes() for name, data in snapshot(out).items() if name != MANIFEST)
+    assert sorted(records(out), key=lambda r: r["index"]) == records(fresh)
+
+
+def test_a_longer_job_in_the_same_folder_makes_only_the_new_images(
+        tiny_sd_path: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    short, out = tmp_path / "short.txt", tmp_path / "out"
+    short.write_text("a red circle\n")
+    assert main(job_args(tiny_sd_path, short, out)) == 0
+    capsys.readouterr()
+    assert main(job_args(tiny_sd_path, prompts, out)) == 0
+    assert f"skipped 2 images already written, {N_IMAGES - 2} to make" in capsys.readouterr().err
+    assert len(records(out)) == N_IMAGES
+
+
+def test_resume_check_of_an_empty_or_missing_folder_makes_everything(tmp_path: Path) -> None:
+    specs = [GenerationSpec(prompt="a", seed=k, num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
+                            guidance_rescale=0.0) for k in range(3)]
+    plan = plan_resume(tmp_path / "missing", specs, "tiny")
+    assert (plan.todo, plan.done, plan.rewrite, plan.remove) == ([0, 1, 2], 0, False, [])
