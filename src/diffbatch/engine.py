@@ -139,7 +139,7 @@ class Engine:
         resolved = [self.resolve(s, None if base_seed is None else base_seed + k) for k, s in enumerate(specs)]
         ids = {self._admit(spec): k for k, spec in enumerate(resolved)}
         results: list[Result | None] = [None] * len(specs)
-        while any(r is None for r in results):
+        while ids:
             for result in self.step():
                 k = ids.pop(result.index, None)
                 if k is None:
