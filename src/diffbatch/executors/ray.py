@@ -1,0 +1,140 @@
+"""Scale-out on Ray: the job's remaining images as a Ray Data dataset, ``map_batches`` over an actor pool of
+diffbatch engines (one per worker, a GPU each where the cluster has GPUs).
+
+Workers return encoded PNG bytes; this process writes them with the same ``OutputWriter`` as a local run, so
+the folder layout, file bytes and manifest are the same, and resume works the same (the resume check runs
+here, before Ray starts). Specs cross the boundary already resolved (seed and every default set), as JSON of
+``GenerationSpec.to_record()``: a worker makes exactly the image a local engine would. Init images are read
+by the workers from their paths: on a cluster of several machines they must be on a shared filesystem.
+
+Imported only when ``--ray`` is given; needs ``pip install "diffbatch[ray]"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.writer import OutputWriter, encode_png, format_parameters
+from ..memory import AUTO, BatchSize
+from ..spec import GenerationSpec, spec_from_record
+
+ROWS_PER_CALL = 16  # images per map_batches call under --batch-size auto: enough to fill denoiser batches
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """What the driver tells each worker (plain values: it is pickled to the actors)."""
+
+    model: str | None  # as --model; None: the embedded model
+    device: str | None
+    dtype: str | None
+    batch_size: BatchSize
+    address: str | None  # None: start a local cluster
+    workers: int
+    model_name: str = ""  # the driver's model name, written into each PNG's parameters (as a local run does)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image for a worker: its job index and its resolved spec as JSON."""
+
+    index: int
+    spec: str
+
+
+@dataclass(frozen=True)
+class WorkResult:
+    """One finished image from a worker."""
+
+    index: int
+    png: bytes  # encode_png's bytes, parameters chunk included
+    seconds: float
+
+
+class EngineWorker:
+    """A Ray Data actor: loads the model once, then makes the images of each batch it is given."""
+
+    def __init__(self, options: RayOptions) -> None:
+        import torch
+
+        from ..cli import _quiet_loading
+        from ..engine import Engine
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # Ray: the actor's CPUs
+        _quiet_loading()
+        self.options = options
+        self.engine = Engine.from_pretrained(options.model, device=options.device, dtype=options.dtype,
+                                             max_batch_size=options.batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [WorkItem(int(i), str(s)) for i, s in zip(batch["index"], batch["spec"], strict=True)]
+        specs = [spec_from_record(json.loads(item.spec), f"image {item.index}") for item in items]
+        results = [self._finish(item, r) for item, r in zip(items, self.engine.generate(specs), strict=True)]
+        return {"index": np.array([r.index for r in results], dtype=np.int64),
+                "png": np.array([r.png for r in results], dtype=object),
+                "seconds": np.array([r.seconds for r in results], dtype=np.float64)}
+
+    def _finish(self, item: WorkItem, result: Any) -> WorkResult:
+        sampler = self.engine.sampler_label(result.spec)
+        parameters = format_parameters(result.spec, sampler, self.options.model_name or self.engine.model_name)
+        return WorkResult(item.index, encode_png(result.image, parameters), result.seconds)
+
+
+def run_ray(options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int], writer: OutputWriter,
+            on_written: Callable[[], None] = lambda: None) -> None:
+    """Make the images ``todo`` (indices into the resolved ``specs``) on Ray; write each as it comes back."""
+    if not todo:
+        return
+    ray = _import_ray()
+    options = dataclasses.replace(options, model_name=writer.model)
+    started = _connect(ray, options)
+    try:
+        for row in _results(ray, options, specs, todo).iter_rows():
+            index = int(row["index"])
+            writer.write_encoded(index, specs[index], bytes(row["png"]), float(row["seconds"]))
+            on_written()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is the part we need
+    except ImportError as exc:
+        raise InputError(f"--ray needs Ray Data: pip install 'diffbatch[ray]' ({exc.msg})") from None
+    return ray
+
+
+def _connect(ray: Any, options: RayOptions) -> bool:
+    """Join the cluster at ``address``, or start a local one; True when this process started Ray."""
+    if ray.is_initialized():
+        return False
+    if options.address:
+        ray.init(address=options.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    else:
+        # Logical CPUs: one per worker and one for Ray Data's own tasks, at least the machine's cores.
+        cpus = max(os.cpu_count() or 1, options.workers) + 1
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # we have our own
+    return True
+
+
+def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int]) -> Any:
+    items = [WorkItem(k, json.dumps(specs[k].to_record(), ensure_ascii=False)) for k in todo]
+    rows = ray.data.from_items([dataclasses.asdict(item) for item in items])
+    per_call = options.batch_size if options.batch_size != AUTO else ROWS_PER_CALL
+    per_call = max(1, min(int(per_call), math.ceil(len(items) / options.workers)))  # every worker gets work
+    gpus = 1 if options.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return rows.map_batches(EngineWorker, fn_constructor_kwargs={"options": options}, batch_size=per_call,
+                            concurrency=options.workers, num_cpus=1, num_gpus=gpus, batch_format="numpy")
