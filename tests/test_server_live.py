@@ -80,14 +80,15 @@ def test_official_openai_client_sees_auth_and_input_errors(live_server):
         client.images.generate(prompt="x", size="huge")
 
 
-def start_server(model: Path, data_dir: Path, port: int) -> subprocess.Popen:
+def start_server(model: Path, data_dir: Path, port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "diffbatch", "serve", "--model", str(model), "--data-dir", str(data_dir),
            "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-batch-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "ab") as sink:  # a file, not a pipe: access logs must never block the server
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=sink)
     deadline = time.monotonic() + 90
     while True:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert process.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, "server did not start"
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -111,20 +112,25 @@ def test_batch_job_survives_sigkill_with_no_lost_and_no_duplicated_image(tiny_sd
     base = f"http://127.0.0.1:{port}"
     lines = [{"prompt": f"crash {i}", "num_inference_steps": 6, "guidance_scale": float(i % 2) * 4}
              for i in range(12)]
-    server = start_server(tiny_sd_path, data, port)
+    log = tmp_path / "server.log"
+    server = start_server(tiny_sd_path, data, port, log)
     try:
         job = httpx.post(f"{base}/v1/batches", content="\n".join(map(json.dumps, lines))).json()
         before = wait_done(base, job["id"], at_least=2)["request_counts"]["completed"]
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         assert before < len(lines), "the job finished before the crash; the test proves nothing"
-        server = start_server(tiny_sd_path, data, port)
+        server = start_server(tiny_sd_path, data, port, log)
         final = wait_done(base, job["id"], at_least=len(lines))
         assert final["status"] == "completed" and final["request_counts"]["failed"] == 0
         rows = [json.loads(x) for x in httpx.get(f"{base}/v1/batches/{job['id']}/results").text.splitlines()]
-    finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        server.wait(30)  # uvicorn shuts down gracefully, then re-raises the signal (exit code -15)
+        assert log.read_text().rstrip().endswith(f"Finished server process [{server.pid}]")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
     assert [r["index"] for r in rows] == list(range(len(lines)))
     files = sorted((data / "batches" / job["id"]).iterdir())
     assert [f.name for f in files] == [f"{i:05d}-{i}.png" for i in range(len(lines))]  # no extra, no tmp
