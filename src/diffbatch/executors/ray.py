@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -127,6 +128,7 @@ def _connect(ray: Any, options: RayOptions) -> bool:
         cpus = max(os.cpu_count() or 1, options.workers) + 1
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # we have our own
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # keep stderr for our progress bar; errors still raise
     return True
 
 
@@ -137,4 +139,5 @@ def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec], tod
     per_call = max(1, min(int(per_call), math.ceil(len(items) / options.workers)))  # every worker gets work
     gpus = 1 if options.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     return rows.map_batches(EngineWorker, fn_constructor_kwargs={"options": options}, batch_size=per_call,
-                            concurrency=options.workers, num_cpus=1, num_gpus=gpus, batch_format="numpy")
+                            compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=1,
+                            num_gpus=gpus, batch_format="numpy")
