@@ -132,6 +132,9 @@ BAD_INPUTS: dict[str, tuple[list[str], str]] = {
     "-n 0": (["--prompt", "a", "-n", "0"], "-n 0"),
     "unknown flag": (["--prompt", "a", "--stepz", "3"], "--stepz"),
     "out is a file": (["--prompt", "a", "--out", "TMP/file"], "--out"),
+    "batch size 0": (["--prompt", "a", "--batch-size", "0"], "--batch-size"),
+    "workers without --ray": (["--prompt", "a", "--workers", "2"], "--workers 2 needs --ray"),
+    "workers 0": (["--prompt", "a", "--ray", "--workers", "0"], "--workers 0"),
 }
 
 

@@ -174,6 +174,8 @@ def _job_source(args: argparse.Namespace) -> JobSource:
     _check_flag("--seed", "seed", args.seed)
     if args.workers < 1:
         raise SpecError(f"--workers {args.workers} is invalid: must be an integer >= 1")
+    if args.workers != 1 and args.ray is None:
+        raise UsageError(f"--workers {args.workers} needs --ray (a local run has one engine)")
     return JobSource(prompts_file=args.prompts_file, prompts=tuple(args.prompt), image=args.image,
                      images_per_prompt=args.images_per_prompt, base_seed=args.seed,
                      defaults=_flag_fields(args))
