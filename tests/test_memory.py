@@ -121,3 +121,12 @@ def test_cli_rejects_a_batch_size_that_is_neither_auto_nor_positive(
     for bad in ("0", "big"):
         assert main(["generate", "--prompt", "a", "--out", str(tmp_path / "o"), "--batch-size", bad]) == 2
         assert "--batch-size" in capsys.readouterr().err
+
+
+def test_auto_on_cuda_divides_free_device_memory_by_the_per_image_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (10 * 2**30, 80 * 2**30))  # no GPU needed
+    limits = batch_limits("auto", "cuda", element_size=2)
+    budget = int(10 * 2**30 * memory.CUDA_FREE_FRACTION)
+    assert limits.denoise((512, 512)) == budget // memory.denoiser_bytes((512, 512), 2) == 8
+    assert limits.decode((512, 512)) == budget // memory.decoder_bytes((512, 512), 2) == 5
+    assert limits.denoise((1024, 1024)) == 2
