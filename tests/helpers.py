@@ -14,6 +14,14 @@ from diffbatch import GenerationSpec
 from diffbatch.samplers import SAMPLERS
 
 
+def scheduler_for(name: str | None, config: dict, default_class: type):
+    """A fresh scheduler for a sampler name (None: the model's own class), from the model's loaded config."""
+    if name is None:
+        return default_class.from_config(config)
+    sampler = SAMPLERS[name]
+    return getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
+
+
 class DiffusersOracle:
     """Calls diffusers' own pipeline for one image, with a CPU generator seeded with the spec's seed."""
 
@@ -23,10 +31,7 @@ class DiffusersOracle:
         self.config = dict(self.pipe.scheduler.config)
 
     def scheduler(self, name: str | None):
-        if name is None:
-            return type(self.pipe.scheduler).from_config(self.config)
-        sampler = SAMPLERS[name]
-        return getattr(diffusers, sampler.class_name).from_config(self.config, **sampler.options)
+        return scheduler_for(name, self.config, type(self.pipe.scheduler))
 
     def __call__(self, spec: GenerationSpec) -> np.ndarray:
         """[H, W, 3] float pixels in [0, 1]."""

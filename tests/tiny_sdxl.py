@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
 from diffusers import (
@@ -18,7 +17,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffbatch import GenerationSpec
-from diffbatch.samplers import SAMPLERS
+from helpers import scheduler_for
 from tiny import write_byte_level_clip_tokenizer
 
 TIME_EMBED_DIM = 4  # unet addition_time_embed_dim
@@ -87,10 +86,7 @@ class SDXLOracle:
         self.config = dict(self.pipe.scheduler.config)
 
     def scheduler(self, name: str | None):
-        if name is None:
-            return type(self.pipe.scheduler).from_config(self.config)
-        sampler = SAMPLERS[name]
-        return getattr(diffusers, sampler.class_name).from_config(self.config, **sampler.options)
+        return scheduler_for(name, self.config, type(self.pipe.scheduler))
 
     def __call__(self, spec: GenerationSpec) -> np.ndarray:
         """[H, W, 3] float pixels in [0, 1]. An empty negative prompt is passed as None (diffusers then zeroes

@@ -31,9 +31,9 @@ class FluxAdapter(FlowMatchAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import FluxPipeline
 
-        from .loading import hub_offline
+        from .loading import from_pretrained
 
-        return FluxPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True, local_files_only=hub_offline())
+        return from_pretrained(FluxPipeline, model, dtype)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,38 @@ def load_adapter(model: str | os.PathLike | None, device: str | None = None, dty
     pipe = cls.load_pipeline(model, resolve_dtype(dtype, torch_device))
     pipe.set_progress_bar_config(disable=True)
     return cls(pipe.to(torch_device), name=Path(model).name if _looks_like_path(model) else model)
+
+
+def from_pretrained(pipeline_class: Any, model: str, dtype: torch.dtype, **extra: Any) -> Any:
+    """Every family loads alike: safetensors only (never pickle), from the local cache when offline, no remote
+    code, and the ``variant="fp16"`` weights when float16 is asked and the model has them."""
+    kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=hub_offline(), **extra)
+    if dtype == torch.float16 and has_fp16_variant(model):
+        kwargs["variant"] = "fp16"
+    return pipeline_class.from_pretrained(model, **kwargs)
+
+
+FP16_WEIGHTS = "*/*.fp16*.safetensors"  # unet/diffusion_pytorch_model.fp16.safetensors, sharded ones too
+
+
+def has_fp16_variant(model: str) -> bool:
+    """Whether a folder, or a hub repo (its local cache when offline), has ``variant="fp16"`` safetensors."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return any(folder.glob(FP16_WEIGHTS))
+    try:
+        return _cached_fp16_variant(model) if hub_offline() else _hub_fp16_variant(model)
+    except Exception:  # noqa: BLE001 - cannot tell: load the default weights (from_pretrained reports real errors)
+        return False
+
+
+def _hub_fp16_variant(repo: str) -> bool:
+    from huggingface_hub import list_repo_files
+
+    return any(fnmatch(name, FP16_WEIGHTS) for name in list_repo_files(repo))
+
+
+def _cached_fp16_variant(repo: str) -> bool:
+    from huggingface_hub import snapshot_download
+
+    return any(Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*.json"])).glob(FP16_WEIGHTS))

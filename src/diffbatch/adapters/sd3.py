@@ -23,14 +23,13 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusion3Pipeline
 
-        from .loading import hub_offline, read_model_index
+        from .loading import from_pretrained, read_model_index
 
         # A pipeline saved without T5 (model_index.json entries null) loads only when told so; diffusers then
         # feeds zeros in place of the T5 embeddings.
         index = read_model_index(model)
         absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if index.get(name, [None])[0] is None}
-        return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, use_safetensors=True,
-                                                        local_files_only=hub_offline(), **absent)
+        return from_pretrained(StableDiffusion3Pipeline, model, dtype, **absent)
 
     @property
     def dtype(self) -> torch.dtype:

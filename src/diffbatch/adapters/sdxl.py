@@ -9,8 +9,6 @@ runs it in float32 (``force_upcast``); we keep it there.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from fnmatch import fnmatch
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,15 +44,12 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-        from .loading import hub_offline, read_model_index
+        from .loading import from_pretrained, read_model_index
 
         # A refiner folder is saved as the img2img pipeline, often without the first text encoder.
         img2img = read_model_index(model).get("_class_name") == IMG2IMG_CLASS
         pipeline_class = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-        kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=hub_offline(), add_watermarker=False)
-        if dtype == torch.float16 and has_fp16_variant(model):
-            return pipeline_class.from_pretrained(model, variant="fp16", **kwargs)
-        return pipeline_class.from_pretrained(model, **kwargs)
+        return from_pretrained(pipeline_class, model, dtype, add_watermarker=False)
 
     # Properties ------------------------------------------------------------------------------------------
     @property
@@ -157,31 +152,3 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
 def _zeros(cond: Cond) -> Cond:
     return {key: torch.zeros_like(value) for key, value in cond.items()}
-
-
-FP16_WEIGHTS = "*/*.fp16*.safetensors"  # unet/diffusion_pytorch_model.fp16.safetensors, sharded ones too
-
-
-def has_fp16_variant(model: str) -> bool:
-    """Whether a folder, or a hub repo (its local cache when offline), has ``variant="fp16"`` safetensors."""
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        return any(folder.glob(FP16_WEIGHTS))
-    from .loading import hub_offline
-
-    try:
-        return _cached_fp16_variant(model) if hub_offline() else _hub_fp16_variant(model)
-    except Exception:  # noqa: BLE001 - cannot tell: load the default weights (from_pretrained reports real errors)
-        return False
-
-
-def _hub_fp16_variant(repo: str) -> bool:
-    from huggingface_hub import list_repo_files
-
-    return any(fnmatch(name, FP16_WEIGHTS) for name in list_repo_files(repo))
-
-
-def _cached_fp16_variant(repo: str) -> bool:
-    from huggingface_hub import snapshot_download
-
-    return any(Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*.json"])).glob(FP16_WEIGHTS))

@@ -21,12 +21,11 @@ class StableDiffusionAdapter(Adapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusionPipeline
 
-        from .loading import hub_offline
+        from .loading import from_pretrained
 
         # No safety checker: the engine returns what the model makes (diffbatch is a batch tool, not a filter).
-        return StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, use_safetensors=True, local_files_only=hub_offline(),
-            safety_checker=None, requires_safety_checker=False)
+        return from_pretrained(StableDiffusionPipeline, model, dtype, safety_checker=None,
+                               requires_safety_checker=False)
 
     @property
     def dtype(self) -> torch.dtype:
