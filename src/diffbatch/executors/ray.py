@@ -122,7 +122,10 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     if ray.is_initialized():
         return False
     if options.address:
-        ray.init(address=options.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            ray.init(address=options.address, logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InputError(f"--ray {options.address}: cannot connect to a Ray cluster there: {exc}") from None
     else:
         # Logical CPUs: one per worker and one for Ray Data's own tasks, at least the machine's cores.
         cpus = max(os.cpu_count() or 1, options.workers) + 1
