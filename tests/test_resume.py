@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from diffbatch.cli import main
-from diffbatch.io.resume import plan_resume
+from diffbatch.io.resume import lock_folder, plan_resume
 from diffbatch.io.writer import MANIFEST
 from diffbatch.spec import GenerationSpec
 
@@ -184,3 +184,13 @@ def test_resume_check_of_an_empty_or_missing_folder_makes_everything(tmp_path: P
                             guidance_rescale=0.0) for k in range(3)]
     plan = plan_resume(tmp_path / "missing", specs, "tiny")
     assert (plan.todo, plan.done, plan.rewrite, plan.remove) == ([0, 1, 2], 0, False, [])
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused(
+        tiny_sd_path: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with lock_folder(out):  # as a running job holds it
+        assert main(job_args(tiny_sd_path, prompts, out)) == 2
+    assert "another diffbatch run is writing to this folder" in capsys.readouterr().err
+    assert list(out.iterdir()) == []

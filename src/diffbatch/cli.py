@@ -16,7 +16,7 @@ from .errors import DiffbatchError, InputError, SpecError
 from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
 from .io.progress import Progress
 from .io.prompts import JobItem, JobSource, read_job
-from .io.resume import ResumePlan, apply_resume, plan_resume
+from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
 from .samplers import SAMPLERS
@@ -152,11 +152,14 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.size is not None:
         _check_size_flag(args.size, engine.defaults.vae_scale_factor)
     specs = resolve_all(engine, items)
-    plan = plan_resume(args.out, specs, engine.model_name, args.overwrite)
-    _prepare_out_dir(args.out, plan)
-    _execute(args, engine, specs, plan.todo)
-    if not args.no_gallery:
-        write_gallery(args.out)
+    plan_resume(args.out, specs, engine.model_name, args.overwrite)  # a changed job: refused before any write
+    _make_out_dir(args.out)
+    with lock_folder(args.out):  # planned again under the lock: another run may have written meanwhile
+        plan = plan_resume(args.out, specs, engine.model_name, args.overwrite)
+        _repair(args.out, plan)
+        _execute(args, engine, specs, plan.todo)
+        if not args.no_gallery:
+            write_gallery(args.out)
     print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
     return 0
 
@@ -255,12 +258,15 @@ def resolve_all(engine: Engine, items: list[JobItem]) -> list[GenerationSpec]:
     return resolved
 
 
-def _prepare_out_dir(out: Path, plan: ResumePlan) -> None:
-    """Create the folder, repair what a killed run left (cut manifest line, temp files), say what is skipped."""
+def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot create the folder: {exc.strerror}") from None
+
+
+def _repair(out: Path, plan: ResumePlan) -> None:
+    """Repair what a killed run left (cut manifest line, temp files); say what is skipped."""
     apply_resume(out, plan)
     if plan.done:
         print(f"diffbatch: resuming in {out}: skipped {plan.done} images already written, "

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,26 @@ def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrit
     plan.rewrite = damaged or len(kept) != len(lines)
     plan.remove = _temp_files(out) + _replaced_files(out, changed, expected)
     return plan
+
+
+@contextlib.contextmanager
+def lock_folder(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder itself (no lock file to leave behind) while a run writes;
+    a second run on the same folder is refused instead of appending duplicate lines. POSIX only."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not guarded against each other
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"--out {out}: another diffbatch run is writing to this folder") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def apply_resume(out: Path, plan: ResumePlan) -> None:
