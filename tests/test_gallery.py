@@ -119,3 +119,5 @@ def test_gallery_command_writes_both_files_and_refuses_a_folder_without_manifest
     assert (out / "index.html").is_file() and (out / "grid.png").is_file()
     assert main(["gallery", str(tmp_path)]) == 2
     assert "no manifest.jsonl" in capsys.readouterr().err
+    (out / "00001-101.png").write_bytes(b"\x89PNG cut")
+    assert main(["gallery", str(out)]) == 0  # a damaged image leaves an empty cell, not a crash

@@ -141,11 +141,15 @@ def render_grid(out: Path, records: list[dict[str, Any]]) -> bytes:
 
 
 def _paste_fitted(sheet: Image.Image, path: Path, x: int, y: int) -> None:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = CELL / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
+    """The image scaled to fit the cell, centred; an unreadable file leaves its cell empty."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = CELL / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+    except (OSError, SyntaxError):  # a cut or foreign file: the gallery still gets written
+        return
     sheet.paste(image, (x + (CELL - size[0]) // 2, y + (CELL - size[1]) // 2))
 
 
