@@ -42,7 +42,8 @@ def save_sd15_random(folder: Path) -> Path:
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     tokenizer = write_byte_level_clip_tokenizer(folder.with_name(folder.name + "-tok"), max_length=77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                                        hidden_size=768, intermediate_size=3072, num_attention_heads=12))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
