@@ -42,6 +42,10 @@ class TrainConfig:
     vae_kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction losses
     vae_decoder_noise: float = 0.05  # extra latent noise (x latent std) so the decoder forgives sampling error
     vae_bf16: bool = True  # autocast the VAE's convolutions to bfloat16 (AMX); master weights stay float32
+    decoder_steps: int = 3_000  # phase 1b: the decoder alone on whole pictures (encoder frozen)
+    decoder_minutes: float = 10.0
+    decoder_batch: int = 16
+    decoder_lr: float = 5e-4
     unet_steps: int = 20_000
     unet_minutes: float = 50.0
     unet_batch: int = 32
@@ -189,6 +193,54 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
     return vae.eval()
 
 
+def finetune_decoder(cfg: TrainConfig, vae, images: np.ndarray, start: float):
+    """Train the decoder (and ``post_quant_conv``) on whole 64x64 pictures with the encoder frozen, so the
+    latent space the UNet learns is unchanged. Crop training alone left a decoder that relied on the
+    zero padding of nearby borders: bright frames and washed-out interiors on whole pictures."""
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    progress = Progress("decoder", cfg.decoder_steps, start)
+    schedule = Schedule(cfg.decoder_steps, cfg.decoder_minutes)
+    for step in range(cfg.decoder_steps):
+        if schedule.progress(step) >= 1:
+            print(f"[decoder] time budget reached at step {step}", flush=True)
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(step, cfg.decoder_lr, 50)
+        idx = torch.randint(len(images), (cfg.decoder_batch,), generator=gen).numpy()
+        x = to_tensor(images[idx])  # [B, 3, 64, 64]
+        with autocast(cfg.vae_bf16):
+            with torch.no_grad():
+                posterior = vae.encode(x).latent_dist
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+                z = z + cfg.vae_decoder_noise * z.std() * torch.randn(z.shape, generator=gen)
+            recon = vae.decode(z).sample.float()
+        mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        (mse + l1).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        progress.add(step, mse=mse.item(), l1=l1.item())
+    return vae.requires_grad_(False).eval()
+
+
+def finetune_saved_decoder(cfg: TrainConfig, folder: Path) -> None:
+    """Phase 1b alone, on a saved model folder (rewritten in place)."""
+    from diffusers import StableDiffusionPipeline
+
+    start = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    images, _ = shapes_data.make_dataset(cfg.num_images, cfg.seed)
+    vae = finetune_decoder(cfg, pipe.vae.float(), images, start)
+    save_pipeline(folder, {"vae": vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+                           "unet": pipe.unet, "scheduler": pipe.scheduler})
+    print(f"saved {folder} in {(time.time() - start) / 60:.1f} min", flush=True)
+
+
 @torch.no_grad()
 def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor, gen: torch.Generator):
     """Give every latent channel zero mean and unit std by folding a per-channel affine map into the
@@ -333,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = _parse(argv)
     out = Path(cfg.pop("out")).resolve()
+    decoder_only = cfg.pop("finetune_decoder_of")
     cfg = TrainConfig(**cfg)
+    torch.set_num_threads(cfg.threads)
+    if decoder_only:
+        finetune_saved_decoder(cfg, Path(decoder_only))
+        return 0
     print("config:", asdict(cfg), flush=True)
     start = time.time()
     torch.set_num_threads(cfg.threads)
@@ -349,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     vae.register_to_config(scaling_factor=scaling)
     print(f"latents: std={sampled.std().item():.4f} mean={sampled.mean().item():.4f} "
           f"posterior std={stds.mean().item():.4f} -> scaling_factor={scaling:.4f}", flush=True)
+    vae = finetune_decoder(cfg, vae, images, start)
     tok_dir = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-"))
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(tok_dir, shapes_data.caption_vocabulary()))
     models = {"vae": vae, "tokenizer": tokenizer, "scheduler": build_scheduler(), "unet": build_unet(),
@@ -371,6 +429,8 @@ def _report_sizes(models: dict) -> None:
 def _parse(argv: list[str] | None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m diffbatch.training.shapes", description=__doc__)
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: package data)")
+    parser.add_argument("--finetune-decoder-of", metavar="DIR",
+                        help="only run the decoder phase on a saved model folder, rewriting it")
     for field, default in asdict(TrainConfig()).items():
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=default,
