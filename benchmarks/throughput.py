@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -59,11 +60,16 @@ def workloads(n: int, size: int, steps_scale: float) -> dict[str, list[Generatio
     uniform = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=steps[1], guidance_scale=7.5)
                for k in range(n)]
     combos = itertools.cycle(itertools.product(steps, (1.0, 5.0, 7.5), (None, 0.3, None, 0.6, None, 0.9)))
-    mixed = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=st, guidance_scale=g,
-                            image=init if s else None, strength=s)
+    mixed = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=at_least_one_step(st, s),
+                            guidance_scale=g, image=init if s else None, strength=s)
              for k, (st, g, s) in zip(range(n), combos, strict=False)]
     rng.shuffle(mixed)  # arrival order should not favour any strategy
     return {"uniform": uniform, "mixed": mixed}
+
+
+def at_least_one_step(steps: int, strength: float | None) -> int:
+    """With scaled-down step counts, img2img needs steps * strength >= 1 (as diffusers requires)."""
+    return steps if strength is None else max(steps, math.ceil(1 / strength))
 
 
 def diffusers_call(pipes: dict, specs: list[GenerationSpec]) -> None:
