@@ -59,7 +59,8 @@ def workloads(n: int, size: int, steps_scale: float) -> dict[str, list[Generatio
     steps = [max(1, round(s * steps_scale)) for s in (10, 20, 30)]
     uniform = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=steps[1], guidance_scale=7.5)
                for k in range(n)]
-    combos = itertools.cycle(itertools.product(steps, (1.0, 5.0, 7.5), (None, 0.3, None, 0.6, None, 0.9)))
+    combos = list(itertools.product(steps, (1.0, 5.0, 7.5), (None, 0.3, None, 0.6, None, 0.9)))
+    combos = itertools.cycle([combos[i] for i in rng.permutation(len(combos))])  # any n sees every kind
     mixed = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=at_least_one_step(st, s),
                             guidance_scale=g, image=init if s else None, strength=s)
              for k, (st, g, s) in zip(range(n), combos, strict=False)]
