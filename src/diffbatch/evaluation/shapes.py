@@ -47,9 +47,7 @@ def nearest_colour(rgb: np.ndarray) -> str:
 def analyse(image: Image.Image) -> Analysis:
     """Background colour, shape colour, class, position and size of the (single) shape in ``image``."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
-    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
+    bg_rgb = np.median(border_band(pixels), axis=0)
     mask = largest_component(np.linalg.norm(pixels - bg_rgb, axis=2) > _SHAPE_THRESHOLD)
     if mask.sum() < 4:
         return Analysis(nearest_colour(bg_rgb), None, None, None, None)
@@ -62,6 +60,16 @@ def analyse(image: Image.Image) -> Analysis:
         position=position_of(box, pixels.shape[1], pixels.shape[0]),
         size="large" if max(box[2] - box[0], box[3] - box[1]) / pixels.shape[1] > 25 / 64 else "small",
     )
+
+
+def border_band(pixels: np.ndarray, inner: int = 2, outer: int = 6) -> np.ndarray:
+    """Pixels between ``inner`` and ``outer`` from the edge, as [N, 3]: near the border, where only
+    background should be, but past the outermost pixels, where decoders leave frame artifacts."""
+    h, w = pixels.shape[:2]
+    band = np.zeros((h, w), dtype=bool)
+    band[inner:h - inner, inner:w - inner] = True
+    band[outer:h - outer, outer:w - outer] = False
+    return pixels[band]
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
