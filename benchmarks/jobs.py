@@ -108,6 +108,7 @@ def main() -> None:
     torch.set_num_threads(1)
     import ray
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         model = save_tiny_sd(tmp_path / "tiny")
@@ -134,7 +135,7 @@ def main() -> None:
               "batch_size": args.batch_size, "torch": torch.__version__, "ray": ray.__version__,
               "cpu_count": os.cpu_count(), "threads_per_engine": 1, "ray_start_s": ray_start, "runs": runs,
               "ray_files_identical_to_local": identical, "resume_check": resume,
-              "small": args.small,
+              "small": args.small, "load_average_1min": [load_before, os.getloadavg()[0]],
               "speedup_2_workers_vs_1": runs["ray_2"]["marginal_images_per_s"] / runs["ray_1"]["marginal_images_per_s"],
               "speedup_2_workers_vs_local": runs["ray_2"]["marginal_images_per_s"]
               / runs["local"]["marginal_images_per_s"]}
@@ -150,11 +151,14 @@ def write_markdown(record: dict) -> None:
     rows = [[name, f"{r['seconds']:.2f}", f"{r['images_per_s']:.2f}", f"{r['small_job_seconds']:.2f}",
              f"{r['marginal_images_per_s']:.2f}"] for name, r in record["runs"].items()]
     resume = record["resume_check"]
+    load = record["load_average_1min"]
     body = (
         f"`python benchmarks/jobs.py --images {record['images']} --size {record['size']} --steps {record['steps']}` "
         f"(tiny random SD pipeline, {record['size']}x{record['size']}, {record['steps']} steps, CFG on 2 of 3 "
         f"images, batch {record['batch_size']}, torch {record['torch']}, Ray {record['ray']}, one torch thread per "
-        f"engine, {record['cpu_count']} cores). Ray's own start-up, before the timed runs: "
+        f"engine, {record['cpu_count']} cores; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after: "
+        "other jobs shared the cores, so two workers did not get two free cores). "
+        "Ray's own start-up, before the timed runs: "
         f"{record['ray_start_s']:.1f} s. A run's seconds include loading the model (each Ray run also starts "
         f"its actors); *marginal* images/s = (N - {record['small']}) / (T_N - T_{record['small']}) leaves those "
         "fixed costs out.\n\n"
