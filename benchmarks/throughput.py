@@ -104,7 +104,7 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
-def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int) -> dict:
+def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only: list[str]) -> dict:
     engine = Engine.from_pretrained(model, device="cpu", dtype="float32", max_batch_size=batch)
     txt = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     txt.set_progress_bar_config(disable=True)
@@ -113,6 +113,8 @@ def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int) -> di
     size = engine.defaults.height
     results = {}
     for name, specs in workloads(n, size, steps_scale).items():
+        if name not in only:
+            continue
         specs = [engine.resolve(s) for s in specs]
         strategies = {
             "diffusers_per_image": lambda specs=specs: per_image(pipes, specs, batch),
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the 10/20/30 step counts")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workloads", nargs="+", choices=("uniform", "mixed"), default=["uniform", "mixed"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -146,12 +149,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.model
         model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
-        results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats)
-    record = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
+        results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats, args.workloads)
+    record = {"model": args.model, "workloads": args.workloads, "images": args.images, "batch_size": args.batch_size,
               "steps_scale": args.steps_scale, "repeats": args.repeats, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"throughput-{args.model}.json"
+    suffix = "" if len(args.workloads) == 2 else "-" + args.workloads[0]
+    path = args.out / f"throughput-{args.model}{suffix}.json"
     path.write_text(json.dumps(record, indent=2))
     write_markdown(record)
     print(json.dumps(record, indent=2))
@@ -173,7 +177,8 @@ def write_markdown(record: dict) -> None:
             f"float32, best of {record['repeats']}). Mixed workload: steps in {steps}, guidance in {{1, 5, 7.5}}, "
             "half the images img2img with strength in {0.3, 0.6, 0.9}; uniform: every image the same parameters.\n\n"
             + table(["workload", "strategy", "seconds", "images/s"], rows))
-    replace_section(f"Throughput: {record['model']} model (issue 2)", body)
+    which = "" if len(record.get("workloads", [])) != 1 else f", {record['workloads'][0]} workload"
+    replace_section(f"Throughput: {record['model']} model{which} (issue 2)", body)
 
 
 if __name__ == "__main__":
