@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -61,6 +62,9 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffbatch`` command; returns the exit code."""
+    # transformers warns on import about optional backends (torchvision); a command's stderr is for its
+    # own progress and one-line errors. An explicit TRANSFORMERS_VERBOSITY still wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
