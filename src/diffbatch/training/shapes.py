@@ -98,13 +98,15 @@ def build_unet():
 
 
 def build_scheduler():
-    """Stable Diffusion's own noise schedule, so every standard diffusers sampler applies."""
-    from diffusers import PNDMScheduler
+    """Stable Diffusion's own noise schedule, so every standard diffusers sampler applies. The default
+    sampler is Euler ancestral: on this model it scored far higher than PNDM (docs/shapes_model.md)."""
+    from diffusers import EulerAncestralDiscreteScheduler, PNDMScheduler
 
-    return PNDMScheduler(
+    pndm = PNDMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon",
     )
+    return EulerAncestralDiscreteScheduler.from_config(pndm.config, timestep_spacing="leading")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
