@@ -100,9 +100,10 @@ class Engine:
 
     def add_request(self, spec: GenerationSpec, seed: int | None = None) -> int:
         """Admit one image; it joins the running batch at the next step. Returns its request id."""
-        return self._admit(self.resolve(spec, seed))
+        return self.admit(self.resolve(spec, seed))
 
-    def _admit(self, resolved: GenerationSpec) -> int:
+    def admit(self, resolved: GenerationSpec) -> int:
+        """Admit a spec already returned by ``resolve`` (no second validation); returns its request id."""
         # The init image is read when the request is prepared, not held from admission: a job of many
         # img2img requests would otherwise keep every decoded image in memory at once.
         with self._lock:
@@ -137,7 +138,7 @@ class Engine:
         """Make every image; results in input order. Image k without a seed gets ``base_seed + k``
         (a random seed when ``base_seed`` is None); ``on_result`` sees each image as it finishes."""
         resolved = [self.resolve(s, None if base_seed is None else base_seed + k) for k, s in enumerate(specs)]
-        ids = {self._admit(spec): k for k, spec in enumerate(resolved)}
+        ids = {self.admit(spec): k for k, spec in enumerate(resolved)}
         results: list[Result | None] = [None] * len(specs)
         while ids:
             for result in self.step():

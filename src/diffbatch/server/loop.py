@@ -117,7 +117,7 @@ class EngineLoop:
 
     def _admit(self) -> None:
         for item in self._ready():
-            request_id = self.engine.add_request(item.spec)
+            request_id = self.engine.admit(item.spec)  # resolved in submit(): no file read in this thread
             self._futures[request_id] = item.future
 
     def _ready(self) -> list[Pending]:
