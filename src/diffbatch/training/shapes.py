@@ -1,9 +1,10 @@
 """Train the embedded default model on procedural shapes: ``python -m diffbatch.training.shapes``.
 
-Two phases, both from a fixed seed: (1) a small AutoencoderKL (factor 4: 64x64 RGB -> 4x16x16), then
-(2) a small CLIP text encoder and UNet2DConditionModel trained jointly on the VAE's latents, with
-caption dropout so classifier-free guidance works. The result is a standard diffusers Stable Diffusion
-folder (float16 safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads as is.
+Three phases from a fixed seed: (1) a small AutoencoderKL (factor 4: 64x64 RGB -> 4x16x16) on crops,
+(1b) its decoder alone on whole pictures, then (2) a small CLIP text encoder and UNet2DConditionModel
+trained jointly on the VAE's latents (v-prediction on a zero-terminal-SNR schedule), with caption
+dropout so classifier-free guidance works. The result is a standard diffusers Stable Diffusion folder
+(float16 safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads as is.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class TrainConfig:
     seed: int = 0
     num_images: int = 40_000  # pre-rendered training pictures (captions are re-drawn every step)
     vae_steps: int = 4_000  # upper bounds: with *_minutes set, a phase ends when its time is up
-    vae_minutes: float = 9.0  # 0: run all the steps; else the LR schedule follows elapsed time
+    vae_minutes: float = 11.0  # 0: run all the steps; else the LR schedule follows elapsed time
     vae_batch: int = 32
     vae_crop: int = 32  # the VAE is fully convolutional, so it trains on random crops (4x cheaper)
     vae_lr: float = 1e-3
@@ -43,21 +44,24 @@ class TrainConfig:
     vae_decoder_noise: float = 0.05  # extra latent noise (x latent std) so the decoder forgives sampling error
     vae_bf16: bool = True  # autocast the VAE's convolutions to bfloat16 (AMX); master weights stay float32
     decoder_steps: int = 3_000  # phase 1b: the decoder alone on whole pictures (encoder frozen)
-    decoder_minutes: float = 10.0
+    decoder_minutes: float = 9.0
     decoder_batch: int = 16
     decoder_lr: float = 5e-4
     unet_steps: int = 20_000
-    unet_minutes: float = 50.0
+    unet_minutes: float = 63.0
     unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 200
     caption_dropout: float = 0.15  # empty caption -> the unconditional branch for CFG
     attribute_drop: float = 0.25  # each of size / position / background left out of a caption
-    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023), floored at 1 for v targets
+    prediction_type: str = "v_prediction"  # or "epsilon"
+    zero_terminal_snr: bool = True  # Lin et al. 2024: no signal left at the last timestep
     ema_decay: float = 0.999
     unet_bf16: bool = False  # measured: no faster for this small UNet on 1-2 cores (casts cost as much)
     save_every: int = 500
-    threads: int = 1  # the 2 development cores are shared with tests; 2 threads there oversubscribe them
+    threads: int = 2  # torch CPU threads
+    device: str = "cpu"  # "cuda" trains the same recipe on a GPU (the shipped weights come from the CPU)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -97,22 +101,43 @@ def build_unet():
     )
 
 
-def build_scheduler():
-    """Stable Diffusion's own noise schedule, so every standard diffusers sampler applies. The default
-    sampler is Euler ancestral: on this model it scored far higher than PNDM (docs/shapes_model.md)."""
-    from diffusers import EulerAncestralDiscreteScheduler, PNDMScheduler
+TERMINAL_ALPHA_BAR = 2.0**-24  # what diffusers' Euler schedulers put at the last step for zero SNR
 
-    pndm = PNDMScheduler(
+
+def zero_terminal_snr_betas(num_train_timesteps: int = 1000) -> list[float]:
+    """Stable Diffusion's betas rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1), with the
+    last cumulative alpha at 2**-24 rather than 0 (as diffusers' Euler schedulers do) so that every
+    sampler's sigma stays finite. Stored as ``trained_betas`` in the scheduler config, so that every
+    diffusers scheduler - not only those with a ``rescale_betas_zero_snr`` option - samples with them."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    alphas_bar = torch.cumprod(1 - rescale_zero_terminal_snr(betas), dim=0)
+    alphas_bar[-1] = TERMINAL_ALPHA_BAR
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return [float(b) for b in 1 - alphas]
+
+
+def build_scheduler(prediction_type: str = "v_prediction", zero_terminal_snr: bool = True):
+    """The model's noise schedule and default sampler (Euler ancestral), as a standard diffusers
+    scheduler config that every diffusers sampler reads. With ``zero_terminal_snr`` (the default) the
+    betas are SD's rescaled to zero terminal SNR, sampled with "trailing" spacing so that sampling
+    starts from pure noise at the last training timestep; otherwise SD's own betas and spacing."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    schedule = ({"trained_betas": zero_terminal_snr_betas(), "timestep_spacing": "trailing"}
+                if zero_terminal_snr else {"timestep_spacing": "leading"})
+    return EulerAncestralDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon",
+        steps_offset=1, prediction_type=prediction_type, **schedule,
     )
-    return EulerAncestralDiscreteScheduler.from_config(pndm.config, timestep_spacing="leading")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool, device: str = "cpu"):
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 class Schedule:
@@ -167,7 +192,8 @@ class Progress:
 
 def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
     """Reconstruction (L1 + MSE) plus a small KL term that keeps the latent space smooth and decodable."""
-    vae = build_vae()
+    dev = cfg.device
+    vae = build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     progress = Progress("vae", cfg.vae_steps, start)
@@ -178,11 +204,11 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
             break
         for group in opt.param_groups:
             group["lr"] = schedule.lr(step, cfg.vae_lr, 100)
-        x = random_crops(images, cfg.vae_batch, cfg.vae_crop, gen)  # [B, 3, crop, crop]
-        with autocast(cfg.vae_bf16):
+        x = random_crops(images, cfg.vae_batch, cfg.vae_crop, gen).to(dev)  # [B, 3, crop, crop]
+        with autocast(cfg.vae_bf16, dev):
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-            z = z + cfg.vae_decoder_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+            z = posterior.mean + posterior.std * randn(posterior.mean.shape, gen, dev)
+            z = z + cfg.vae_decoder_noise * z.detach().std() * randn(z.shape, gen, dev)
             recon = vae.decode(z).sample.float()
         mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
@@ -214,12 +240,12 @@ def finetune_decoder(cfg: TrainConfig, vae, images: np.ndarray, start: float):
         for group in opt.param_groups:
             group["lr"] = schedule.lr(step, cfg.decoder_lr, 50)
         idx = torch.randint(len(images), (cfg.decoder_batch,), generator=gen).numpy()
-        x = to_tensor(images[idx])  # [B, 3, 64, 64]
-        with autocast(cfg.vae_bf16):
+        x = to_tensor(images[idx]).to(cfg.device)  # [B, 3, 64, 64]
+        with autocast(cfg.vae_bf16, cfg.device):
             with torch.no_grad():
                 posterior = vae.encode(x).latent_dist
-                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-                z = z + cfg.vae_decoder_noise * z.std() * torch.randn(z.shape, generator=gen)
+                z = posterior.mean + posterior.std * randn(posterior.mean.shape, gen, cfg.device)
+                z = z + cfg.vae_decoder_noise * z.std() * randn(z.shape, gen, cfg.device)
             recon = vae.decode(z).sample.float()
         mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
         opt.zero_grad(set_to_none=True)
@@ -237,7 +263,7 @@ def finetune_saved_decoder(cfg: TrainConfig, folder: Path) -> None:
     start = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     images, _ = shapes_data.make_dataset(cfg.num_images, cfg.seed)
-    vae = finetune_decoder(cfg, pipe.vae.float(), images, start)
+    vae = finetune_decoder(cfg, pipe.vae.float().to(cfg.device), images, start)
     save_pipeline(folder, {"vae": vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
                            "unet": pipe.unet, "scheduler": pipe.scheduler})
     print(f"saved {folder} in {(time.time() - start) / 60:.1f} min", flush=True)
@@ -253,13 +279,20 @@ def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor, gen: torch.Gene
     m, s = sampled.mean(dim=(0, 2, 3)), sampled.std(dim=(0, 2, 3))  # [C]
     c = len(m)
     q, pq = vae.quant_conv, vae.post_quant_conv
+    m, s = m.to(q.weight.device), s.to(q.weight.device)
     q.weight[:c] /= s.view(-1, 1, 1, 1)
     q.bias[:c] = (q.bias[:c] - m) / s
     q.bias[c:] -= 2 * s.log()  # log-variance of the rescaled posterior
     pq.bias += pq.weight[:, :, 0, 0] @ m
     pq.weight *= s.view(1, -1, 1, 1)
     print(f"latent channels: mean={m.tolist()} std={s.tolist()} -> whitened", flush=True)
-    return (means - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1), stds / s.view(1, -1, 1, 1)
+    m, s = m.cpu().view(1, -1, 1, 1), s.cpu().view(1, -1, 1, 1)
+    return (means - m) / s, stds / s
+
+
+def randn(shape, gen: torch.Generator, device: str) -> torch.Tensor:
+    """Normal noise drawn on the CPU from ``gen`` (so a seed means the same numbers on any device)."""
+    return torch.randn(shape, generator=gen).to(device)
 
 
 def random_crops(images: np.ndarray, batch: int, crop: int, gen: torch.Generator) -> torch.Tensor:
@@ -269,14 +302,14 @@ def random_crops(images: np.ndarray, batch: int, crop: int, gen: torch.Generator
 
 
 @torch.no_grad()
-def encode_all(vae, images: np.ndarray, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every training image: [N, 4, 16, 16] each."""
+def encode_all(vae, images: np.ndarray, bf16: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image (on the CPU): [N, 4, 16, 16] each."""
     means, stds = [], []
     for k in range(0, len(images), 256):
-        with autocast(bf16):
-            posterior = vae.encode(to_tensor(images[k:k + 256])).latent_dist
-        means.append(posterior.mean.float())
-        stds.append(posterior.std.float())
+        with autocast(bf16, device):
+            posterior = vae.encode(to_tensor(images[k:k + 256]).to(device)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -303,9 +336,17 @@ class CaptionBatcher:
         return torch.tensor(rows)  # [B, L]
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-item loss weight min(SNR, gamma) / SNR for epsilon prediction (Min-SNR, Hang et al. 2023)."""
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-item loss weight. Epsilon target: min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023). v target:
+    clamp(SNR, 1, gamma) / (SNR + 1), i.e. an x0-space weight of clamp(SNR, 1, gamma). The floor at 1
+    matters: plain Min-SNR (min(SNR, gamma) / (SNR + 1)) gives the noisiest half of a zero-terminal-SNR
+    schedule weights near 0, and those are the steps where the layout - the shape's position and
+    outline - must come from the caption because the input holds none of it (measured: position
+    stayed at chance, 20%, with plain Min-SNR)."""
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
 
 
@@ -351,15 +392,20 @@ def _latent_batches(cfg: TrainConfig, latents, batcher: CaptionBatcher, gen) -> 
 
 
 def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen) -> torch.Tensor:
+    """Random are drawn on the CPU from ``gen`` (the same numbers on any device), then moved."""
+    dev = cfg.device
     t = torch.randint(0, len(alphas_cumprod), (len(z),), generator=gen)
-    noise = torch.randn(z.shape, generator=gen)
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noise = torch.randn(z.shape, generator=gen).to(dev)
+    z, ids, t = z.to(dev), ids.to(dev), t.to(dev)
+    a = alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-    with autocast(cfg.unet_bf16):
+    target = a.sqrt() * noise - (1 - a).sqrt() * z if cfg.prediction_type == "v_prediction" else noise
+    with autocast(cfg.unet_bf16, dev):
         context = text_encoder(ids)[0]  # [B, L, 128], last hidden state as SD pipelines use it
         pred = unet(noisy, t, encoder_hidden_states=context).sample.float()
-    per_item = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-    return (per_item * min_snr_weights(alphas_cumprod, t, cfg.min_snr_gamma)).mean()
+    per_item = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    weights = min_snr_weights(alphas_cumprod.to(dev), t, cfg.min_snr_gamma, cfg.prediction_type)
+    return (per_item * weights).mean()
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -371,8 +417,8 @@ def save_pipeline(out: Path, models: dict) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="shapes-", dir=out.parent))
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(models["vae"]).half(), text_encoder=models["text_encoder"],
-        tokenizer=models["tokenizer"], unet=copy.deepcopy(models["unet"]).half(),
+        vae=copy.deepcopy(models["vae"]).cpu().half(), text_encoder=copy.deepcopy(models["text_encoder"]).cpu(),
+        tokenizer=models["tokenizer"], unet=copy.deepcopy(models["unet"]).cpu().half(),
         scheduler=models["scheduler"], safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
@@ -388,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _parse(argv)
     out = Path(cfg.pop("out")).resolve()
     decoder_only = cfg.pop("finetune_decoder_of")
+    vae_from = cfg.pop("vae_from")
     cfg = TrainConfig(**cfg)
     torch.set_num_threads(cfg.threads)
     if decoder_only:
@@ -400,20 +447,28 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     images, scenes = shapes_data.make_dataset(cfg.num_images, cfg.seed)
     print(f"data: {len(images)} images in {time.time() - start:.0f}s", flush=True)
-    vae = train_vae(cfg, images, start)
-    means, stds = encode_all(vae, images, cfg.vae_bf16)
-    means, stds = whiten_latents(vae, means, stds, torch.Generator().manual_seed(cfg.seed + 4))
+    if vae_from:  # phases 1-2 done by an earlier run: its (whitened) VAE, as saved
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").float().to(cfg.device).eval()
+        means, stds = encode_all(vae, images, cfg.vae_bf16, cfg.device)
+    else:
+        vae = train_vae(cfg, images, start)
+        means, stds = encode_all(vae, images, cfg.vae_bf16, cfg.device)
+        means, stds = whiten_latents(vae, means, stds, torch.Generator().manual_seed(cfg.seed + 4))
     sampled = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(cfg.seed))
     scaling = 1.0 / sampled.std().item()
     vae.register_to_config(scaling_factor=scaling)
     print(f"latents: std={sampled.std().item():.4f} mean={sampled.mean().item():.4f} "
           f"posterior std={stds.mean().item():.4f} -> scaling_factor={scaling:.4f}", flush=True)
-    vae = finetune_decoder(cfg, vae, images, start)
+    if not vae_from:
+        vae = finetune_decoder(cfg, vae, images, start)
     tok_dir = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-"))
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(tok_dir, shapes_data.caption_vocabulary()))
-    models = {"vae": vae, "tokenizer": tokenizer, "scheduler": build_scheduler(), "unet": build_unet(),
+    models = {"vae": vae, "tokenizer": tokenizer, "unet": build_unet().to(cfg.device),
+              "scheduler": build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr),
               "text_encoder": build_text_encoder(len(tokenizer), tokenizer.bos_token_id,
-                                                 tokenizer.eos_token_id)}
+                                                 tokenizer.eos_token_id).to(cfg.device)}
     _report_sizes(models)
     batcher = CaptionBatcher(tokenizer, scenes, cfg)
     ema = train_denoiser(cfg, models, (means, stds, scaling), batcher, out, start)
@@ -433,6 +488,9 @@ def _parse(argv: list[str] | None) -> dict:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: package data)")
     parser.add_argument("--finetune-decoder-of", metavar="DIR",
                         help="only run the decoder phase on a saved model folder, rewriting it")
+    parser.add_argument("--vae-from", metavar="DIR",
+                        help="skip the VAE phases: take the VAE of a model folder this command wrote "
+                             "(phases 1-2 of an earlier run) and train the text encoder and UNet on it")
     for field, default in asdict(TrainConfig()).items():
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=default,

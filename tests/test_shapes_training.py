@@ -1,0 +1,71 @@
+"""The shapes training command: its noise schedule reaches every diffusers sampler, its loss weights,
+and a few-step run end to end (writes a folder plain diffusers loads; ``--vae-from`` reuses its VAE)."""
+
+import json
+
+import diffusers
+import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+from diffbatch.samplers import SAMPLERS
+from diffbatch.training import shapes
+from diffbatch.training.shapes import (
+    TERMINAL_ALPHA_BAR,
+    build_scheduler,
+    min_snr_weights,
+    zero_terminal_snr_betas,
+)
+
+
+def test_zero_snr_betas_match_diffusers_own_rescaling():
+    ours = build_scheduler().alphas_cumprod
+    theirs = EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             rescale_betas_zero_snr=True).alphas_cumprod
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-7)
+    assert ours[-1].item() == pytest.approx(TERMINAL_ALPHA_BAR, rel=1e-3)
+    assert (ours[1:] < ours[:-1]).all()
+    assert len(zero_terminal_snr_betas()) == 1000
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_samples_with_the_trained_schedule(name):
+    """The betas travel as ``trained_betas``, which every diffusers scheduler reads, so samplers without a
+    zero-SNR option (PNDM, LMS, Heun, ...) still start from pure noise at the last training step."""
+    config = build_scheduler().config
+    sampler = getattr(diffusers, SAMPLERS[name].class_name).from_config(config, **SAMPLERS[name].options)
+    assert sampler.config.prediction_type == "v_prediction"
+    assert sampler.alphas_cumprod[-1].item() == pytest.approx(TERMINAL_ALPHA_BAR, rel=1e-3)
+    sampler.set_timesteps(10)
+    assert int(sampler.timesteps[0]) == 999  # "trailing": the first step is the pure-noise one
+
+
+def test_v_weights_keep_the_noisiest_steps_and_cap_the_cleanest():
+    alphas_cumprod = build_scheduler().alphas_cumprod
+    t = torch.tensor([999, 700, 0])
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    w = min_snr_weights(alphas_cumprod, t, 5.0, "v_prediction")
+    assert w[0].item() == pytest.approx(1.0, abs=1e-6)  # plain Min-SNR would give 0 here
+    assert w[1].item() == pytest.approx((1 / (snr[1] + 1)).item())
+    assert w[2].item() == pytest.approx((5 / (snr[2] + 1)).item())
+    eps = min_snr_weights(alphas_cumprod, t[1:], 5.0, "epsilon")
+    assert torch.allclose(eps, torch.tensor([1.0, 5 / snr[2].item()]))
+
+
+def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp_path):
+    few = ["--num-images", "48", "--vae-steps", "2", "--vae-minutes", "0", "--decoder-steps", "2",
+           "--decoder-minutes", "0", "--unet-steps", "2", "--unet-minutes", "0", "--vae-batch", "4",
+           "--decoder-batch", "2", "--unet-batch", "4", "--warmup", "1", "--threads", "1"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert shapes.main([*few, "--out", str(first)]) == 0
+    scheduler = json.loads((first / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["timestep_spacing"] == "trailing"
+    pipe = StableDiffusionPipeline.from_pretrained(first, local_files_only=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+
+    assert shapes.main([*few, "--out", str(second), "--vae-from", str(first)]) == 0
+    vae_a, vae_b = (StableDiffusionPipeline.from_pretrained(f, local_files_only=True).vae for f in (first, second))
+    for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
