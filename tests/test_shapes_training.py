@@ -40,14 +40,17 @@ def test_every_sampler_samples_with_the_trained_schedule(name):
     assert int(sampler.timesteps[0]) == 999  # "trailing": the first step is the pure-noise one
 
 
-def test_v_weights_keep_the_noisiest_steps_and_cap_the_cleanest():
+def test_v_weights_are_min_snr_in_x0_space_with_an_optional_floor():
     alphas_cumprod = build_scheduler().alphas_cumprod
     t = torch.tensor([999, 700, 0])
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    w = min_snr_weights(alphas_cumprod, t, 5.0, "v_prediction")
-    assert w[0].item() == pytest.approx(1.0, abs=1e-6)  # plain Min-SNR would give 0 here
-    assert w[1].item() == pytest.approx((1 / (snr[1] + 1)).item())
-    assert w[2].item() == pytest.approx((5 / (snr[2] + 1)).item())
+    plain = min_snr_weights(alphas_cumprod, t, 5.0, "v_prediction")
+    assert torch.allclose(plain, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert plain[0].item() < 1e-6  # zero terminal SNR: no weight on the pure-noise step
+    floored = min_snr_weights(alphas_cumprod, t, 5.0, "v_prediction", floor=1.0)
+    assert floored[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert floored[1].item() == pytest.approx((1 / (snr[1] + 1)).item())
+    assert floored[2].item() == pytest.approx((5 / (snr[2] + 1)).item())
     eps = min_snr_weights(alphas_cumprod, t[1:], 5.0, "epsilon")
     assert torch.allclose(eps, torch.tensor([1.0, 5 / snr[2].item()]))
 
