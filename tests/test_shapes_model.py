@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffbatch import Engine, GenerationSpec
-from diffbatch.evaluation.shapes import analyse
+from diffbatch.evaluation.shapes import EVAL_PROMPTS, analyse, parse_prompt
 from diffbatch.models import default_model_path
 from diffbatch.training.shapes_data import ShapeScene, render
 
@@ -42,24 +42,16 @@ def test_engine_defaults_to_the_embedded_model(engine):
     assert (engine.defaults.height, engine.defaults.width) == (64, 64)
 
 
-# Four (prompt, seed) pairs the default eval (30 Euler-ancestral steps, guidance 7.5) reads right on both
-# colours; the model is weak on backgrounds (docs/shapes_model.md), so this pins them as a regression check
-# of the sampler, guidance and VAE path: a change there that moves these pictures off their colours fails.
-PROMPTS = [
-    ("a large yellow star on a black background, in the centre", 0),
-    ("a large green square at the top, white background", 1),
-    ("a large orange circle on the right, purple background", 1),
-    ("a small blue triangle at the bottom, yellow background", 3),
-]
-
-
-def test_generated_pictures_have_the_prompted_colours(engine):
-    specs = [GenerationSpec(prompt=p, seed=s) for p, s in PROMPTS]  # the model's default settings
-    found = [analyse(r.image) for r in engine.generate(specs)]
-    backgrounds = [f.background for f in found]
-    colours = [f.colour for f in found]
-    assert sum(b == w for b, w in zip(backgrounds, ["black", "white", "purple", "yellow"], strict=True)) >= 3, found
-    assert sum(c == w for c, w in zip(colours, ["yellow", "green", "orange", "blue"], strict=True)) >= 3, found
+def test_generated_pictures_follow_the_prompt(engine):
+    """The first six eval prompts, seed 0, default settings. The model learned background, shape colour
+    and shape class (100%, 100%, 93% over the full eval), so a broken sampler, guidance or VAE path fails
+    here. Position is not checked: the model draws it at chance (docs/shapes_model.md)."""
+    prompts = EVAL_PROMPTS[:6]
+    found = [analyse(r.image) for r in engine.generate([GenerationSpec(prompt=p, seed=0) for p in prompts])]
+    expected = [parse_prompt(p) for p in prompts]
+    for attribute, at_least in (("background", 6), ("colour", 5), ("shape", 5)):
+        right = sum(getattr(f, attribute) == e[attribute] for f, e in zip(found, expected, strict=True))
+        assert right >= at_least, (attribute, found)
 
 
 def test_img2img_turns_a_red_square_blue(engine):

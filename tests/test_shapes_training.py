@@ -38,6 +38,8 @@ def test_every_sampler_samples_with_the_trained_schedule(name):
     assert sampler.alphas_cumprod[-1].item() == pytest.approx(TERMINAL_ALPHA_BAR, rel=1e-3)
     sampler.set_timesteps(10)
     assert int(sampler.timesteps[0]) == 999  # "trailing": the first step is the pure-noise one
+    for key, value in {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}.items():
+        assert sampler.config.get(key, value) == value, key  # SD's settings, where the sampler has them
 
 
 def test_v_weights_are_min_snr_in_x0_space_with_an_optional_floor():
