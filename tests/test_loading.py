@@ -37,6 +37,20 @@ def test_bad_dtype_is_refused(tiny_sd_path):
         Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float8")
 
 
+@pytest.mark.parametrize("device", ["gpu0", "cuda:99"])
+def test_bad_or_missing_device_is_refused_naming_it(tiny_sd_path, device):
+    with pytest.raises(ModelLoadError, match=f"--device '{device}'"):
+        Engine.from_pretrained(str(tiny_sd_path), device=device)
+
+
+def test_cuda_without_cuda_is_refused_before_loading(tiny_sd_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="not available here: no CUDA"):
+        Engine.from_pretrained(str(tiny_sd_path), device="cuda")
+
+
 def test_model_loads_from_a_folder_with_its_defaults(tiny_sd_path):
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
     assert (engine.defaults.height, engine.defaults.width, engine.defaults.vae_scale_factor) == (32, 32, 2)

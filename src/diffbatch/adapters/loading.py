@@ -36,9 +36,17 @@ def resolve_device(device: str | None) -> torch.device:
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
         raise ModelLoadError(f"--device {device!r} is not a device (use cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else \
+            f"no CUDA (torch {torch.__version__})"
+        raise ModelLoadError(f"--device {device!r} is not available here: {found}")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"--device {device!r} is not available here: no Apple MPS")
+    return parsed
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:

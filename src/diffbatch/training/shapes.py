@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..adapters.loading import resolve_device
+from ..errors import ModelLoadError
 from . import shapes_data
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer_files
 
@@ -443,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     decoder_only = cfg.pop("finetune_decoder_of")
     vae_from = cfg.pop("vae_from")
     cfg = TrainConfig(**cfg)
+    try:
+        cfg.device = str(resolve_device(cfg.device))
+    except ModelLoadError as exc:
+        raise SystemExit(f"python -m diffbatch.training.shapes: error: {exc}") from None
     torch.set_num_threads(cfg.threads)
     if decoder_only:
         finetune_saved_decoder(cfg, Path(decoder_only))
