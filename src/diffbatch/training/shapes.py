@@ -351,7 +351,8 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
     targets ``floor`` raises the x0-space weight to at least ``floor``: plain Min-SNR gives the noisiest
     half of a zero-terminal-SNR schedule weights near 0, and those are the steps where the layout must
     come from the caption. Measured on this model (docs/shapes_model.md): floor 1 learned the shape's
-    colour far more slowly (12% against 93% after ~2,500 steps) and did not teach positions either."""
+    colour far more slowly (12% after 2,500 steps, against 92% after 2,000 steps
+    without it) and did not teach positions either."""
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
     if prediction_type == "v_prediction":
         return torch.clamp(snr, max=gamma).clamp(min=floor) / (snr + 1)
