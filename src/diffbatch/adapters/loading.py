@@ -33,8 +33,7 @@ def resolve_device(device: str | None) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        return torch.device("mps" if _mps_available() else "cpu")
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -44,9 +43,14 @@ def resolve_device(device: str | None) -> torch.device:
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else \
             f"no CUDA (torch {torch.__version__})"
         raise ModelLoadError(f"--device {device!r} is not available here: {found}")
-    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if parsed.type == "mps" and not _mps_available():
         raise ModelLoadError(f"--device {device!r} is not available here: no Apple MPS")
     return parsed
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:

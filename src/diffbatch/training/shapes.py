@@ -167,6 +167,17 @@ class Schedule:
         progress = min(1.0, self.progress(step))
         return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    def run(self, name: str, opt: torch.optim.Optimizer, base_lr: float, warmup: int) -> Iterator[int]:
+        """A phase's step indices, each with the optimiser's learning rate set, until its steps or its time
+        budget run out (then it says at which step)."""
+        for step in range(self.steps):
+            if self.progress(step) >= 1:
+                print(f"[{name}] time budget reached at step {step}", flush=True)
+                return
+            for group in opt.param_groups:
+                group["lr"] = self.lr(step, base_lr, warmup)
+            yield step
+
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
@@ -205,19 +216,11 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     progress = Progress("vae", cfg.vae_steps, start)
-    schedule = Schedule(cfg.vae_steps, cfg.vae_minutes)
-    for step in range(cfg.vae_steps):
-        if schedule.progress(step) >= 1:
-            print(f"[vae] time budget reached at step {step}", flush=True)
-            break
-        for group in opt.param_groups:
-            group["lr"] = schedule.lr(step, cfg.vae_lr, 100)
+    for step in Schedule(cfg.vae_steps, cfg.vae_minutes).run("vae", opt, cfg.vae_lr, 100):
         x = random_crops(images, cfg.vae_batch, cfg.vae_crop, gen).to(dev)  # [B, 3, crop, crop]
         with autocast(cfg.vae_bf16, dev):
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * randn(posterior.mean.shape, gen, dev)
-            z = z + cfg.vae_decoder_noise * z.detach().std() * randn(z.shape, gen, dev)
-            recon = vae.decode(z).sample.float()
+            recon = vae.decode(decoder_input(posterior, cfg.vae_decoder_noise, gen, dev)).sample.float()
         mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         loss = mse + l1 + cfg.vae_kl_weight * kl
@@ -240,20 +243,12 @@ def finetune_decoder(cfg: TrainConfig, vae, images: np.ndarray, start: float):
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
     progress = Progress("decoder", cfg.decoder_steps, start)
-    schedule = Schedule(cfg.decoder_steps, cfg.decoder_minutes)
-    for step in range(cfg.decoder_steps):
-        if schedule.progress(step) >= 1:
-            print(f"[decoder] time budget reached at step {step}", flush=True)
-            break
-        for group in opt.param_groups:
-            group["lr"] = schedule.lr(step, cfg.decoder_lr, 50)
+    for step in Schedule(cfg.decoder_steps, cfg.decoder_minutes).run("decoder", opt, cfg.decoder_lr, 50):
         idx = torch.randint(len(images), (cfg.decoder_batch,), generator=gen).numpy()
         x = to_tensor(images[idx]).to(cfg.device)  # [B, 3, 64, 64]
         with autocast(cfg.vae_bf16, cfg.device):
             with torch.no_grad():
-                posterior = vae.encode(x).latent_dist
-                z = posterior.mean + posterior.std * randn(posterior.mean.shape, gen, cfg.device)
-                z = z + cfg.vae_decoder_noise * z.std() * randn(z.shape, gen, cfg.device)
+                z = decoder_input(vae.encode(x).latent_dist, cfg.vae_decoder_noise, gen, cfg.device)
             recon = vae.decode(z).sample.float()
         mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
         opt.zero_grad(set_to_none=True)
@@ -296,6 +291,13 @@ def whiten_latents(vae, means: torch.Tensor, stds: torch.Tensor, gen: torch.Gene
     print(f"latent channels: mean={m.tolist()} std={s.tolist()} -> whitened", flush=True)
     m, s = m.cpu().view(1, -1, 1, 1), s.cpu().view(1, -1, 1, 1)
     return (means - m) / s, stds / s
+
+
+def decoder_input(posterior, extra_noise: float, gen: torch.Generator, device: str) -> torch.Tensor:
+    """A sample of the posterior plus a little extra noise (``extra_noise`` x its std), so the decoder
+    learns to forgive the sampling error of latents a denoiser makes."""
+    z = posterior.mean + posterior.std * randn(posterior.mean.shape, gen, device)
+    return z + extra_noise * z.detach().std() * randn(z.shape, gen, device)
 
 
 def randn(shape, gen: torch.Generator, device: str) -> torch.Tensor:
@@ -361,7 +363,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
 
 def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, torch.Tensor, float],
                    batcher: CaptionBatcher, out: Path, start: float) -> dict:
-    """Joint text encoder + UNet training on epsilon with Min-SNR weights; returns the EMA models."""
+    """Joint text encoder + UNet training (v or epsilon target, Min-SNR weights); returns the EMA models."""
     unet, text_encoder = models["unet"], models["text_encoder"]
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
            "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
@@ -370,13 +372,9 @@ def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, 
     alphas_cumprod = models["scheduler"].alphas_cumprod.float()
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     progress = Progress("unet", cfg.unet_steps, start)
-    schedule = Schedule(cfg.unet_steps, cfg.unet_minutes)
-    for step, (z, ids) in enumerate(_latent_batches(cfg, latents, batcher, gen)):
-        if schedule.progress(step) >= 1:
-            print(f"[unet] time budget reached at step {step}", flush=True)
-            break
-        for group in opt.param_groups:
-            group["lr"] = schedule.lr(step, cfg.unet_lr, cfg.warmup)
+    steps = Schedule(cfg.unet_steps, cfg.unet_minutes).run("unet", opt, cfg.unet_lr, cfg.warmup)
+    batches = _latent_batches(cfg, latents, batcher, gen)
+    for step, (z, ids) in zip(steps, batches, strict=False):  # steps first: a time budget may end it early
         loss = _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
