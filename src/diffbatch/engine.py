@@ -72,11 +72,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
-                        generator_device: str = "cpu") -> Engine:
-        """Load a diffusers pipeline folder or hub id (``None``: the embedded default model)."""
+                        generator_device: str = "cpu", batch_invariant: bool = True) -> Engine:
+        """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
+        ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
+        image may then change by a few uint8 levels with its batch or the thread count."""
         from .adapters import load_adapter
 
-        return cls(load_adapter(model, device, dtype), max_batch_size, vae_batch_size, generator_device)
+        adapter = load_adapter(model, device, dtype, invariant=batch_invariant)
+        return cls(adapter, max_batch_size, vae_batch_size, generator_device)
 
     @property
     def model_name(self) -> str:

@@ -21,7 +21,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from PIL import Image
 
 from .adapters import Adapter, Cond
-from .adapters.invariance import batch_rows
+from .adapters.invariance import batch_rows, pad_rows, run_in_calls
 from .errors import SpecError
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit, batch_limits
@@ -122,7 +122,11 @@ class Runner:
         missing = [text for _, text in self.prompts.missing([(negative, t) for t in texts])]
         for i in range(0, len(missing), PROMPT_BATCH):
             batch = missing[i : i + PROMPT_BATCH]
-            for text, cond in zip(batch, self.adapter.encode_prompts(batch, negative), strict=True):
+            def encode(real: slice, size: int, batch: list[str] = batch) -> list[Cond]:
+                texts = batch[real]
+                return self.adapter.encode_prompts(texts + texts[-1:] * (size - len(texts)), negative)
+            conds = run_in_calls(self.adapter.call_shapes.text, len(batch), encode)
+            for text, cond in zip(batch, conds, strict=True):
                 self.prompts.put((negative, text), cond)
 
     def check_sampler(self, spec: GenerationSpec) -> None:
@@ -153,8 +157,10 @@ class Runner:
 
     def _encode_init_images(self, chunk: list[Request]) -> None:
         # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.
-        pixels = batch_rows([self._init_pixels(r.spec) for r in chunk])  # [B, 3, H, W], B >= 2
-        init_latents = self.adapter.encode_images(pixels, [r.generator for r in chunk])  # [B, C, h, w]
+        pixels = batch_rows([self._init_pixels(r.spec) for r in chunk])  # [B, 3, H, W]
+        generators = [r.generator for r in chunk]
+        init_latents = run_in_calls(self.adapter.call_shapes.vae, len(chunk), lambda real, size: (
+            self.adapter.encode_images(pad_rows(pixels[real], size), generators[real])))  # [B, C, h, w]
         for i, r in enumerate(chunk):
             r.latents = self.adapter.noise_init_latents(r.sampler, init_latents[i : i + 1], r.generator, r.timesteps)
 
@@ -182,9 +188,14 @@ class Runner:
             samples += [x] * len(rows)
             timesteps += [t.reshape(1).to(torch.float32)] * len(rows)  # the UNet casts timesteps to float32
             conds += rows
-        # Never one row: some kernels compute N = 1 differently (see adapters/invariance.py).
+        sample, timestep = batch_rows(samples), batch_rows(timesteps)  # [N, ...], [N]
         cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
-        out = self.adapter.denoise(batch_rows(samples), batch_rows(timesteps), cond)  # [N, ...]
+
+        def call(real: slice, size: int) -> torch.Tensor:  # padded to the device's call shape (invariance.py)
+            return self.adapter.denoise(pad_rows(sample[real], size), pad_rows(timestep[real], size),
+                                        {key: pad_rows(value[real], size) for key, value in cond.items()})
+
+        out = run_in_calls(self.adapter.call_shapes.denoiser, len(sample), call)  # [N, ...]
         row, noise = 0, []
         for r in requests:
             if r.uses_cfg:
@@ -222,7 +233,9 @@ class Runner:
 
     def _decode_chunk(self, chunk: list[Request]) -> list[np.ndarray]:
         latents = batch_rows([r.latents for r in chunk])
-        return list(self.adapter.decode(latents, chunk[0].spec)[: len(chunk)])  # [B, H, W, 3]
+        images = run_in_calls(self.adapter.call_shapes.vae, len(chunk), lambda real, size: (
+            self.adapter.decode(pad_rows(latents[real], size), chunk[0].spec)))
+        return list(images)  # [B, H, W, 3]
 
 
 def _scale_model_input(sampler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
-from .invariance import make_batch_invariant
+from .invariance import CallShapes, call_shapes, make_batch_invariant
 
+MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch dimension first
 
 
@@ -26,7 +27,7 @@ class Adapter(ABC):
     family: ClassVar[str]  # e.g. "stable-diffusion"
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json ``_class_name`` values handled
 
-    def __init__(self, pipe: Any, name: str) -> None:
+    def __init__(self, pipe: Any, name: str, invariant: bool = True) -> None:
         self.pipe = pipe
         self.name = name
         self.device: torch.device = pipe.device
@@ -34,7 +35,11 @@ class Adapter(ABC):
         # (``from_config(cfg, use_karras_sigmas=True)`` writes the option into the config it returns).
         self.scheduler_config = copy.deepcopy(dict(pipe.scheduler.config))
         self.default_scheduler_class: type = type(pipe.scheduler)
-        make_batch_invariant(*(getattr(pipe, name, None) for name in ("unet", "transformer", "vae")))
+        # Rows per model call, per stage; with ``invariant`` (the default) a row's result does not depend on
+        # its batch or the thread count (invariance.py).
+        self.call_shapes: CallShapes = call_shapes(self.device, invariant)
+        if invariant:
+            make_batch_invariant([getattr(pipe, name, None) for name in MODEL_COMPONENTS], self.device)
 
     # Loading and defaults ------------------------------------------------------------------------------
     @classmethod

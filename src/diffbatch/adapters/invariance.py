@@ -1,24 +1,112 @@
-"""Batch-invariant execution: a row's result must not depend on how many rows share the call.
+"""Batch- and thread-invariant execution: a row's result must not depend on how many rows share the call,
+where in the call it sits, or how many threads compute it.
 
-Measured on this CPU (oneDNN/MKL, PyTorch 2.13): most layers give every row bit-identical results whatever
-the batch, except (1) GEMMs with few rows — the ``[N, C]`` linears of timestep and guidance embeddings,
-where the kernel chosen depends on N — and (2) some convolutions at N = 1 versus N >= 2. Those flip a few
-uint8 pixels between an image made alone and the same image made in a batch; (3) 1x1 convolutions (GEMMs
-over N*H*W rows) at large N. The fixes: 2-D linears and 1x1 convolutions run one sample at a time (each
-call is still a full GEMM over the sample's pixels or a tiny layer; the cost is small next to the 3x3
-convolutions and attention), and the runner never calls a model with a single row (it pads to two);
-(4) memory format: a one-image tensor can carry channels-last strides (from a VAE encode), a batch built
-from it stays channels-last, and GroupNorm's channels-last kernel rounds differently; ``batch_rows`` makes
-every model input contiguous.
+One design, two mechanisms chosen per device (``CallShape`` below):
+
+- **CPU: invariant kernels.** Measured op by op on the development CPU (PyTorch 2.13, oneDNN/MKL, 1-4
+  threads, SD-1.5 channel widths; ``benchmarks/invariance_probe.py`` repeats the measurement on any machine),
+  3x3 and strided convolutions, 3-D linears, attention, LayerNorm and contiguous GroupNorm give every row the
+  same bits for any batch size >= 2 and any thread count. Three things do not, and are replaced here:
+  (1) oneDNN's 1x1 convolution splits its channel reduction by thread count (rows differ between 1 and 2
+  threads) -> computed as a GEMM over the channels, which does not (float32 and bfloat16; float16 on a CPU
+  keeps oneDNN's kernel, whose rounding no GEMM reproduces, so it is not thread-invariant); (2) ``[N, C]``
+  linears (time, guidance and pooled-text embeddings) pick their GEMM kernel by N -> computed row by row;
+  (3) GroupNorm on
+  channels-last input (diffusers' VAE attention returns channels-last views) rounds by N and by thread count
+  -> made contiguous first. A one-row call is never made (some kernels take another path at N = 1): calls
+  are padded to two rows.
+- **CUDA (and MPS): fixed shapes.** cuBLAS and cuDNN choose kernels (split-K, algorithms) by problem size,
+  so no per-op patch makes a row independent of N there; instead every model call of a stage runs the same
+  number of rows (chunked, the last chunk padded by repeating a row), with cuDNN's autotuner off and TF32
+  off, so a row always meets the same kernels. The cost is the padding of a part-full call.
+
+Everything here is exact: the patched ops compute the same sums as the ops they replace (max difference
+~1e-6 in float32), and the images still match diffusers' single-image call to <= 1e-4.
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+CUDA_DENOISER_ROWS = 16  # rows per denoiser call on CUDA: 8 images with CFG
+CUDA_VAE_IMAGES = 1  # images per VAE encode/decode call on CUDA (decode memory grows fast with size)
+CUDA_TEXT_ROWS = 8  # prompts per text-encoder call on CUDA
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """Rows per model call for one stage: ``fixed`` rows per call (chunked and padded), or any count of at
+    least ``minimum`` rows when ``fixed`` is None."""
+
+    minimum: int = 2
+    fixed: int | None = None
+
+    def calls(self, rows: int) -> Iterator[tuple[slice, int]]:
+        """The calls for ``rows`` rows: each as (the real rows it computes, the rows it runs, padding incl.)."""
+        size = self.fixed or max(rows, self.minimum)
+        for start in range(0, rows, size):
+            yield slice(start, min(start + size, rows)), size
+
+
+@dataclass(frozen=True)
+class CallShapes:
+    """The call shape of each stage on one device."""
+
+    text: CallShape
+    denoiser: CallShape
+    vae: CallShape
+
+
+CPU_SHAPES = CallShapes(text=CallShape(), denoiser=CallShape(), vae=CallShape())
+FIXED_SHAPES = CallShapes(text=CallShape(1, CUDA_TEXT_ROWS), denoiser=CallShape(1, CUDA_DENOISER_ROWS),
+                          vae=CallShape(1, CUDA_VAE_IMAGES))
+DYNAMIC_SHAPES = CallShapes(text=CallShape(1), denoiser=CallShape(1), vae=CallShape(1))  # invariance off
+
+
+def call_shapes(device: torch.device, invariant: bool = True) -> CallShapes:
+    if not invariant:
+        return DYNAMIC_SHAPES
+    return CPU_SHAPES if device.type == "cpu" else FIXED_SHAPES
+
+
+def make_batch_invariant(modules: Sequence[nn.Module | None], device: torch.device) -> None:
+    """Make ``modules`` batch- and thread-invariant on ``device`` (in place; see the module docstring)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # the autotuner may pick another algorithm on another run
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if device.type != "cpu":
+        return
+    for module in modules:
+        for layer in module.modules() if module is not None else ():
+            patch = _cpu_patch(layer)
+            if patch is not None:
+                layer.forward = types.MethodType(patch, layer)
+
+
+def _cpu_patch(layer: nn.Module) -> Callable[..., torch.Tensor] | None:
+    if isinstance(layer, nn.Linear):
+        return _rowwise_linear
+    if isinstance(layer, nn.GroupNorm):
+        return _contiguous_group_norm
+    if isinstance(layer, nn.Conv2d) and _is_pointwise(layer) and layer.weight.dtype != torch.float16:
+        # float16 on a CPU: no GEMM reproduces oneDNN's float16 rounding, and diffusers' numbers come first.
+        return _pointwise_conv_as_gemm
+    return None
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1) and conv.groups == 1)
 
 
 def _rowwise_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -27,29 +115,39 @@ def _rowwise_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
 
 
-def _per_sample_conv(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4 or x.shape[0] == 1:
-        return self._conv_forward(x, self.weight, self.bias)
-    return torch.cat([self._conv_forward(sample, self.weight, self.bias) for sample in x.split(1)])
+def _contiguous_group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
 
 
-def make_batch_invariant(*modules: nn.Module | None) -> None:
-    """Patch (in place) every ``nn.Linear`` inside ``modules`` to compute ``[N, C]`` inputs row by row, and
-    every 1x1 ``nn.Conv2d`` to compute sample by sample."""
-    for module in modules:
-        if module is None:
-            continue
-        for layer in module.modules():
-            if isinstance(layer, nn.Linear):
-                layer.forward = types.MethodType(_rowwise_linear, layer)
-            elif isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1):
-                layer.forward = types.MethodType(_per_sample_conv, layer)
+def _pointwise_conv_as_gemm(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # Accumulated and biased in float32, rounded once: bit for bit what oneDNN's bfloat16 convolution gives.
+    n, c, h, w = x.shape
+    weight = self.weight.view(self.out_channels, c).float()
+    out = torch.matmul(weight, x.reshape(n, c, h * w).float())  # [N, O, H*W]
+    if self.bias is not None:
+        out = out + self.bias.float()[:, None]
+    return out.to(x.dtype).view(n, self.out_channels, h, w)
 
 
-def batch_rows(rows: list[torch.Tensor], minimum: int = 2) -> torch.Tensor:
-    """Concatenate into one contiguous batch of at least ``minimum`` rows, repeating the last row if needed
-    (the caller drops the extra rows)."""
-    x = torch.cat(rows)
-    if x.shape[0] < minimum:
-        x = torch.cat([x, x[-1:].expand(minimum - x.shape[0], *x.shape[1:])])
-    return x.contiguous()
+def batch_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate into one contiguous batch: a one-image tensor can carry channels-last strides (from a VAE
+    encode), and a batch built from it would stay channels-last."""
+    return torch.cat(rows).contiguous()
+
+
+def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with its last row repeated up to ``size`` rows (the caller drops the extra rows)."""
+    if x.shape[0] >= size:
+        return x
+    return torch.cat([x, x[-1:].expand(size - x.shape[0], *x.shape[1:])]).contiguous()
+
+
+def run_in_calls(shape: CallShape, rows: int, call: Callable[[slice, int], Any]) -> Any:
+    """``call(real_rows, size)`` for each call of ``shape`` over ``rows`` rows; each returns at least the
+    real rows first (tensor, array or list); their concatenation, exactly ``rows`` long."""
+    outs = [call(real, size)[: real.stop - real.start] for real, size in shape.calls(rows)]
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], list):
+        return [item for out in outs for item in out]
+    return np.concatenate(outs) if isinstance(outs[0], np.ndarray) else torch.cat(outs)

@@ -108,14 +108,17 @@ def default_model() -> str:
     return str(default_model_path())
 
 
-def load_adapter(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None) -> Adapter:
+def load_adapter(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None,
+                 invariant: bool = True) -> Adapter:
+    """``invariant=False`` skips the batch-invariance kernels and fixed call shapes (benchmarks compare)."""
     model = default_model() if model is None else os.fspath(model)
     index = read_model_index(model)
     cls = adapter_class(index.get("_class_name", "?"), model)
     torch_device = resolve_device(device)
     pipe = cls.load_pipeline(model, resolve_dtype(dtype, torch_device))
     pipe.set_progress_bar_config(disable=True)
-    return cls(pipe.to(torch_device), name=Path(model).name if _looks_like_path(model) else model)
+    return cls(pipe.to(torch_device), name=Path(model).name if _looks_like_path(model) else model,
+               invariant=invariant)
 
 
 def from_pretrained(pipeline_class: Any, model: str, dtype: torch.dtype, **extra: Any) -> Any:

@@ -30,8 +30,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     aesthetic_score: ClassVar[float] = 6.0
     negative_aesthetic_score: ClassVar[float] = 2.5
 
-    def __init__(self, pipe: Any, name: str) -> None:
-        super().__init__(pipe, name)
+    def __init__(self, pipe: Any, name: str, invariant: bool = True) -> None:
+        super().__init__(pipe, name, invariant)
         # Conditioned on an aesthetic score instead of the target size: trained for image-to-image only.
         self.is_refiner = bool(pipe.config.get("requires_aesthetics_score", False))
         vae = pipe.vae
