@@ -7,11 +7,17 @@ Models: a tiny random SD pipeline, and the SD-1.5 UNet/VAE/CLIP architecture wit
 
     python benchmarks/throughput.py --model tiny --images 48
     python benchmarks/throughput.py --model sd15 --images 12 --steps-scale 0.5
+    python benchmarks/throughput.py --model sd15 --invariance   # the cost of batch invariance (issue 10)
+
+``--invariance`` compares diffbatch's default (invariant kernels, any batch size) with the same engine without
+them (``batch_invariant=False``: dynamic shapes, stock kernels) and with fixed-shape execution instead (stock
+kernels, every denoiser call padded to ``FIXED_ROWS`` rows, as on CUDA), at the machine's default threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -30,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from diffbatch import Engine, GenerationSpec  # noqa: E402
+from diffbatch.adapters.invariance import CallShape  # noqa: E402
 from tiny import save_tiny_sd, write_byte_level_clip_tokenizer  # noqa: E402
 
 
@@ -104,8 +111,26 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
-def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only: list[str]) -> dict:
-    engine = Engine.from_pretrained(model, device="cpu", dtype="float32", max_batch_size=batch)
+FIXED_ROWS = 16  # the fixed-shape alternative: rows per denoiser call (8 images with CFG), as on CUDA
+
+
+def engines(model: Path, batch: int, invariance: bool) -> dict[str, Engine]:
+    """diffbatch as shipped; with ``invariance``, also without invariance and with fixed shapes instead."""
+    found = {"diffbatch": Engine.from_pretrained(model, device="cpu", dtype="float32", max_batch_size=batch)}
+    if invariance:
+        plain = lambda: Engine.from_pretrained(model, device="cpu", dtype="float32",  # noqa: E731
+                                               max_batch_size=batch, batch_invariant=False)
+        found["diffbatch_not_invariant"] = plain()
+        fixed = found["diffbatch_fixed_shape"] = plain()
+        shapes = fixed.adapter.call_shapes
+        fixed.adapter.call_shapes = dataclasses.replace(shapes, denoiser=CallShape(1, FIXED_ROWS))
+    return found
+
+
+def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only: list[str],
+        invariance: bool = False) -> dict:
+    ours = engines(model, batch, invariance)
+    engine = ours["diffbatch"]
     txt = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     txt.set_progress_bar_config(disable=True)
     pipes = {"txt2img": txt, "img2img": StableDiffusionImg2ImgPipeline(**txt.components)}
@@ -119,8 +144,10 @@ def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only:
         strategies = {
             "diffusers_per_image": lambda specs=specs: per_image(pipes, specs, batch),
             "diffusers_list_batches": lambda specs=specs: list_batches(pipes, specs, batch),
-            "diffbatch": lambda specs=specs: engine.generate(specs),
+            **{key: lambda specs=specs, e=e: e.generate(specs) for key, e in ours.items()},
         }
+        if invariance:  # the question is diffbatch against itself; per-image diffusers adds nothing
+            del strategies["diffusers_per_image"]
         times = {k: [] for k in strategies}
         for _ in range(repeats):  # interleaved, so machine noise hits every strategy alike
             for key, fn in strategies.items():
@@ -129,7 +156,11 @@ def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only:
         best = {k: min(v) for k, v in times.items()}
         results[name] = {k: {"seconds": t, "images_per_s": n / t} for k, t in best.items()}
         results[name]["ratio_vs_list_batches"] = best["diffusers_list_batches"] / best["diffbatch"]
-        results[name]["ratio_vs_per_image"] = best["diffusers_per_image"] / best["diffbatch"]
+        if "diffusers_per_image" in best:
+            results[name]["ratio_vs_per_image"] = best["diffusers_per_image"] / best["diffbatch"]
+        for other in ("diffbatch_not_invariant", "diffbatch_fixed_shape"):
+            if other in best:  # > 1: the invariant default is faster than that alternative
+                results[name][f"ratio_vs_{other}"] = best[other] / best["diffbatch"]
     return results
 
 
@@ -142,6 +173,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", choices=("uniform", "mixed"), default=["uniform", "mixed"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--invariance", action="store_true",
+                        help="compare invariant kernels with no invariance and with fixed shapes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.threads:
@@ -149,16 +182,56 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.model
         model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
-        results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats, args.workloads)
+        results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats, args.workloads,
+                      args.invariance)
     record = {"model": args.model, "workloads": args.workloads, "images": args.images, "batch_size": args.batch_size,
               "steps_scale": args.steps_scale, "repeats": args.repeats, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "results": results}
+              "threads": torch.get_num_threads(), "cpu": cpu_model(), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if len(args.workloads) == 2 else "-" + args.workloads[0]
+    suffix = ("" if len(args.workloads) == 2 else "-" + args.workloads[0]) + ("-invariance" if args.invariance else "")
     path = args.out / f"throughput-{args.model}{suffix}.json"
     path.write_text(json.dumps(record, indent=2))
-    write_markdown(record)
+    if args.invariance:
+        write_invariance_markdown(record)
+    else:
+        write_markdown(record)
     print(json.dumps(record, indent=2))
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name and whether the CPU has AVX-512, native bfloat16 and AMX (they decide kernels)."""
+    flags, name = set(), "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(has) or 'no AVX2'})"
+
+
+def write_invariance_markdown(record: dict) -> None:
+    from results_md import replace_section, table
+
+    keys = ("diffusers_list_batches", "diffbatch", "diffbatch_not_invariant", "diffbatch_fixed_shape")
+    rows = []
+    for workload, res in record["results"].items():
+        rows += [[workload, key, f"{res[key]['seconds']:.2f}", f"{res[key]['images_per_s']:.3f}"] for key in keys]
+        rows.append([workload, "**invariant kernels / not invariant**", "",
+                     f"**{res['ratio_vs_diffbatch_not_invariant']:.3f}x**"])
+        rows.append([workload, "invariant kernels / fixed shapes", "", f"{res['ratio_vs_diffbatch_fixed_shape']:.3f}x"])
+    body = (f"`python benchmarks/throughput.py --model {record['model']} --images {record['images']} "
+            f"--steps-scale {record['steps_scale']} --repeats {record['repeats']} --invariance` on {record['cpu']}, "
+            f"torch {record['torch']}, {record['threads']} thread(s) (the default), max batch {record['batch_size']} "
+            f"images, float32, best of {record['repeats']}, interleaved. `diffbatch`: the default (invariant "
+            "kernels); `not_invariant`: stock kernels, any batch size; `fixed_shape`: stock kernels, every denoiser "
+            f"call padded to {FIXED_ROWS} rows (the CUDA design). A ratio below 1 is what invariance costs.\n\n"
+            + table(["workload", "strategy", "seconds", "images/s"], rows))
+    replace_section(f"Batch invariance: its cost, {record['model']} model (issue 10)", body)
 
 
 def write_markdown(record: dict) -> None:

@@ -13,9 +13,11 @@ def tiny_sd_path(tmp_path_factory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """Tiny models are overhead-bound: one thread is faster and immune to a busy second core."""
+@pytest.fixture(autouse=True)
+def _default_torch_threads():
+    """Tests run at torch's default thread count, as users do (2 on CI); a test that changes it is undone."""
     import torch
 
-    torch.set_num_threads(1)
+    default = torch.get_num_threads()
+    yield
+    torch.set_num_threads(default)

@@ -13,8 +13,10 @@ One design, two mechanisms chosen per device (``CallShape`` below):
   linears (time, guidance and pooled-text embeddings) pick their GEMM kernel by N -> computed row by row;
   (3) GroupNorm on
   channels-last input (diffusers' VAE attention returns channels-last views) rounds by N and by thread count
-  -> made contiguous first. A one-row call is never made (some kernels take another path at N = 1): calls
-  are padded to two rows.
+  -> made contiguous first; (4) elementwise activations (SiLU, GELU, ...) finish each thread's chunk with
+  scalar code that rounds exp/tanh differently from the vector code, so where chunks split moves bits with
+  the thread count (seen at 3 threads) -> inputs padded so that every chunk is whole vector steps. A
+  one-row call is never made (some kernels take another path at N = 1): calls are padded to two rows.
 - **CUDA (and MPS): fixed shapes.** cuBLAS and cuDNN choose kernels (split-K, algorithms) by problem size,
   so no per-op patch makes a row independent of N there; instead every model call of a stage runs the same
   number of rows (chunked, the last chunk padded by repeating a row), with cuDNN's autotuner off and TF32
@@ -26,6 +28,7 @@ Everything here is exact: the patched ops compute the same sums as the ops they 
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -94,6 +97,11 @@ def make_batch_invariant(modules: Sequence[nn.Module | None], device: torch.devi
 
 
 def _cpu_patch(layer: nn.Module) -> Callable[..., torch.Tensor] | None:
+    if _is_activation(layer):
+        return _aligned(type(layer).forward)
+    if hasattr(layer, "gelu") and type(layer).__module__.startswith("diffusers."):  # GELU, GEGLU: proj, then gelu
+        layer.gelu = types.MethodType(_aligned(type(layer).gelu), layer)
+        return None
     if isinstance(layer, nn.Linear):
         return _rowwise_linear
     if isinstance(layer, nn.GroupNorm):
@@ -102,6 +110,56 @@ def _cpu_patch(layer: nn.Module) -> Callable[..., torch.Tensor] | None:
         # float16 on a CPU: no GEMM reproduces oneDNN's float16 rounding, and diffusers' numbers come first.
         return _pointwise_conv_as_gemm
     return None
+
+
+ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Mish)
+GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: elementwise ops split only tensors larger than this across threads
+GELU_SERIAL_LIMIT = 16384  # GELU splits any tensor above this into one chunk per thread
+VECTOR_BLOCK = 64  # elements per vectorised loop step, with margin (float32: 32 with AVX-512, 16 with AVX2)
+
+
+def _is_activation(layer: nn.Module) -> bool:
+    # transformers' activations (quick_gelu, gelu_new, ...) are elementwise modules too
+    return isinstance(layer, ACTIVATIONS) or type(layer).__module__ == "transformers.activations"
+
+
+def _aligned(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An elementwise ``forward`` made independent of the thread count.
+
+    PyTorch splits an elementwise op over threads in equal chunks; each chunk runs a vectorised loop and
+    finishes its last few elements with scalar code, whose exp/tanh round differently from the vector code
+    (SLEEF). Where a chunk boundary falls therefore moves bits with the thread count (SiLU at 3 threads vs 1).
+    Padding the flattened input so that every chunk is a whole number of vector steps sends every element
+    through the vector code, whatever the thread count."""
+
+    def run(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        padded = _aligned_numel(n, torch.get_num_threads())
+        if padded == n and x.is_contiguous():
+            return forward(self, x)
+        flat = x.reshape(-1)
+        return forward(self, torch.cat([flat, flat.new_zeros(padded - n)]))[:n].view(x.shape)
+
+    return run
+
+
+@functools.cache
+def _aligned_numel(n: int, threads: int) -> int:
+    """The least size >= n at which every thread's chunk is whole vector steps, under both ways PyTorch 2.x
+    splits elementwise ops (ATen's ParallelOpenMP/Activation.cpp): ``used = min(threads, ceil(size /
+    GRAIN_SIZE))`` chunks of ``ceil(size / used)`` (most ops), and ``threads`` chunks for anything above
+    ``GELU_SERIAL_LIMIT`` elements (GELU)."""
+    size = -(-n // VECTOR_BLOCK) * VECTOR_BLOCK
+    while not all(-(-size // used) % VECTOR_BLOCK == 0 for used in _chunk_counts(size, threads)):
+        size += VECTOR_BLOCK
+    return size
+
+
+def _chunk_counts(size: int, threads: int) -> set[int]:
+    counts = {max(1, min(threads, -(-size // GRAIN_SIZE)))}
+    if size > GELU_SERIAL_LIMIT:
+        counts.add(threads)
+    return counts
 
 
 def _is_pointwise(conv: nn.Conv2d) -> bool:
