@@ -1,0 +1,86 @@
+"""Which model stages give a row different bits with its batch size or the thread count, on this machine?
+
+For each stage (text encoder, denoiser, VAE encode, VAE decode) of a model, row i of a call of N rows is
+compared with row i of the reference call (N = 8, 1 thread), for N in 2..8 and 1..4 threads, with
+diffbatch's invariance kernels on and off. Run it on a new machine (another CPU, another PyTorch) before
+trusting the determinism contract there; it is how adapters/invariance.py was built.
+
+    python benchmarks/invariance_probe.py                  # the embedded shapes model
+    python benchmarks/invariance_probe.py --model sd15     # the SD-1.5 architecture, random weights (slow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from throughput import cpu_model, save_sd15_random  # noqa: E402
+
+from diffbatch.adapters import load_adapter  # noqa: E402
+
+SIZES = (2, 3, 5, 8)
+THREADS = (1, 2, 3, 4)
+
+
+def stages(adapter, rows: int) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
+    """Each stage as a function of a batch of inputs (row-indexed), with ``rows`` random inputs."""
+    pipe, size = adapter.pipe, adapter.defaults.height
+    torch.manual_seed(0)
+    latents = torch.randn(rows, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
+                          size // pipe.vae_scale_factor)
+    tokens = pipe.tokenizer([f"a shape number {i}" for i in range(rows)], padding="max_length",
+                            max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    context = pipe.text_encoder(tokens)[0]
+    pixels = torch.rand(rows, 3, size, size) * 2 - 1
+    timesteps = torch.linspace(999, 1, rows)
+    idx = torch.arange(rows)
+    return {
+        "text encoder": (lambda i: pipe.text_encoder(tokens[i])[0], idx),
+        "denoiser": (lambda i: pipe.unet(latents[i], timesteps[i], encoder_hidden_states=context[i])[0], idx),
+        "VAE encode": (lambda i: pipe.vae.encode(pixels[i]).latent_dist.mean, idx),
+        "VAE decode": (lambda i: pipe.vae.decode(latents[i])[0], idx),
+    }
+
+
+def probe(model: str | None, invariant: bool) -> dict[str, list[tuple[int, int]]]:
+    """Per stage: the (threads, N) pairs where some row differs from the reference."""
+    adapter = load_adapter(model, "cpu", "float32", invariant=invariant)
+    found: dict[str, list[tuple[int, int]]] = {}
+    with torch.inference_mode():
+        for name, (fn, idx) in stages(adapter, max(SIZES)).items():
+            torch.set_num_threads(1)
+            reference = fn(idx)
+            found[name] = [(t, n) for t in THREADS for n in SIZES if not _rows_equal(fn, idx, reference, t, n)]
+    return found
+
+
+def _rows_equal(fn, idx, reference, threads: int, n: int) -> bool:
+    torch.set_num_threads(threads)
+    return all(torch.equal(fn(idx[start : start + n]), reference[start : start + n])
+               for start in range(0, len(idx) - n + 1, n))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("shapes", "sd15"), default="shapes")
+    args = parser.parse_args()
+    default_threads = torch.get_num_threads()
+    print(f"{cpu_model()}, torch {torch.__version__}, default threads {default_threads}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = None if args.model == "shapes" else str(save_sd15_random(Path(tmp) / "sd15"))
+        for invariant in (False, True):
+            label = "invariance kernels" if invariant else "stock kernels"
+            for stage, bad in probe(model, invariant).items():
+                verdict = "every row identical" if not bad else f"rows differ at (threads, N) {bad}"
+                print(f"{label:18s} {stage:12s} {verdict}")
+
+
+if __name__ == "__main__":
+    main()
