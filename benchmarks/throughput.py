@@ -115,15 +115,50 @@ FIXED_ROWS = 16  # the fixed-shape alternative: rows per denoiser call (8 images
 
 
 def engines(model: Path, batch: int, invariance: bool) -> dict[str, Engine]:
-    """diffbatch as shipped; with ``invariance``, also without invariance and with fixed shapes instead."""
+    """diffbatch as shipped; with ``invariance``, also without invariance (stock kernels, which the
+    fixed-shape strategy shares: SD-1.5 weights are 4 GB per copy)."""
     found = {"diffbatch": Engine.from_pretrained(model, device="cpu", dtype="float32", max_batch_size=batch)}
     if invariance:
-        plain = lambda: Engine.from_pretrained(model, device="cpu", dtype="float32",  # noqa: E731
-                                               max_batch_size=batch, batch_invariant=False)
-        found["diffbatch_not_invariant"] = plain()
-        fixed = found["diffbatch_fixed_shape"] = plain()
-        shapes = fixed.adapter.call_shapes
-        fixed.adapter.call_shapes = dataclasses.replace(shapes, denoiser=CallShape(1, FIXED_ROWS))
+        found["diffbatch_not_invariant"] = Engine.from_pretrained(model, device="cpu", dtype="float32",
+                                                                  max_batch_size=batch, batch_invariant=False)
+    return found
+
+
+def generate(engine: Engine, specs: list[GenerationSpec], fixed_rows: int | None = None) -> None:
+    """``engine.generate``; with ``fixed_rows``, every denoiser call padded to that many rows (stock kernels)."""
+    adapter = engine.adapter
+    shapes = adapter.call_shapes
+    if fixed_rows:
+        adapter.call_shapes = dataclasses.replace(shapes, denoiser=CallShape(1, fixed_rows))
+    try:
+        engine.generate(specs)
+    finally:
+        adapter.call_shapes = shapes
+
+
+def diffusers_pipes(model: Path, ours: dict[str, Engine]) -> dict:
+    plain = ours.get("diffbatch_not_invariant")
+    if plain is not None:  # diffusers runs on the stock modules of the non-invariant engine (no third copy)
+        txt = StableDiffusionPipeline(**plain.adapter.pipe.components, requires_safety_checker=False)
+    else:
+        txt = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    txt.set_progress_bar_config(disable=True)
+    pipes = {"txt2img": txt, "img2img": StableDiffusionImg2ImgPipeline(**txt.components)}
+    pipes["img2img"].set_progress_bar_config(disable=True)
+    return pipes
+
+
+def strategies_for(pipes: dict, ours: dict[str, Engine], specs: list[GenerationSpec], batch: int
+                   ) -> dict[str, Callable[[], object]]:
+    found: dict[str, Callable[[], object]] = {
+        "diffusers_per_image": lambda: per_image(pipes, specs, batch),
+        "diffusers_list_batches": lambda: list_batches(pipes, specs, batch),
+        **{key: lambda e=e: generate(e, specs) for key, e in ours.items()},
+    }
+    plain = ours.get("diffbatch_not_invariant")
+    if plain is not None:  # the question is diffbatch against itself; per-image diffusers adds nothing
+        found["diffbatch_fixed_shape"] = lambda: generate(plain, specs, FIXED_ROWS)
+        del found["diffusers_per_image"]
     return found
 
 
@@ -131,23 +166,14 @@ def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only:
         invariance: bool = False) -> dict:
     ours = engines(model, batch, invariance)
     engine = ours["diffbatch"]
-    txt = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    txt.set_progress_bar_config(disable=True)
-    pipes = {"txt2img": txt, "img2img": StableDiffusionImg2ImgPipeline(**txt.components)}
-    pipes["img2img"].set_progress_bar_config(disable=True)
+    pipes = diffusers_pipes(model, ours)
     size = engine.defaults.height
     results = {}
     for name, specs in workloads(n, size, steps_scale).items():
         if name not in only:
             continue
         specs = [engine.resolve(s) for s in specs]
-        strategies = {
-            "diffusers_per_image": lambda specs=specs: per_image(pipes, specs, batch),
-            "diffusers_list_batches": lambda specs=specs: list_batches(pipes, specs, batch),
-            **{key: lambda specs=specs, e=e: e.generate(specs) for key, e in ours.items()},
-        }
-        if invariance:  # the question is diffbatch against itself; per-image diffusers adds nothing
-            del strategies["diffusers_per_image"]
+        strategies = strategies_for(pipes, ours, specs, batch)
         times = {k: [] for k in strategies}
         for _ in range(repeats):  # interleaved, so machine noise hits every strategy alike
             for key, fn in strategies.items():

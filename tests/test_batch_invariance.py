@@ -17,6 +17,7 @@ import torch
 
 from diffbatch import Engine, GenerationSpec
 from diffbatch.adapters import load_adapter
+from diffbatch.adapters.invariance import CUDA_DENOISER_ROWS, FIXED_SHAPES
 from helpers import noise_image
 
 SAMPLERS = (None, "euler_a", "dpm++_2m", "ddim", "heun", "euler", "dpm++_2m_karras")
@@ -122,3 +123,21 @@ def test_same_seed_same_image_and_other_seed_other_image(adapter, alone):
     again = engine.generate([spec, dataclasses.replace(spec, seed=8)])
     assert np.array_equal(again[0].pixels, alone(again[0].spec))
     assert not np.array_equal(again[1].pixels, again[0].pixels)
+
+
+def test_fixed_call_shapes_run_one_size_per_stage_and_keep_images_the_same():
+    """The CUDA design, exercised on the CPU with stock kernels: every denoiser call has the same row count
+    (chunked and padded), every VAE call one image, and an image does not change with its batch."""
+    adapter = load_adapter(None, "cpu", "float32", invariant=False)
+    adapter.call_shapes = FIXED_SHAPES
+    sizes: dict[str, set[int]] = {"denoise": set(), "decode": set(), "encode_images": set()}
+    for name in sizes:
+        method = getattr(adapter, name)
+        setattr(adapter, name, lambda x, *rest, method=method, name=name: sizes[name].add(x.shape[0])
+                or method(x, *rest))
+    alone_engine = Engine(adapter, max_batch_size=1)
+    rng = random.Random(7)
+    specs = [random_spec(rng, 70 + k) for k in range(11)]  # up to 22 rows: two denoiser calls
+    for spec, result in zip(specs, Engine(adapter, max_batch_size=11).generate(specs), strict=True):
+        assert np.array_equal(result.pixels, alone_engine.generate([result.spec])[0].pixels), spec
+    assert sizes == {"denoise": {CUDA_DENOISER_ROWS}, "decode": {1}, "encode_images": {1}}
