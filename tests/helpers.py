@@ -11,6 +11,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from diffbatch import GenerationSpec
+from diffbatch.result import Result
 from diffbatch.samplers import SAMPLERS
 
 
@@ -52,3 +53,9 @@ class DiffusersOracle:
 def noise_image(size: int = 32, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def made(spec: GenerationSpec, image: Image.Image, sampler: str = "DDIM", model: str = "tiny-sd",
+         seconds: float = 0.1, index: int = 0) -> Result:
+    """A finished image as the engine returns it, for output tests that need no model."""
+    return Result(index, spec, image, np.zeros((image.height, image.width, 3), np.float32), seconds, sampler, model)

@@ -11,6 +11,7 @@ from diffbatch.cli import main
 from diffbatch.io.gallery import CELL, GRID_COLUMNS, write_gallery
 from diffbatch.io.writer import OutputWriter
 from diffbatch.spec import GenerationSpec
+from helpers import made
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -29,7 +30,7 @@ def write_folder(out: Path) -> None:
                                   width=size[0], height=size[1], guidance_rescale=0.0,
                                   negative_prompt="blurry" if k == 1 else "",
                                   image="in.png" if k == 5 else None, strength=0.6 if k == 5 else None)
-            writer.write(k, spec, Image.new("RGB", size, (40 * k, 200 - 30 * k, 90)), "DDIM", 0.1)
+            writer.write(k, made(spec, Image.new("RGB", size, (40 * k, 200 - 30 * k, 90))))
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ from PIL import Image
 
 from diffbatch.io.progress import Progress
 from diffbatch.io.writer import MANIFEST, OutputWriter, format_parameters, png_name
+from diffbatch.result import Result
 from diffbatch.spec import GenerationSpec
+from helpers import made
 
 TXT2IMG = GenerationSpec(prompt="a red circle", seed=7, num_inference_steps=20, guidance_scale=7.0,
                          height=64, width=96, scheduler="euler_a")
@@ -48,7 +50,7 @@ def test_parameter_values_with_commas_or_colons_are_quoted_as_a1111_does() -> No
 def test_write_puts_png_with_parameters_chunk_then_manifest_line(tmp_path: Path) -> None:
     image = Image.new("RGB", (96, 64), (255, 0, 0))
     with OutputWriter(tmp_path, "tiny-sd") as writer:
-        path = writer.write(0, TXT2IMG, image, "Euler a", 1.23456)
+        path = writer.write(0, made(TXT2IMG, image, "Euler a", seconds=1.23456))
     assert path == tmp_path / "00000-7.png"
     with Image.open(path) as png:
         assert png.text["parameters"] == format_parameters(TXT2IMG, "Euler a", "tiny-sd")
@@ -61,9 +63,9 @@ def test_manifest_gets_one_line_per_image_in_finishing_order_and_is_appended_to(
     image = Image.new("RGB", (8, 8))
     with OutputWriter(tmp_path, "m") as writer:
         for index in (2, 0):
-            writer.write(index, GenerationSpec(prompt="é ✓", seed=index, height=8, width=8), image, "DDIM", 0.1)
+            writer.write(index, made(GenerationSpec(prompt="é ✓", seed=index, height=8, width=8), image))
     with OutputWriter(tmp_path, "m") as writer:
-        writer.write(1, GenerationSpec(prompt="x", seed=1, height=8, width=8), image, "DDIM", 0.1)
+        writer.write(1, made(GenerationSpec(prompt="x", seed=1, height=8, width=8), image))
     assert [(r["index"], r["file"]) for r in manifest(tmp_path)] == [
         (2, "00002-2.png"), (0, "00000-0.png"), (1, "00001-1.png")]
     with Image.open(tmp_path / "00000-0.png") as png:
@@ -80,7 +82,7 @@ class BrokenImage:
 
 def test_failed_write_leaves_no_file_and_no_manifest_line(tmp_path: Path) -> None:
     with OutputWriter(tmp_path, "m") as writer, pytest.raises(OSError, match="disk full"):
-        writer.write(0, TXT2IMG, BrokenImage(), "DDIM", 0.1)  # type: ignore[arg-type]
+        writer.write(0, Result(0, TXT2IMG, BrokenImage(), None, 0.1, "DDIM", "m"))  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
 
 

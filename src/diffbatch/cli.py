@@ -21,7 +21,7 @@ from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
 from .samplers import SAMPLERS
-from .spec import GenerationSpec, check_size
+from .spec import GenerationSpec, check_size, parse_size
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -140,11 +140,10 @@ def _parse_batch_size(text: str) -> BatchSize:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    """``WxH`` -> (width, height)."""
-    width, sep, height = text.lower().partition("x")
-    if not (sep and width.strip().isdigit() and height.strip().isdigit()):
-        raise argparse.ArgumentTypeError(f"expected WxH such as 512x512, got {text!r}")
-    return int(width), int(height)
+    try:
+        return parse_size(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_generate(args: argparse.Namespace) -> int:

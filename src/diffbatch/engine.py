@@ -18,21 +18,11 @@ from PIL import Image
 from .io.images import init_image_size
 from .memory import BatchSize, batch_limits
 from .request import Request
+from .result import Result
 from .runner import Runner
 from .samplers import sampler_label
 from .scheduler import Scheduler
 from .spec import GenerationSpec, ModelDefaults
-
-
-@dataclass
-class Result:
-    """One finished image."""
-
-    index: int  # position in the ``generate`` call's specs (the request id for ``step``)
-    spec: GenerationSpec  # resolved: the seed and every default actually used
-    image: Image.Image
-    pixels: np.ndarray  # [H, W, 3] float32 in [0, 1], before rounding to uint8
-    seconds: float  # this image's share of the engine time spent on the steps it took part in
 
 
 @dataclass
@@ -161,4 +151,5 @@ class Engine:
     def _result(self, request: Request, pixels: np.ndarray) -> Result:
         image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
         seconds = self._seconds.pop(request.request_id)
-        return Result(request.request_id, request.spec, image, pixels, seconds)
+        return Result(request.request_id, request.spec, image, pixels, seconds, self.sampler_label(request.spec),
+                      self.model_name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,18 @@ def check_size(spec: GenerationSpec, vae_scale_factor: int) -> None:
         _require(value % vae_scale_factor == 0 and MIN_SIDE <= value <= MAX_SIDE, name, value,
                  f"must be a multiple of {vae_scale_factor} (the model's VAE scale factor) "
                  f"from {MIN_SIDE} to {MAX_SIDE} pixels")
+
+
+SIZE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """The one ``WxH`` parser (CLI ``--size``, the API's ``size``): ``"512x768"`` -> ``(512, 768)`` as
+    (width, height). Only the form is checked here; the bounds are ``check_size``'s."""
+    match = SIZE.fullmatch(text)
+    if match is None:
+        raise SpecError(f"size {text!r} is invalid: use WIDTHxHEIGHT, e.g. 512x512")
+    return int(match[1]), int(match[2])
 
 
 def spec_from_record(record: dict[str, Any], where: str = "spec") -> GenerationSpec:

@@ -7,8 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ..io.gallery import contact_sheet
 from .shapes import ATTRIBUTES, EVAL_PROMPTS, EvalResult, evaluate
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80, "position": 0.80}  # issue 3
@@ -74,34 +75,9 @@ def format_table(result: EvalResult, settings: dict) -> str:
 def write_outputs(out: Path, result: EvalResult, images: list[Image.Image], settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"settings": settings, **result.to_dict()}, indent=1))
-    captioned_grid(images, [r["prompt"] for r in result.records]).save(out / "grid.png")
-
-
-def captioned_grid(images: Sequence[Image.Image], captions: Sequence[str], columns: int = 6,
-                   scale: int = 3) -> Image.Image:
-    """Images enlarged ``scale`` times in a grid, each with its prompt written under it."""
-    side = images[0].width * scale
-    cell_h = side + 40
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * side, rows * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, (image, text) in enumerate(zip(images, captions, strict=True)):
-        x, y = (k % columns) * side, (k // columns) * cell_h
-        grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (x, y))
-        for j, line in enumerate(_wrap(text, side // 6)):
-            draw.text((x + 3, y + side + 2 + 12 * j), line, fill="black")
-    return grid
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, current = [], ""
-    for word in text.split():
-        if current and len(current) + 1 + len(word) > width:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}".strip()
-    return (lines + [current])[:3]
+    captions = [r["prompt"] for r in result.records]
+    contact_sheet(images, captions, cell=3 * images[0].width, columns=6, resample=Image.Resampling.NEAREST).save(
+        out / "grid.png")
 
 
 def _read_prompts(path: Path) -> list[str]:

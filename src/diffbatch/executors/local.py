@@ -14,7 +14,7 @@ def run_local(engine: Engine, specs: Sequence[GenerationSpec], todo: Sequence[in
     """Make the images ``todo`` (indices into ``specs``, resolved) and write each as it finishes."""
     def on_result(result: Result) -> None:
         k = todo[result.index]  # the engine numbers this call's images 0..len(todo)-1
-        writer.write(k, result.spec, result.image, engine.sampler_label(result.spec), result.seconds)
+        writer.write(k, result)
         on_written()
 
     engine.generate([specs[k] for k in todo], on_result=on_result)

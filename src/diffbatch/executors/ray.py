@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..io.writer import OutputWriter, encode_png, format_parameters
+from ..io.writer import OutputWriter, encode_png
 from ..memory import AUTO, BatchSize
+from ..result import Result
 from ..spec import GenerationSpec, spec_from_record
 
 ROWS_PER_CALL = 16  # images per map_batches call under --batch-size auto: enough to fill denoiser batches
@@ -84,10 +85,10 @@ class EngineWorker:
                 "png": np.array([r.png for r in results], dtype=object),
                 "seconds": np.array([r.seconds for r in results], dtype=np.float64)}
 
-    def _finish(self, item: WorkItem, result: Any) -> WorkResult:
-        sampler = self.engine.sampler_label(result.spec)
-        parameters = format_parameters(result.spec, sampler, self.options.model_name or self.engine.model_name)
-        return WorkResult(item.index, encode_png(result.image, parameters), result.seconds)
+    def _finish(self, item: WorkItem, result: Result) -> WorkResult:
+        # The driver's model name, as a local run writes it (a worker may see the model under another path).
+        result = dataclasses.replace(result, model=self.options.model_name or result.model)
+        return WorkResult(item.index, encode_png(result), result.seconds)
 
 
 def run_ray(options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int], writer: OutputWriter,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,33 +125,46 @@ def _card(record: dict[str, Any]) -> str:
 
 
 def render_grid(out: Path, records: list[dict[str, Any]]) -> bytes:
-    """The contact sheet's PNG bytes: images fitted into cells, prompt (up to two lines) under each."""
+    """The contact sheet's PNG bytes: the folder's images with their prompts."""
+    images = [_read_rgb(out / record["file"]) for record in records]
+    return _png_bytes(contact_sheet(images, [str(record.get("prompt", "")) for record in records]))
+
+
+def contact_sheet(images: Sequence[Image.Image | None], captions: Sequence[str], cell: int = CELL,
+                  columns: int = GRID_COLUMNS, resample: Image.Resampling = Image.Resampling.LANCZOS
+                  ) -> Image.Image:
+    """The one grid renderer (gallery grid.png, eval-shapes grid.png): each image fitted into a ``cell``
+    square, centred, its caption (up to two lines) under it; a missing image leaves its cell empty."""
     font = _font()
     line_height = FONT_SIZE + 3
-    columns = max(1, min(GRID_COLUMNS, len(records)))
-    rows = max(1, math.ceil(len(records) / columns))
-    cell_w, cell_h = CELL + 8, CELL + 8 + CAPTION_LINES * line_height + 4
+    columns = max(1, min(columns, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    cell_w, cell_h = cell + 8, cell + 8 + CAPTION_LINES * line_height + 4
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (17, 17, 17))
     draw = ImageDraw.Draw(sheet)
-    for i, record in enumerate(records):
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 4
-        _paste_fitted(sheet, out / record["file"], x, y)
-        for n, line in enumerate(_wrap(str(record.get("prompt", "")), font, CELL)):
-            draw.text((x, y + CELL + 4 + n * line_height), line, fill=(230, 230, 230), font=font)
-    return _png_bytes(sheet)
+        if image is not None:
+            _paste_fitted(sheet, image, x, y, cell, resample)
+        for n, line in enumerate(_wrap(caption, font, cell)):
+            draw.text((x, y + cell + 4 + n * line_height), line, fill=(230, 230, 230), font=font)
+    return sheet
 
 
-def _paste_fitted(sheet: Image.Image, path: Path, x: int, y: int) -> None:
-    """The image scaled to fit the cell, centred; an unreadable file leaves its cell empty."""
+def _read_rgb(path: Path) -> Image.Image | None:
+    """The image at ``path``; None for a cut or foreign file (the gallery still gets written)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = CELL / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-    except (OSError, SyntaxError):  # a cut or foreign file: the gallery still gets written
-        return
-    sheet.paste(image, (x + (CELL - size[0]) // 2, y + (CELL - size[1]) // 2))
+            return image.convert("RGB")
+    except (OSError, SyntaxError):
+        return None
+
+
+def _paste_fitted(sheet: Image.Image, image: Image.Image, x: int, y: int, cell: int,
+                  resample: Image.Resampling) -> None:
+    scale = cell / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    sheet.paste(image.resize(size, resample), (x + (cell - size[0]) // 2, y + (cell - size[1]) // 2))
 
 
 def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:

@@ -4,6 +4,7 @@ one ``manifest.jsonl`` line per image, appended only once its PNG is in place.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -13,9 +14,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..result import Result
 from ..spec import GenerationSpec
 
 MANIFEST = "manifest.jsonl"
@@ -59,17 +60,21 @@ def manifest_record(index: int, spec: GenerationSpec, model: str) -> dict[str, A
     return {"index": index, "file": png_name(index, spec.seed), **spec.to_record(), "model": model}
 
 
-def encode_png(image: Image.Image, parameters: str) -> bytes:
-    """The PNG file's bytes, with the ``parameters`` text chunk (the same bytes wherever it is encoded)."""
+def encode_png(result: Result) -> bytes:
+    """The one PNG encoder (CLI, server, batch jobs, Ray): the image with its ``parameters`` text chunk, the
+    same bytes wherever it is encoded."""
     info = PngInfo()
-    info.add_text(PARAMETERS_KEY, parameters)  # PIL stores non-Latin-1 text as iTXt by itself
+    info.add_text(PARAMETERS_KEY, format_parameters(result.spec, result.sampler, result.model))  # iTXt if needed
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    result.image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def write_png_atomic(path: Path, image: Image.Image, parameters: str) -> None:
-    write_bytes_atomic(path, encode_png(image, parameters))
+def save_png(path: Path, result: Result) -> Path:
+    """``encode_png(result)`` written atomically to ``path`` (its folder made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, encode_png(result))
+    return path
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -108,11 +113,11 @@ class OutputWriter:
         self._lock = threading.Lock()
         self._manifest: IO[str] | None = None
 
-    def write(self, index: int, spec: GenerationSpec, image: Image.Image, sampler: str,
-              seconds: float) -> Path:
-        """PNG first, manifest line after: every manifest line points at a complete file."""
-        return self.write_encoded(index, spec, encode_png(image, format_parameters(spec, sampler, self.model)),
-                                  seconds)
+    def write(self, index: int, result: Result) -> Path:
+        """PNG first, manifest line after: every manifest line points at a complete file. The PNG names the
+        job's model as the manifest does."""
+        png = encode_png(dataclasses.replace(result, model=self.model))
+        return self.write_encoded(index, result.spec, png, result.seconds)
 
     def write_encoded(self, index: int, spec: GenerationSpec, png: bytes, seconds: float) -> Path:
         """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""

@@ -62,9 +62,7 @@ def start_state(config: ServerConfig, engine: Engine | None) -> ServerState:
                                               max_batch_size=config.max_batch_size)
     loop = EngineLoop(engine, config.max_queue, config.batching, config.window_ms / 1000)
     store = Store(config.data_dir)
-    from .routes import save_png
-
-    jobs = JobRunner(store, loop, lambda path, result: save_png(engine, path, result), 2 * config.max_batch_size)
+    jobs = JobRunner(store, loop, 2 * config.max_batch_size)
     loop.start()
     jobs.start()  # resumes unfinished jobs from the store
     log.info("diffbatch serving %s (batching: %s)", engine.model_name, config.batching)

@@ -10,24 +10,19 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from pathlib import Path
 
-from ..engine import Result
 from ..errors import DiffbatchError
+from ..io.writer import png_name, save_png
 from ..spec import spec_from_record
 from .loop import EngineLoop, QueueFull, ShuttingDown
 from .store import JobItem, Store
 
 log = logging.getLogger("diffbatch.server")
-ImageSaver = Callable[[Path, Result], Path]  # writes a Result's PNG atomically, returns its path
-
 
 class JobRunner:
-    def __init__(self, store: Store, loop: EngineLoop, save: ImageSaver, inflight: int) -> None:
+    def __init__(self, store: Store, loop: EngineLoop, inflight: int) -> None:
         self.store = store
         self.loop = loop
-        self.save = save
         self.inflight = inflight
         self._running: dict[tuple[str, int], JobItem] = {}
         self._done: queue.Queue[tuple[JobItem, concurrent.futures.Future] | None] = queue.Queue()
@@ -89,7 +84,7 @@ class JobRunner:
             return
         result = future.result()
         folder = self.store.data_dir / "batches" / item.job_id
-        path = self.save(folder / f"{item.index:05d}-{result.spec.seed}.png", result)
+        path = save_png(folder / png_name(item.index, result.spec.seed), result)
         file_id = self.store.add_file(path, file_id=f"{item.job_id}-{item.index}")
         self.store.finish_item(item, file_id, None, result.seconds)
 

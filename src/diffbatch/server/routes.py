@@ -9,18 +9,16 @@ import json
 import re
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
 
-from ..engine import Engine, Result
-from ..errors import DiffbatchError
-from ..io.writer import PARAMETERS_KEY, format_parameters, write_png_atomic
-from ..spec import FIELDS, GenerationSpec, spec_from_record
+from ..engine import Result
+from ..errors import DiffbatchError, SpecError
+from ..io.writer import encode_png, save_png
+from ..spec import FIELDS, GenerationSpec, parse_size, spec_from_record
 from .loop import QueueFull, ShuttingDown
 from .schemas import ApiError, ImageGenerationRequest
 
@@ -125,9 +123,9 @@ def _submit(s, specs: list[GenerationSpec]) -> list:
 
 def _item(s, request: Request, result: Result, response_format: str) -> dict[str, Any]:
     if response_format == "b64_json":
-        return {"b64_json": base64.b64encode(png_bytes(s.engine, result)).decode(), "seed": result.spec.seed}
+        return {"b64_json": base64.b64encode(encode_png(result)).decode(), "seed": result.spec.seed}
     file_id = secrets.token_hex(16)
-    path = save_png(s.engine, s.store.data_dir / "files" / f"{file_id}.png", result)
+    path = save_png(s.store.data_dir / "files" / f"{file_id}.png", result)
     s.store.add_file(path, file_id)
     return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed}
 
@@ -209,21 +207,6 @@ async def files(name: str, request: Request) -> FileResponse:
 
 
 # Helpers ---------------------------------------------------------------------------------------------------
-def png_bytes(engine: Engine, result: Result) -> bytes:
-    info = PngInfo()
-    info.add_text(PARAMETERS_KEY, format_parameters(result.spec, engine.sampler_label(result.spec), engine.model_name))
-    buffer = io.BytesIO()
-    result.image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def save_png(engine: Engine, path: Path, result: Result) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parameters = format_parameters(result.spec, engine.sampler_label(result.spec), engine.model_name)
-    write_png_atomic(path, result.image, parameters)
-    return path
-
-
 def _read_upload(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -246,10 +229,10 @@ def _form_value(key: str, value: Any) -> Any:
 
 
 def _parse_size(size: str, max_side: int) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
-    if not match:
-        raise ApiError(400, f"size: {size!r} is invalid: use WIDTHxHEIGHT, e.g. 512x512", "size")
-    width, height = int(match[1]), int(match[2])
+    try:
+        width, height = parse_size(size)
+    except SpecError as exc:
+        raise ApiError(400, f"size: {exc}", "size") from None
     _bound("size", max(width, height), 8, max_side)
     return width, height
 
