@@ -66,10 +66,10 @@ def run_trial(adapter, seed: int) -> tuple[list[GenerationSpec], list[np.ndarray
     ids = [engine.admit(s) for s in resolved[:split]]
     finished = {}
     for _ in range(rng.randint(0, 3)):
-        finished.update({r.index: r for r in engine.step()})
+        finished.update({r.request_id: r for r in engine.step()})
     ids += [engine.admit(s) for s in resolved[split:]]  # join mid-flight
     while engine.has_unfinished():
-        finished.update({r.index: r for r in engine.step()})
+        finished.update({r.request_id: r for r in engine.step()})
     return resolved, [finished[i].pixels for i in ids]
 
 

@@ -49,3 +49,16 @@ def test_on_result_sees_every_image(engine):
     engine.generate([GenerationSpec(prompt=str(i), seed=i, num_inference_steps=1 + i) for i in range(5)],
                     on_result=seen.append)
     assert sorted(r.index for r in seen) == list(range(5))
+
+
+def test_abort_drops_requests_mid_flight_and_the_others_finish(engine):
+    ids = [engine.add_request(GenerationSpec(prompt=f"p{k}", seed=k, num_inference_steps=3)) for k in range(4)]
+    engine.step()
+    engine.abort(ids[1:3])
+    finished = []
+    while engine.has_unfinished():
+        finished += [r.request_id for r in engine.step()]
+    assert sorted(finished) == [ids[0], ids[3]] and engine.num_unfinished() == 0
+    engine.add_request(GenerationSpec(prompt="later", seed=9, num_inference_steps=2))
+    engine.abort()  # all
+    assert not engine.has_unfinished()

@@ -28,7 +28,7 @@ def reference(tiny_sd_path: Path) -> list[np.ndarray]:
 def test_oom_above_two_images_still_makes_every_image_identical_to_a_run_without_oom(
         tiny_sd_path: Path, reference: list[np.ndarray]) -> None:
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=8)
-    limits, shape = engine.runner.limits, (32, 32)
+    limits, shape = engine.limits, (32, 32)
     limits.denoise.simulate_oom_above = 2
     got = images(engine)
     assert all(np.array_equal(a, b) for a, b in zip(got, reference, strict=True))
@@ -40,15 +40,15 @@ def test_oom_in_vae_decode_splits_the_decode_and_loses_no_image(tiny_sd_path: Pa
     specs = [GenerationSpec(prompt=f"p{k}", seed=k, num_inference_steps=2) for k in range(5)]
     plain = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=8)
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=8)
-    engine.runner.limits.decode.simulate_oom_above = 1  # the five finish together: one decode of 5 fails
+    engine.limits.decode.simulate_oom_above = 1  # the five finish together: one decode of 5 fails
     got = [np.asarray(r.image) for r in engine.generate(specs)]
     assert all(np.array_equal(a, np.asarray(b.image)) for a, b in zip(got, plain.generate(specs), strict=True))
-    assert engine.runner.limits.decode((32, 32)) == 1 and engine.runner.limits.splits == 4
+    assert engine.limits.decode((32, 32)) == 1 and engine.limits.splits == 4
 
 
 def test_oom_at_one_image_is_raised_not_retried_forever(tiny_sd_path: Path) -> None:
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=4)
-    engine.runner.limits.denoise.simulate_oom_above = 0
+    engine.limits.denoise.simulate_oom_above = 0
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         engine.generate(SPECS[:3])
 

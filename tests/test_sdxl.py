@@ -127,7 +127,7 @@ def test_sdxl_image_is_same_when_joining_an_engine_mid_flight(engine, alone):
     target_id = engine.add_request(TARGET)
     found = {}
     while engine.has_unfinished():
-        found.update({r.index: r for r in engine.step()})
+        found.update({r.request_id: r for r in engine.step()})
     assert_same_image(found[target_id], alone)
 
 

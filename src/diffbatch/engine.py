@@ -9,14 +9,14 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from .io.images import init_image_size
-from .memory import BatchSize, batch_limits
+from .memory import BatchLimits, BatchSize, batch_limits
 from .request import Request
 from .result import Result
 from .runner import Runner
@@ -53,7 +53,7 @@ class Engine:
         self.adapter = adapter
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.scheduler = Scheduler(limits.denoise.cap, limits.denoise)
-        self.runner = Runner(adapter, generator_device=generator_device, limits=limits)
+        self.runner = Runner(adapter, limits, generator_device)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)
         self._seconds: dict[int, float] = {}
@@ -106,6 +106,24 @@ class Engine:
             self._seconds[request.request_id] = 0.0
         return request.request_id
 
+    @property
+    def limits(self) -> BatchLimits:
+        """The denoiser and VAE batch limits per image shape (lowered after an out-of-memory error)."""
+        return self.runner.limits
+
+    @property
+    def max_batch_size(self) -> int:
+        """Most images per denoiser call (the fixed ``--batch-size``, or the cap under "auto")."""
+        return self.scheduler.max_batch_size
+
+    def abort(self, request_ids: Iterable[int] | None = None) -> None:
+        """Drop unfinished requests (all of them when ``request_ids`` is None); they make no image."""
+        with self._lock:
+            ids = list(self.scheduler.requests) if request_ids is None else list(request_ids)
+            self.scheduler.abort(ids)
+            for request_id in ids:
+                self._seconds.pop(request_id, None)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -127,15 +145,17 @@ class Engine:
         return [self._result(r, pixels[r.request_id]) for r in finished]
 
     def generate(self, specs: Sequence[GenerationSpec], on_result: Callable[[Result], None] | None = None,
-                 base_seed: int | None = None) -> list[Result]:
-        """Make every image; results in input order. Image k without a seed gets ``base_seed + k``
-        (a random seed when ``base_seed`` is None); ``on_result`` sees each image as it finishes."""
-        resolved = [self.resolve(s, None if base_seed is None else base_seed + k) for k, s in enumerate(specs)]
-        ids = {self.admit(spec): k for k, spec in enumerate(resolved)}
+                 base_seed: int | None = None, resolved: bool = False) -> list[Result]:
+        """Make every image; results in input order, each with its position as ``index``. Image k without a
+        seed gets ``base_seed + k`` (a random seed when ``base_seed`` is None); ``on_result`` sees each image
+        as it finishes. ``resolved=True``: the specs come from ``resolve`` already and are not checked again."""
+        if not resolved:
+            specs = [self.resolve(s, None if base_seed is None else base_seed + k) for k, s in enumerate(specs)]
+        ids = {self.admit(spec): k for k, spec in enumerate(specs)}
         results: list[Result | None] = [None] * len(specs)
         while ids:
             for result in self.step():
-                k = ids.pop(result.index, None)
+                k = ids.pop(result.request_id, None)
                 if k is None:
                     continue  # a request someone else added
                 results[k] = dataclasses.replace(result, index=k)

@@ -16,7 +16,7 @@ Policy (``--batch-size auto``, the default of the CLI):
   split-and-retry; only the starting limit differs.
 
 Test hook: ``DIFFBATCH_SIMULATE_OOM_ABOVE=N`` raises the device's out-of-memory error for any denoiser call
-or VAE decode of more than N images (per stage: ``engine.runner.limits.decode.simulate_oom_above = N``).
+or VAE decode of more than N images (per stage: ``engine.limits.decode.simulate_oom_above = N``).
 """
 
 from __future__ import annotations

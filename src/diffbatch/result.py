@@ -14,10 +14,11 @@ from .spec import GenerationSpec
 class Result:
     """One finished image."""
 
-    index: int  # position in the ``generate`` call's specs (the request id for ``step``)
+    request_id: int  # the engine's id for this image (``add_request``/``admit`` return it)
     spec: GenerationSpec  # resolved: the seed and every default actually used
     image: Image.Image
     pixels: np.ndarray  # [H, W, 3] float32 in [0, 1], before rounding to uint8
     seconds: float  # this image's share of the engine time spent on the steps it took part in
     sampler: str = ""  # the sampler that made it, as written into PNG metadata ("Euler a", "DPM++ 2M", ...)
     model: str = ""  # the model's name, as written into PNG metadata and manifests
+    index: int | None = None  # position in the ``generate`` call's specs; None for ``step``'s results

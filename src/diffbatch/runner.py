@@ -24,7 +24,7 @@ from .adapters import Adapter, Cond
 from .adapters.invariance import batch_rows, pad_rows, run_in_calls
 from .errors import SpecError
 from .io.images import load_init_image
-from .memory import BatchLimits, StageLimit, batch_limits
+from .memory import BatchLimits, StageLimit
 from .request import Request
 from .samplers import SAMPLERS
 from .scheduler import SchedulerOutput
@@ -75,11 +75,10 @@ def _chunks(items: Sequence[Request], limit: StageLimit) -> Iterator[list[Reques
 
 
 class Runner:
-    def __init__(self, adapter: Adapter, vae_batch_size: int = 8, generator_device: str = "cpu",
-                 limits: BatchLimits | None = None) -> None:
+    def __init__(self, adapter: Adapter, limits: BatchLimits, generator_device: str = "cpu") -> None:
         self.adapter = adapter
         # Images per denoiser call / VAE call, per shape; split and lowered on out-of-memory (memory.py).
-        self.limits = limits or batch_limits(vae_batch_size, adapter.device.type, adapter.dtype.itemsize)
+        self.limits = limits
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
         self.prompts = PromptCache()
         self._prototypes: dict[str | None, Any] = {}

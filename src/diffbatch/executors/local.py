@@ -17,4 +17,4 @@ def run_local(engine: Engine, specs: Sequence[GenerationSpec], todo: Sequence[in
         writer.write(k, result)
         on_written()
 
-    engine.generate([specs[k] for k in todo], on_result=on_result)
+    engine.generate([specs[k] for k in todo], on_result=on_result, resolved=True)

@@ -80,7 +80,8 @@ class EngineWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [WorkItem(int(i), str(s)) for i, s in zip(batch["index"], batch["spec"], strict=True)]
         specs = [spec_from_record(json.loads(item.spec), f"image {item.index}") for item in items]
-        results = [self._finish(item, r) for item, r in zip(items, self.engine.generate(specs), strict=True)]
+        made = self.engine.generate(specs, resolved=True)  # resolved by the driver
+        results = [self._finish(item, r) for item, r in zip(items, made, strict=True)]
         return {"index": np.array([r.index for r in results], dtype=np.int64),
                 "png": np.array([r.png for r in results], dtype=object),
                 "seconds": np.array([r.seconds for r in results], dtype=np.float64)}

@@ -107,10 +107,10 @@ class EngineLoop:
             self._fail_all(exc)
             return
         for result in results:
-            self._futures.pop(result.index).set_result(result)
+            self._futures.pop(result.request_id).set_result(result)
 
     def _fail_all(self, exc: Exception) -> None:
-        self.engine.scheduler.abort(list(self.engine.scheduler.requests))
+        self.engine.abort()
         futures, self._futures = self._futures, {}
         for future in futures.values():
             future.set_exception(exc)
@@ -128,7 +128,7 @@ class EngineLoop:
         if time.monotonic() < self._pending[0].arrived + self.window_s:
             return []
         key = parameter_key(self._pending[0].spec)
-        group = [p for p in self._pending if parameter_key(p.spec) == key][: self.engine.scheduler.max_batch_size]
+        group = [p for p in self._pending if parameter_key(p.spec) == key][: self.engine.max_batch_size]
         for p in group:
             self._pending.remove(p)
         return group
