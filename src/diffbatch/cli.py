@@ -211,8 +211,7 @@ def _check_flag(flag: str, field: str, value: Any, shown: str | None = None) -> 
 
 
 def _allowed(exc: SpecError) -> str:
-    """The "what is allowed" half of a spec error (``field=value is invalid: <allowed>``)."""
-    return str(exc).partition(" is invalid: ")[2] or str(exc)
+    return exc.reason or str(exc)
 
 
 def _check_size_flag(size: tuple[int, int], vae_scale_factor: int) -> None:

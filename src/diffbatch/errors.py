@@ -1,12 +1,31 @@
-"""Errors meant for people: each says what was wrong, where, and what is allowed."""
+"""Errors meant for people: each says what was wrong, where, and what is allowed.
+
+They carry structure too (``field``, and for spec errors ``value`` and ``reason``): the CLI turns a field
+into its flag and the server into OpenAI's ``param`` from these, never by reading the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class DiffbatchError(ValueError):
     """Base of every input error diffbatch raises; a ``ValueError`` so callers can catch either."""
 
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # the GenerationSpec field (or request input) at fault, where there is one
+
 
 class SpecError(DiffbatchError):
-    """A generation spec (or a field of one) is invalid."""
+    """A generation spec (or a field of one) is invalid: ``field`` had ``value``; ``reason`` says what is
+    allowed. The message is ``field=value is invalid: reason`` unless one is given."""
+
+    def __init__(self, message: str | None = None, *, field: str | None = None, value: Any = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message or f"{field}={value!r} is invalid: {reason}", field)
+        self.value = value
+        self.reason = reason
 
 
 class InputError(DiffbatchError):

@@ -141,7 +141,8 @@ class Runner:
         if self._sampler_errors[key]:
             name = spec.scheduler or self.adapter.default_scheduler_class.__name__
             raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
-                            f"{self._sampler_errors[key]}")
+                            f"{self._sampler_errors[key]}", field="num_inference_steps",
+                            value=spec.num_inference_steps, reason=self._sampler_errors[key])
 
     def _make_sampler(self, name: str | None) -> Any:
         """A fresh sampler: a copy of a never-used prototype (``from_config`` costs ~1 ms of signature parsing)."""

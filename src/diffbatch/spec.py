@@ -74,7 +74,8 @@ class GenerationSpec:
         check_size(resolved, defaults.vae_scale_factor)
         if resolved.is_img2img and int(resolved.num_inference_steps * resolved.strength) < 1:
             raise SpecError(f"strength={resolved.strength} with num_inference_steps={resolved.num_inference_steps} "
-                            "leaves no denoising step: need num_inference_steps * strength >= 1")
+                            "leaves no denoising step: need num_inference_steps * strength >= 1", field="strength",
+                            value=resolved.strength, reason="need num_inference_steps * strength >= 1")
         return resolved
 
     def to_record(self) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def _first(value: Any, default: Any) -> Any:
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise SpecError(f"{field}={value!r} is invalid: {allowed}")
+        raise SpecError(field=field, value=value, reason=allowed)
 
 
 def _is_int(value: Any) -> bool:
@@ -149,7 +150,8 @@ def parse_size(text: str) -> tuple[int, int]:
     (width, height). Only the form is checked here; the bounds are ``check_size``'s."""
     match = SIZE.fullmatch(text)
     if match is None:
-        raise SpecError(f"size {text!r} is invalid: use WIDTHxHEIGHT, e.g. 512x512")
+        raise SpecError(f"size {text!r} is invalid: use WIDTHxHEIGHT, e.g. 512x512", field="size", value=text,
+                        reason="use WIDTHxHEIGHT, e.g. 512x512")
     return int(match[1]), int(match[2])
 
 
@@ -159,10 +161,11 @@ def spec_from_record(record: dict[str, Any], where: str = "spec") -> GenerationS
         raise SpecError(f"{where}: expected a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - set(FIELDS))
     if unknown:
-        raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+        raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}",
+                        field=unknown[0], value=record[unknown[0]], reason=f"allowed: {', '.join(FIELDS)}")
     if "prompt" not in record:
-        raise SpecError(f"{where}: missing field 'prompt'")
+        raise SpecError(f"{where}: missing field 'prompt'", field="prompt", reason="required")
     try:
         return GenerationSpec(**record)
     except SpecError as exc:
-        raise SpecError(f"{where}: {exc}") from None
+        raise SpecError(f"{where}: {exc}", field=exc.field, value=exc.value, reason=exc.reason) from None

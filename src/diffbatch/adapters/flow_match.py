@@ -26,10 +26,12 @@ class FlowMatchAdapter(Adapter):
         if spec.scheduler is not None:
             raise SpecError(f"scheduler={spec.scheduler!r} is invalid for {self.family} model {self.name!r}: it "
                             f"samples with flow matching ({type(self.pipe.scheduler).__name__}), which the "
-                            "Stable Diffusion samplers cannot run; leave scheduler unset")
+                            "Stable Diffusion samplers cannot run; leave scheduler unset", field="scheduler",
+                            value=spec.scheduler, reason="must be unset for flow-matching models")
         if spec.guidance_rescale:
             raise SpecError(f"guidance_rescale={spec.guidance_rescale} is invalid for {self.family} model "
-                            f"{self.name!r}: its diffusers pipeline has no guidance rescale; leave it at 0")
+                            f"{self.name!r}: its diffusers pipeline has no guidance rescale; leave it at 0",
+                            field="guidance_rescale", value=spec.guidance_rescale, reason="must be 0 here")
 
     # Sampling --------------------------------------------------------------------------------------------
     @abstractmethod

@@ -60,7 +60,8 @@ class FluxAdapter(FlowMatchAdapter):
         if spec.negative_prompt:
             raise SpecError(f"negative_prompt={spec.negative_prompt!r} is invalid for flux model {self.name!r}: "
                             "FluxPipeline uses a negative prompt only for true CFG (true_cfg_scale), which "
-                            "diffbatch does not support; leave negative_prompt empty")
+                            "diffbatch does not support; leave negative_prompt empty", field="negative_prompt",
+                            value=spec.negative_prompt, reason="must be empty for Flux")
 
     def uses_cfg(self, spec: GenerationSpec) -> bool:
         return False  # FluxPipeline never runs CFG rows from guidance_scale (an embedding input, or unused)

@@ -67,7 +67,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def check_spec(self, spec: GenerationSpec) -> None:
         if self.is_refiner and not spec.is_img2img:
             raise SpecError(f"model {self.name!r} is an SDXL refiner, which only does image-to-image: give an init "
-                            "image (--image, or a spec's image field), or use an SDXL base model for text-to-image")
+                            "image (--image, or a spec's image field), or use an SDXL base model for text-to-image",
+                            field="image", reason="required by an SDXL refiner")
 
     # Conditioning ----------------------------------------------------------------------------------------
     def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:

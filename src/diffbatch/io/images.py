@@ -31,17 +31,16 @@ def init_image_size(value: Any, where: str = "init image") -> tuple[int, int]:
 
 def _open(value: Any, where: str, read: Callable[[Image.Image], T]) -> T:
     if not isinstance(value, str | os.PathLike):
-        raise InputError(f"{where}: must be a PIL image or a file path, "
-                         f"got {type(value).__name__}")
+        raise InputError(f"{where}: must be a PIL image or a file path, got {type(value).__name__}", "image")
     path = Path(value)
     if not path.is_file():
         reason = "is a directory" if path.is_dir() else "does not exist"
-        raise InputError(f"{where}: {str(path)!r} {reason}")
+        raise InputError(f"{where}: {str(path)!r} {reason}", "image")
     try:
         with Image.open(path) as image:
             return read(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise InputError(f"{where}: cannot read {str(path)!r} as an image: {_first_line(exc)}") from None
+        raise InputError(f"{where}: cannot read {str(path)!r} as an image: {_first_line(exc)}", "image") from None
 
 
 def list_images(path: str | os.PathLike, where: str = "--image") -> list[Path]:

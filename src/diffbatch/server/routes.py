@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from ..engine import Result
 from ..errors import DiffbatchError, SpecError
 from ..io.writer import encode_png, save_png
-from ..spec import FIELDS, GenerationSpec, parse_size, spec_from_record
+from ..spec import GenerationSpec, parse_size, spec_from_record
 from .loop import QueueFull, ShuttingDown
 from .schemas import ApiError, ImageGenerationRequest
 
@@ -96,7 +96,7 @@ def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | Non
     try:
         return [GenerationSpec(**fields, seed=base + i) for i in range(n)]
     except DiffbatchError as exc:
-        raise ApiError(400, str(exc), _field_of(str(exc))) from None
+        raise ApiError(400, str(exc), exc.field) from None
 
 
 async def _generate(request: Request, specs: list[GenerationSpec], response_format: str) -> dict:
@@ -118,7 +118,7 @@ def _submit(s, specs: list[GenerationSpec]) -> list:
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), kind="server_error", headers={"Retry-After": "5"}) from None
     except DiffbatchError as exc:
-        raise ApiError(400, str(exc), _field_of(str(exc))) from None
+        raise ApiError(400, str(exc), exc.field) from None
 
 
 def _item(s, request: Request, result: Result, response_format: str) -> dict[str, Any]:
@@ -157,7 +157,7 @@ def _batch_records(s, lines: list[str]) -> list[dict[str, Any]]:
         try:
             spec = s.engine.resolve(spec_from_record(record, where), seed=len(records))
         except DiffbatchError as exc:
-            raise ApiError(400, str(exc), _field_of(str(exc))) from None
+            raise ApiError(400, str(exc), exc.field) from None
         records.append(spec.to_record())
     if not records:
         raise ApiError(400, "the batch body holds no JSON lines", "body")
@@ -240,10 +240,3 @@ def _parse_size(size: str, max_side: int) -> tuple[int, int]:
 def _bound(name: str, value: int | None, low: int, high: int) -> None:
     if value is not None and not low <= value <= high:
         raise ApiError(400, f"{name}: {value} is out of range [{low}, {high}]", name)
-
-
-def _field_of(message: str) -> str | None:
-    """The spec field an error message names (``steps=0 is invalid`` -> ``num_inference_steps``)."""
-    found = [f for f in FIELDS if re.search(rf"\b{f}\b", message)]
-    return found[0] if found else None
-
