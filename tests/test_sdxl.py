@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffbatch import Engine, GenerationSpec, SpecError
-from diffbatch.adapters.loading import has_fp16_variant
+from diffbatch.adapters.hub import has_fp16_variant
 from diffbatch.adapters.sdxl import StableDiffusionXLAdapter
 from diffbatch.engine import Result
 from tiny_sdxl import SDXLOracle, noise_picture, save_tiny_sdxl, tiny_sdxl_components

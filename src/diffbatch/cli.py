@@ -20,6 +20,7 @@ from .io.prompts import JobItem, JobSource, read_job
 from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
+from .quiet import quiet_loading
 from .samplers import SAMPLERS
 from .spec import GenerationSpec, check_size, parse_size
 
@@ -232,21 +233,11 @@ def load_engine(args: argparse.Namespace) -> Engine:
     ``--ray`` this process only resolves specs, so it loads the model on the CPU; the workers use --device."""
     from .engine import Engine
 
-    _quiet_loading()
+    quiet_loading()
     with warnings.catch_warnings():  # library deprecation notes are not the user's business here
         warnings.simplefilter("ignore")
         device = "cpu" if args.ray is not None else args.device
         return Engine.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch_size=args.batch_size)
-
-
-def _quiet_loading() -> None:
-    """Keep stderr for our progress bar and one-line errors: no loading bars or notices from the libraries."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for logging in (diffusers_logging, transformers_logging):
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
 
 
 def resolve_all(engine: Engine, items: list[JobItem]) -> list[GenerationSpec]:

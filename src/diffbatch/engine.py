@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .adapters import load_adapter
 from .io.images import init_image_size
 from .memory import BatchLimits, BatchSize, batch_limits
 from .request import Request
@@ -66,8 +67,6 @@ class Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
         ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
         image may then change by a few uint8 levels with its batch or the thread count."""
-        from .adapters import load_adapter
-
         adapter = load_adapter(model, device, dtype, invariant=batch_invariant)
         return cls(adapter, max_batch_size, vae_batch_size, generator_device)
 

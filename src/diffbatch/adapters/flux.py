@@ -20,6 +20,7 @@ from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
 from .flow_match import FlowMatchAdapter
+from .hub import from_pretrained
 
 
 class FluxAdapter(FlowMatchAdapter):
@@ -31,7 +32,6 @@ class FluxAdapter(FlowMatchAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import FluxPipeline
 
-        from .loading import from_pretrained
 
         return from_pretrained(FluxPipeline, model, dtype)
 

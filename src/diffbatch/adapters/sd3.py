@@ -12,6 +12,7 @@ from PIL import Image
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
 from .flow_match import FlowMatchAdapter
+from .hub import from_pretrained, read_model_index
 
 
 class StableDiffusion3Adapter(FlowMatchAdapter):
@@ -23,7 +24,6 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusion3Pipeline
 
-        from .loading import from_pretrained, read_model_index
 
         # A pipeline saved without T5 (model_index.json entries null) loads only when told so; diffusers then
         # feeds zeros in place of the T5 embeddings.

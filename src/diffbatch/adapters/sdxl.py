@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
+from .hub import from_pretrained, read_model_index
 from .stable_diffusion import StableDiffusionAdapter
 
 IMG2IMG_CLASS = "StableDiffusionXLImg2ImgPipeline"
@@ -44,7 +45,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-        from .loading import from_pretrained, read_model_index
 
         # A refiner folder is saved as the img2img pipeline, often without the first text encoder.
         img2img = read_model_index(model).get("_class_name") == IMG2IMG_CLASS

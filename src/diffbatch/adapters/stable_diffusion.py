@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Adapter, Cond
+from .hub import from_pretrained
 
 
 class StableDiffusionAdapter(Adapter):
@@ -21,7 +22,6 @@ class StableDiffusionAdapter(Adapter):
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:
         from diffusers import StableDiffusionPipeline
 
-        from .loading import from_pretrained
 
         # No safety checker: the engine returns what the model makes (diffbatch is a batch tool, not a filter).
         return from_pretrained(StableDiffusionPipeline, model, dtype, safety_checker=None,

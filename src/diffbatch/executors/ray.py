@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.writer import OutputWriter, encode_png
 from ..memory import AUTO, BatchSize
+from ..quiet import quiet_loading
 from ..result import Result
 from ..spec import GenerationSpec, spec_from_record
 
@@ -68,11 +69,10 @@ class EngineWorker:
     def __init__(self, options: RayOptions) -> None:
         import torch
 
-        from ..cli import _quiet_loading
         from ..engine import Engine
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # Ray: the actor's CPUs
-        _quiet_loading()
+        quiet_loading()
         self.options = options
         self.engine = Engine.from_pretrained(options.model, device=options.device, dtype=options.dtype,
                                              max_batch_size=options.batch_size)

@@ -6,34 +6,24 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .. import __version__
 from ..engine import Engine
 from .config import ServerConfig
 from .jobs import JobRunner
 from .loop import EngineLoop
 from .metrics import Metrics
+from .routes import router
 from .schemas import ApiError
+from .state import ServerState
 from .store import Store
 
 log = logging.getLogger("diffbatch.server")
 OPEN_PATHS = ("/health",)
-
-
-@dataclass
-class ServerState:
-    """What the routes share; built in the lifespan, kept on ``app.state.server``."""
-
-    config: ServerConfig
-    engine: Engine
-    loop: EngineLoop
-    store: Store
-    jobs: JobRunner
-    metrics: Metrics
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
@@ -51,9 +41,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="diffbatch", version=_version(), lifespan=lifespan)
     _add_error_handlers(app)
     _add_middlewares(app, config)
-    from . import routes
-
-    app.include_router(routes.router)
+    app.include_router(router)
     return app
 
 
@@ -113,6 +101,4 @@ def _authorized(request: Request, api_key: str) -> bool:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__

@@ -21,6 +21,7 @@ from ..io.writer import encode_png, save_png
 from ..spec import GenerationSpec, parse_size, spec_from_record
 from .loop import QueueFull, ShuttingDown
 from .schemas import ApiError, ImageGenerationRequest
+from .state import ServerState
 
 router = APIRouter()
 FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
@@ -28,7 +29,7 @@ EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "stren
                "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality")
 
 
-def state(request: Request):  # noqa: ANN201 - ServerState (import cycle otherwise)
+def state(request: Request) -> ServerState:
     return request.app.state.server
 
 
