@@ -18,11 +18,11 @@ from PIL import Image
 from .adapters import load_adapter
 from .io.images import init_image_size
 from .memory import BatchLimits, BatchSize, batch_limits
+from .planner import Planner
 from .request import Request
 from .result import Result
 from .runner import Runner
 from .samplers import sampler_label
-from .scheduler import Scheduler
 from .spec import GenerationSpec, ModelDefaults
 
 
@@ -53,7 +53,7 @@ class Engine:
         """``max_batch_size``: images per denoiser call, or "auto" to size batches from memory (memory.py)."""
         self.adapter = adapter
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
-        self.scheduler = Scheduler(limits.denoise.cap, limits.denoise)
+        self.planner = Planner(limits.denoise.cap, limits.denoise)
         self.runner = Runner(adapter, limits, generator_device)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)
@@ -101,7 +101,7 @@ class Engine:
         with self._lock:
             request = Request(next(self._ids), resolved, (resolved.height, resolved.width),
                               started=time.perf_counter())
-            self.scheduler.add(request)
+            self.planner.add(request)
             self._seconds[request.request_id] = 0.0
         return request.request_id
 
@@ -113,33 +113,33 @@ class Engine:
     @property
     def max_batch_size(self) -> int:
         """Most images per denoiser call (the fixed ``--batch-size``, or the cap under "auto")."""
-        return self.scheduler.max_batch_size
+        return self.planner.max_batch_size
 
     def abort(self, request_ids: Iterable[int] | None = None) -> None:
         """Drop unfinished requests (all of them when ``request_ids`` is None); they make no image."""
         with self._lock:
-            ids = list(self.scheduler.requests) if request_ids is None else list(request_ids)
-            self.scheduler.abort(ids)
+            ids = list(self.planner.requests) if request_ids is None else list(request_ids)
+            self.planner.abort(ids)
             for request_id in ids:
                 self._seconds.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.planner.has_unfinished()
 
     def num_unfinished(self) -> int:
-        return len(self.scheduler.requests)
+        return len(self.planner.requests)
 
     def step(self) -> list[Result]:
         """One engine iteration: schedule, execute, update. Returns the images finished in it."""
         with self._lock:
-            plan = self.scheduler.schedule()
+            plan = self.planner.schedule()
         if plan.is_empty:
             return []
         began = time.perf_counter()
         pixels = self.runner.execute(plan)
         self._charge(plan.decode + plan.denoise, time.perf_counter() - began)
         with self._lock:
-            finished = self.scheduler.update(plan)
+            finished = self.planner.update(plan)
         self.stats.record(len(plan.denoise), len(finished))
         return [self._result(r, pixels[r.request_id]) for r in finished]
 

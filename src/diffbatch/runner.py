@@ -1,6 +1,6 @@
 """The runner: owns device, dtype, inference mode and the batching of tensors.
 
-It executes one ``SchedulerOutput``: decode the requests that finished denoising, prepare the newly admitted
+It executes one ``StepPlan``: decode the requests that finished denoising, prepare the newly admitted
 ones (prompt embeddings from a cache, each request's own sampler, initial latents), then make one batched
 denoiser call and step each request's own sampler.
 """
@@ -25,9 +25,9 @@ from .adapters.invariance import batch_rows, pad_rows, run_in_calls
 from .errors import SpecError
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
+from .planner import StepPlan
 from .request import Request
 from .samplers import SAMPLERS
-from .scheduler import SchedulerOutput
 from .spec import GenerationSpec
 
 PROMPT_BATCH = 64  # texts per text-encoder call
@@ -84,7 +84,7 @@ class Runner:
         self._prototypes: dict[str | None, Any] = {}
         self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
 
-    def execute(self, plan: SchedulerOutput) -> dict[int, np.ndarray]:
+    def execute(self, plan: StepPlan) -> dict[int, np.ndarray]:
         """Run one engine step; return the decoded pixels (``[H, W, 3]`` in [0, 1]) by request id."""
         with torch.inference_mode():
             pixels = self._decode(plan.decode)

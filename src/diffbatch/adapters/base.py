@@ -25,7 +25,6 @@ Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch
 
 class Adapter(ABC):
     family: ClassVar[str]  # e.g. "stable-diffusion"
-    pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json ``_class_name`` values handled
 
     def __init__(self, pipe: Any, name: str, invariant: bool = True) -> None:
         self.pipe = pipe

@@ -25,7 +25,6 @@ from .hub import from_pretrained
 
 class FluxAdapter(FlowMatchAdapter):
     family = "flux"
-    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline")
     max_sequence_length = 512  # T5 tokens: FluxPipeline's default
 
     @classmethod

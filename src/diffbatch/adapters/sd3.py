@@ -17,7 +17,6 @@ from .hub import from_pretrained, read_model_index
 
 class StableDiffusion3Adapter(FlowMatchAdapter):
     family = "stable-diffusion-3"
-    pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     max_sequence_length = 256  # T5 tokens: StableDiffusion3Pipeline's default
 
     @classmethod

@@ -26,7 +26,6 @@ IMG2IMG_CLASS = "StableDiffusionXLImg2ImgPipeline"
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     family = "stable-diffusion-xl"
-    pipeline_classes = ("StableDiffusionXLPipeline", IMG2IMG_CLASS)
     # diffusers' StableDiffusionXLImg2ImgPipeline defaults; there is no per-request field for them (yet).
     aesthetic_score: ClassVar[float] = 6.0
     negative_aesthetic_score: ClassVar[float] = 2.5

@@ -16,7 +16,6 @@ from .hub import from_pretrained
 
 class StableDiffusionAdapter(Adapter):
     family = "stable-diffusion"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
     @classmethod
     def load_pipeline(cls, model: str, dtype: torch.dtype) -> Any:

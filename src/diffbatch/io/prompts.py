@@ -42,7 +42,7 @@ class JobItem:
 
 
 @dataclass(frozen=True)
-class _Line:
+class _PromptLine:
     fields: dict[str, Any]  # spec fields the input line sets
     where: str
 
@@ -57,11 +57,11 @@ def read_job(source: JobSource, stdin: TextIO | None = None) -> list[JobItem]:
     return _expand(lines, source)
 
 
-def _read_lines(source: JobSource, stdin: TextIO) -> list[_Line]:
+def _read_lines(source: JobSource, stdin: TextIO) -> list[_PromptLine]:
     if source.prompts_file is not None and source.prompts:
         raise InputError("give a PROMPTS file or --prompt, not both")
     if source.prompts:
-        return [_Line({"prompt": p}, f"--prompt #{i}") for i, p in enumerate(source.prompts, 1)]
+        return [_PromptLine({"prompt": p}, f"--prompt #{i}") for i, p in enumerate(source.prompts, 1)]
     if source.prompts_file is None:
         raise InputError("no prompts: give a PROMPTS file (text or .jsonl), - for stdin, or --prompt TEXT")
     name, text = _read_text(source.prompts_file, stdin)
@@ -100,11 +100,11 @@ def _numbered(text: str) -> list[tuple[int, str]]:
     return [(n, s) for n, s in stripped if s]
 
 
-def _parse_text(name: str, text: str) -> list[_Line]:
-    return [_Line({"prompt": s}, f"{name}:{n}") for n, s in _numbered(text) if not s.startswith("#")]
+def _parse_text(name: str, text: str) -> list[_PromptLine]:
+    return [_PromptLine({"prompt": s}, f"{name}:{n}") for n, s in _numbered(text) if not s.startswith("#")]
 
 
-def _parse_jsonl(name: str, text: str) -> list[_Line]:
+def _parse_jsonl(name: str, text: str) -> list[_PromptLine]:
     lines = []
     for n, s in _numbered(text):
         where = f"{name}:{n}"
@@ -114,24 +114,24 @@ def _parse_jsonl(name: str, text: str) -> list[_Line]:
             raise InputError(f"{where}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object with a 'prompt', got {type(record).__name__}")
-        lines.append(_Line(record, where))
+        lines.append(_PromptLine(record, where))
     return lines
 
 
-def _pair_images(lines: list[_Line], images: list[Path], source: str) -> list[_Line]:
+def _pair_images(lines: list[_PromptLine], images: list[Path], source: str) -> list[_PromptLine]:
     """One image for all prompts, one prompt for all images, or one image per prompt in sorted order."""
     if len(images) == 1:
-        return [_Line({"image": str(images[0]), **line.fields}, line.where) for line in lines]
+        return [_PromptLine({"image": str(images[0]), **line.fields}, line.where) for line in lines]
     if len(lines) == 1:
-        return [_Line({"image": str(image), **lines[0].fields}, lines[0].where) for image in images]
+        return [_PromptLine({"image": str(image), **lines[0].fields}, lines[0].where) for image in images]
     if len(lines) != len(images):
         raise InputError(f"--image {source}: {len(images)} images but {len(lines)} prompts; "
                          "give one prompt for all images, or one prompt per image")
     pairs = zip(lines, images, strict=True)
-    return [_Line({"image": str(image), **line.fields}, line.where) for line, image in pairs]
+    return [_PromptLine({"image": str(image), **line.fields}, line.where) for line, image in pairs]
 
 
-def _expand(lines: list[_Line], source: JobSource) -> list[JobItem]:
+def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
     """``images_per_prompt`` images per line; a line's own seed S gives its copies S, S+1, ..."""
     items: list[JobItem] = []
     for line in lines:

@@ -40,7 +40,7 @@ class ResumePlan:
 
 
 @dataclass(frozen=True)
-class _Line:
+class _ManifestLine:
     text: str
     record: dict[str, Any]
 
@@ -50,7 +50,7 @@ def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrit
     naming the first difference when the job changed and ``overwrite`` is off. Reads; writes nothing."""
     lines, damaged = _read_manifest(out / MANIFEST)
     expected = [_normal(manifest_record(k, spec, model)) for k, spec in enumerate(specs)]
-    latest: dict[int, _Line] = {}
+    latest: dict[int, _ManifestLine] = {}
     for line in lines:
         latest[line.record.get("index", -1)] = line  # a repeated index: the last line wins
     changed = [(k, line) for k, line in latest.items() if not _same(line.record, expected, k)]
@@ -101,7 +101,7 @@ def manifest_records(out: Path) -> list[dict[str, Any]]:
     return [latest[k] for k in sorted(latest)]
 
 
-def _read_manifest(path: Path) -> tuple[list[_Line], bool]:
+def _read_manifest(path: Path) -> tuple[list[_ManifestLine], bool]:
     """Complete, parseable lines; ``damaged`` when some line was cut short or unreadable."""
     try:
         data = path.read_bytes()
@@ -117,7 +117,7 @@ def _read_manifest(path: Path) -> tuple[list[_Line], bool]:
     return lines, damaged
 
 
-def _parse(chunk: bytes) -> _Line | None:
+def _parse(chunk: bytes) -> _ManifestLine | None:
     try:
         text = chunk.decode("utf-8")
         record = json.loads(text)
@@ -125,7 +125,7 @@ def _parse(chunk: bytes) -> _Line | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("index"), int):
         return None
-    return _Line(text, record)
+    return _ManifestLine(text, record)
 
 
 def _normal(record: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def _same(record: dict[str, Any], expected: list[dict[str, Any]], k: int) -> boo
     return {key: v for key, v in record.items() if key not in RUN_FIELDS} == expected[k]
 
 
-def _png_complete(out: Path, line: _Line) -> bool:
+def _png_complete(out: Path, line: _ManifestLine) -> bool:
     """The file exists and ends with IEND (an atomic rename cannot leave half a PNG, but a copy can)."""
     name = line.record.get("file")
     if not isinstance(name, str) or "/" in name or name.startswith("."):
@@ -162,14 +162,14 @@ def _temp_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if TEMP_FILE.match(p.name))
 
 
-def _replaced_files(out: Path, changed: list[tuple[int, _Line]], expected: list[dict[str, Any]]) -> list[Path]:
+def _replaced_files(out: Path, changed: list[tuple[int, _ManifestLine]], expected: list[dict[str, Any]]) -> list[Path]:
     """Files of replaced images whose name the new job does not reuse (an index's new seed names a new file)."""
     new_names = {record["file"] for record in expected}
     names = {line.record.get("file") for _, line in changed}
     return [out / n for n in sorted(n for n in names if isinstance(n, str) and n not in new_names and "/" not in n)]
 
 
-def _changed_message(out: Path, first: tuple[int, _Line], expected: list[dict[str, Any]], count: int) -> str:
+def _changed_message(out: Path, first: tuple[int, _ManifestLine], expected: list[dict[str, Any]], count: int) -> str:
     k, line = first
     if not 0 <= k < len(expected):
         what = f"image {k}, which this job (of {len(expected)} images) does not have"

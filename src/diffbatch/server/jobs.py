@@ -15,7 +15,7 @@ from ..errors import DiffbatchError
 from ..io.writer import png_name, save_png
 from ..spec import spec_from_record
 from .loop import EngineLoop, QueueFull, ShuttingDown
-from .store import JobItem, Store
+from .store import Store, StoredItem
 
 log = logging.getLogger("diffbatch.server")
 
@@ -24,8 +24,8 @@ class JobRunner:
         self.store = store
         self.loop = loop
         self.inflight = inflight
-        self._running: dict[tuple[str, int], JobItem] = {}
-        self._done: queue.Queue[tuple[JobItem, concurrent.futures.Future] | None] = queue.Queue()
+        self._running: dict[tuple[str, int], StoredItem] = {}
+        self._done: queue.Queue[tuple[StoredItem, concurrent.futures.Future] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="diffbatch-jobs", daemon=True)
 
@@ -74,7 +74,7 @@ class JobRunner:
             self._running[(item.job_id, item.index)] = item
             future.add_done_callback(lambda f, item=item: self._done.put((item, f)))
 
-    def _record(self, item: JobItem, future: concurrent.futures.Future) -> None:
+    def _record(self, item: StoredItem, future: concurrent.futures.Future) -> None:
         self._running.pop((item.job_id, item.index), None)
         exc = future.exception()
         if isinstance(exc, ShuttingDown):

@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, path TEXT NOT NULL, creat
 
 
 @dataclass(frozen=True)
-class JobItem:
+class StoredItem:
     job_id: str
     index: int
     spec: dict[str, Any]  # a resolved GenerationSpec record (seed fixed at submission)
@@ -90,17 +90,17 @@ class Store:
                              (job_id,))
             self._db.execute("COMMIT")
 
-    def pending_items(self, limit: int, exclude: set[tuple[str, int]]) -> list[JobItem]:
+    def pending_items(self, limit: int, exclude: set[tuple[str, int]]) -> list[StoredItem]:
         """Oldest job first, in index order; ``exclude`` are items already in flight."""
         rows = self._query(
             "SELECT i.job_id, i.idx, i.spec FROM items i JOIN jobs j ON j.id = i.job_id "
             "WHERE i.status = 'pending' AND j.status = 'in_progress' ORDER BY j.created, i.idx LIMIT ?",
             (limit + len(exclude),))
-        items = [JobItem(job_id, idx, json.loads(spec)) for job_id, idx, spec in rows
+        items = [StoredItem(job_id, idx, json.loads(spec)) for job_id, idx, spec in rows
                  if (job_id, idx) not in exclude]
         return items[:limit]
 
-    def finish_item(self, item: JobItem, file_id: str | None, error: str | None, seconds: float = 0.0) -> None:
+    def finish_item(self, item: StoredItem, file_id: str | None, error: str | None, seconds: float = 0.0) -> None:
         status = "done" if error is None else "failed"
         with self._lock:
             self._db.execute("BEGIN")

@@ -190,7 +190,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1 - decay)
 
 
-class Progress:
+class LossLog:
     """Prints a loss line every ``every`` steps with the running mean and wall time."""
 
     def __init__(self, name: str, total: int, start: float, every: int = 50) -> None:
@@ -215,7 +215,7 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, start: float):
     vae = build_vae().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    progress = Progress("vae", cfg.vae_steps, start)
+    progress = LossLog("vae", cfg.vae_steps, start)
     for step in Schedule(cfg.vae_steps, cfg.vae_minutes).run("vae", opt, cfg.vae_lr, 100):
         x = random_crops(images, cfg.vae_batch, cfg.vae_crop, gen).to(dev)  # [B, 3, crop, crop]
         with autocast(cfg.vae_bf16, dev):
@@ -242,7 +242,7 @@ def finetune_decoder(cfg: TrainConfig, vae, images: np.ndarray, start: float):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 5)
-    progress = Progress("decoder", cfg.decoder_steps, start)
+    progress = LossLog("decoder", cfg.decoder_steps, start)
     for step in Schedule(cfg.decoder_steps, cfg.decoder_minutes).run("decoder", opt, cfg.decoder_lr, 50):
         idx = torch.randint(len(images), (cfg.decoder_batch,), generator=gen).numpy()
         x = to_tensor(images[idx]).to(cfg.device)  # [B, 3, 64, 64]
@@ -371,7 +371,7 @@ def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, 
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     alphas_cumprod = models["scheduler"].alphas_cumprod.float()
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    progress = Progress("unet", cfg.unet_steps, start)
+    progress = LossLog("unet", cfg.unet_steps, start)
     steps = Schedule(cfg.unet_steps, cfg.unet_minutes).run("unet", opt, cfg.unet_lr, cfg.warmup)
     batches = _latent_batches(cfg, latents, batcher, gen)
     for step, (z, ids) in zip(steps, batches, strict=False):  # steps first: a time budget may end it early

@@ -14,7 +14,7 @@ from .request import Request, RequestStatus
 
 
 @dataclass
-class SchedulerOutput:
+class StepPlan:
     """What the runner must do in one engine step."""
 
     decode: list[Request] = field(default_factory=list)  # finished denoising: decode to images
@@ -26,7 +26,7 @@ class SchedulerOutput:
         return not (self.decode or self.denoise)
 
 
-class Scheduler:
+class Planner:
     def __init__(self, max_batch_size: int, batch_limit: Callable[[tuple[int, int]], int] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} is invalid: must be >= 1")
@@ -41,8 +41,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def schedule(self) -> SchedulerOutput:
-        plan = SchedulerOutput(decode=self._with_status(RequestStatus.DECODING))
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(decode=self._with_status(RequestStatus.DECODING))
         active = [r for r in self.requests.values() if r.status <= RequestStatus.RUNNING]
         if not active:
             return plan
@@ -59,7 +59,7 @@ class Scheduler:
             return self.max_batch_size
         return max(1, min(self.max_batch_size, self.batch_limit(shape)))
 
-    def update(self, plan: SchedulerOutput) -> list[Request]:
+    def update(self, plan: StepPlan) -> list[Request]:
         """Advance request states after the runner executed ``plan``; return the requests now finished."""
         for request in plan.decode:
             request.status = RequestStatus.FINISHED
