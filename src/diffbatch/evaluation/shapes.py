@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from ..training.shapes_data import COLOURS, POSITIONS, SHAPES, SIZES, shape_mask
 
@@ -73,30 +74,13 @@ def border_band(pixels: np.ndarray, inner: int = 2, outer: int = 6) -> np.ndarra
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a boolean mask (so stray specks do not move the shape)."""
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    best, best_size, current = 0, 0, 0
-    for start in zip(*np.nonzero(mask), strict=True):
-        if labels[start]:
-            continue
-        current += 1
-        size = _flood(mask, labels, start, current)
-        if size > best_size:
-            best, best_size = current, size
-    return labels == best if best else np.zeros_like(mask)
-
-
-def _flood(mask: np.ndarray, labels: np.ndarray, start: tuple[int, int], label: int) -> int:
-    stack, size, (h, w) = [start], 0, mask.shape
-    labels[start] = label
-    while stack:
-        y, x = stack.pop()
-        size += 1
-        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-            if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                labels[ny, nx] = label
-                stack.append((ny, nx))
-    return size
+    """The largest 4-connected region of a boolean mask (so stray specks do not move the shape); of equal
+    regions, the first in raster order."""
+    labels, count = ndimage.label(mask)  # the default structure is 4-connectivity; labels in raster order
+    if count == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
 
 
 def erode(mask: np.ndarray) -> np.ndarray:
