@@ -91,7 +91,8 @@ def test_models_health_and_metrics(client, engine):
     assert client.get("/v1/models").json()["data"][0]["id"] == engine.model_name
     text = client.get("/metrics").text
     for series in ("diffbatch_queue_length", "diffbatch_running_batch_size", "diffbatch_images_per_second",
-                   "diffbatch_request_latency_seconds_bucket", "diffbatch_denoiser_batch_size_bucket"):
+                   "diffbatch_request_latency_seconds_bucket", "diffbatch_denoiser_batch_size_bucket",
+                   "process_resident_memory_bytes"):
         assert series in text
 
 

@@ -1,75 +1,92 @@
-"""Prometheus text-format metrics, kept by hand (a handful of series needs no client library)."""
+"""Prometheus metrics through ``prometheus_client`` (as LitServe and vLLM do): engine counters read at
+scrape time, the request latency histogram, and the process's own metrics (CPU, memory, open files)."""
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float, times: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += times
-        self.sum += value * times
-        self.count += times
-
-    def lines(self, name: str) -> list[str]:
-        out, cumulative = [], 0
-        for bound, n in zip((*self.buckets, "+Inf"), self.counts, strict=True):
-            cumulative += n
-            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        return [*out, f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
+    """One registry per server (tests run several apps in one process)."""
+
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
         self._lock = threading.Lock()
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.requests = 0
         self._finished: deque[float] = deque()  # finish times of the last minute's images
+        self.latency = Histogram("diffbatch_request_latency_seconds", "Time from request to response",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("diffbatch_requests", "Image requests answered", registry=self.registry)
+        self._engine = _EngineCollector(self)
+        self.registry.register(self._engine)
+        ProcessCollector(registry=self.registry)
 
     def observe_request(self, seconds: float, images: int) -> None:
+        self.latency.observe(seconds)
+        self.requests.inc()
         now = time.monotonic()
         with self._lock:
-            self.requests += 1
-            self.latency.observe(seconds)
             self._finished.extend([now] * images)
 
     def images_per_second(self, window: float = 60.0) -> float:
-        now = time.monotonic()
         with self._lock:
-            while self._finished and self._finished[0] < now - window:
-                self._finished.popleft()
-            return len(self._finished) / window
+            return self._rate(window)
 
-    def render(self, queue_length: int, stats) -> str:
-        batches = Histogram(BATCH_BUCKETS)
-        for size, calls in list(stats.batch_sizes.items()):
-            batches.observe(size, calls)
-        batch_lines = batches.lines("diffbatch_denoiser_batch_size")
+    def _rate(self, window: float = 60.0) -> float:
+        """Images per second over the last ``window`` seconds; the caller holds the lock."""
+        now = time.monotonic()
+        while self._finished and self._finished[0] < now - window:
+            self._finished.popleft()
+        return len(self._finished) / window
+
+    def render(self, queue_length: int, stats: Any) -> str:
+        """The exposition text, with the engine's ``EngineStats`` and queue length as of now."""
         with self._lock:
-            latency_lines = self.latency.lines("diffbatch_request_latency_seconds")
-            requests = self.requests
-        return "\n".join([
-            "# TYPE diffbatch_queue_length gauge", f"diffbatch_queue_length {queue_length}",
-            "# TYPE diffbatch_running_batch_size gauge", f"diffbatch_running_batch_size {stats.last_batch_size}",
-            "# TYPE diffbatch_images_per_second gauge",
-            f"diffbatch_images_per_second {self.images_per_second():.4f}",
-            "# TYPE diffbatch_images_total counter", f"diffbatch_images_total {stats.images_finished}",
-            "# TYPE diffbatch_requests_total counter", f"diffbatch_requests_total {requests}",
-            "# TYPE diffbatch_denoiser_calls_total counter", f"diffbatch_denoiser_calls_total {stats.denoiser_calls}",
-            "# TYPE diffbatch_denoised_images_total counter",
-            f"diffbatch_denoised_images_total {stats.denoised_images}",
-            "# TYPE diffbatch_denoiser_batch_size histogram", *batch_lines,
-            "# TYPE diffbatch_request_latency_seconds histogram", *latency_lines, "",
-        ])
+            self._engine.snapshot = (queue_length, stats)
+            return generate_latest(self.registry).decode()
+
+
+class _EngineCollector(Collector):
+    """Gauges and counters read from the engine's stats at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.snapshot: tuple[int, Any] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        if self.snapshot is None:
+            return
+        queue_length, stats = self.snapshot
+        yield GaugeMetricFamily("diffbatch_queue_length", "Images waiting to be admitted", value=queue_length)
+        yield GaugeMetricFamily("diffbatch_running_batch_size", "Images in the latest denoiser call",
+                                value=stats.last_batch_size)
+        yield GaugeMetricFamily("diffbatch_images_per_second", "Images finished per second, last minute",
+                                value=self.metrics._rate())  # render() holds the lock
+        yield CounterMetricFamily("diffbatch_images", "Images finished", value=stats.images_finished)
+        yield CounterMetricFamily("diffbatch_denoiser_calls", "Denoiser calls", value=stats.denoiser_calls)
+        yield CounterMetricFamily("diffbatch_denoised_images", "Sum of denoiser batch sizes, in images",
+                                  value=stats.denoised_images)
+        yield _batch_histogram(dict(stats.batch_sizes))
+
+
+def _batch_histogram(calls_by_size: dict[int, int]) -> HistogramMetricFamily:
+    buckets, cumulative = [], 0
+    for bound in BATCH_BUCKETS:
+        cumulative = sum(n for size, n in calls_by_size.items() if size <= bound)
+        buckets.append((str(bound), cumulative))
+    buckets.append(("+Inf", sum(calls_by_size.values())))
+    total = sum(size * n for size, n in calls_by_size.items())
+    return HistogramMetricFamily("diffbatch_denoiser_batch_size", "Images per denoiser call", buckets=buckets,
+                                 sum_value=total)

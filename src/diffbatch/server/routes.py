@@ -20,6 +20,7 @@ from ..errors import DiffbatchError, SpecError
 from ..io.writer import encode_png, save_png
 from ..spec import GenerationSpec, parse_size, spec_from_record
 from .loop import QueueFull, ShuttingDown
+from .metrics import CONTENT_TYPE
 from .schemas import ApiError, ImageGenerationRequest
 from .state import ServerState
 
@@ -48,7 +49,7 @@ async def models(request: Request) -> dict:
 async def metrics(request: Request) -> PlainTextResponse:
     s = state(request)
     text = s.metrics.render(s.loop.queue_length(), s.engine.stats)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
 # Images ----------------------------------------------------------------------------------------------------
