@@ -29,7 +29,7 @@ class Metrics:
         self.latency = Histogram("diffbatch_request_latency_seconds", "Time from request to response",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("diffbatch_requests", "Image requests answered", registry=self.registry)
-        self._engine = _EngineCollector(self)
+        self._engine = _EngineCollector()
         self.registry.register(self._engine)
         ProcessCollector(registry=self.registry)
 
@@ -41,39 +41,36 @@ class Metrics:
             self._finished.extend([now] * images)
 
     def images_per_second(self, window: float = 60.0) -> float:
-        with self._lock:
-            return self._rate(window)
-
-    def _rate(self, window: float = 60.0) -> float:
-        """Images per second over the last ``window`` seconds; the caller holds the lock."""
+        """Images finished per second over the last ``window`` seconds."""
         now = time.monotonic()
-        while self._finished and self._finished[0] < now - window:
-            self._finished.popleft()
-        return len(self._finished) / window
+        with self._lock:
+            while self._finished and self._finished[0] < now - window:
+                self._finished.popleft()
+            return len(self._finished) / window
 
     def render(self, queue_length: int, stats: Any) -> str:
         """The exposition text, with the engine's ``EngineStats`` and queue length as of now."""
-        with self._lock:
-            self._engine.snapshot = (queue_length, stats)
+        snapshot = (queue_length, stats, self.images_per_second())
+        with self._lock:  # one scrape at a time: the collector reads the snapshot set here
+            self._engine.snapshot = snapshot
             return generate_latest(self.registry).decode()
 
 
 class _EngineCollector(Collector):
     """Gauges and counters read from the engine's stats at each scrape."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.snapshot: tuple[int, Any] | None = None
+    def __init__(self) -> None:
+        self.snapshot: tuple[int, Any, float] | None = None  # queue length, EngineStats, images/s
 
     def collect(self) -> Iterator[Any]:
         if self.snapshot is None:
             return
-        queue_length, stats = self.snapshot
+        queue_length, stats, rate = self.snapshot
         yield GaugeMetricFamily("diffbatch_queue_length", "Images waiting to be admitted", value=queue_length)
         yield GaugeMetricFamily("diffbatch_running_batch_size", "Images in the latest denoiser call",
                                 value=stats.last_batch_size)
         yield GaugeMetricFamily("diffbatch_images_per_second", "Images finished per second, last minute",
-                                value=self.metrics._rate())  # render() holds the lock
+                                value=rate)
         yield CounterMetricFamily("diffbatch_images", "Images finished", value=stats.images_finished)
         yield CounterMetricFamily("diffbatch_denoiser_calls", "Denoiser calls", value=stats.denoiser_calls)
         yield CounterMetricFamily("diffbatch_denoised_images", "Sum of denoiser batch sizes, in images",
