@@ -9,7 +9,7 @@ demo: install
 	.venv/bin/diffbatch generate examples/prompts.txt --out outputs/demo -n 2 --seed 0
 
 test: install
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src shapes tests benchmarks
 	.venv/bin/python -m pytest -p no:cacheprovider
 
 bench: install

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/pip install -q torch
 fi
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test]" -e ./shapes  # shapes/: the embedded model's training and evaluation
 # The gallery test drives a headless Chromium: Debian's package, installed only when missing and when running
 # as root with apt-get (elsewhere nothing happens and that one test is skipped, saying why).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

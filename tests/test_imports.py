@@ -63,3 +63,12 @@ def test_the_package_has_no_import_cycles():
     # The package root re-exports the public API; its submodules import from it never.
     edges = {k: v - {"diffbatch"} for k, v in edges.items()}
     assert cycles(edges) == []
+
+
+def test_inference_never_imports_the_shapes_tools():
+    # training and evaluation live in a distribution of their own (shapes/); the inference package must run
+    # without it, so no module of it, at any depth, imports diffbatch_shapes
+    offenders = {module_name(p): sorted(t for t in imports(p) if t.startswith("diffbatch_shapes"))
+                 for p in PACKAGE.rglob("*.py")}
+    assert {name: found for name, found in offenders.items() if found} == {}
+    assert not (PACKAGE / "training").exists() and not (PACKAGE / "evaluation").exists()

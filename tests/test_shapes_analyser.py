@@ -4,9 +4,7 @@ images that do not match their prompt."""
 import random
 
 import numpy as np
-from PIL import Image
-
-from diffbatch.evaluation.shapes import (
+from diffbatch_shapes.evaluation.shapes import (
     ATTRIBUTES,
     EVAL_PROMPTS,
     analyse,
@@ -14,7 +12,8 @@ from diffbatch.evaluation.shapes import (
     evaluate,
     parse_prompt,
 )
-from diffbatch.training.shapes_data import SIZES, ShapeScene, make_dataset, render
+from diffbatch_shapes.training.shapes_data import SIZES, ShapeScene, make_dataset, render
+from PIL import Image
 
 
 def test_analyser_reads_ground_truth_pictures():

@@ -4,10 +4,8 @@ import random
 
 import numpy as np
 import pytest
-from transformers import CLIPTokenizer
-
-from diffbatch.evaluation.shapes import parse_prompt
-from diffbatch.training.shapes_data import (
+from diffbatch_shapes.evaluation.shapes import parse_prompt
+from diffbatch_shapes.training.shapes_data import (
     COLOURS,
     POSITIONS,
     SHAPES,
@@ -17,7 +15,8 @@ from diffbatch.training.shapes_data import (
     full_caption,
     make_dataset,
 )
-from diffbatch.training.tokenizer import write_tokenizer_files
+from diffbatch_shapes.training.tokenizer import write_tokenizer_files
+from transformers import CLIPTokenizer
 
 
 def test_same_seed_gives_the_same_images_and_scenes():

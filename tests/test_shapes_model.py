@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from diffbatch_shapes.evaluation.shapes import EVAL_PROMPTS, analyse, parse_prompt
+from diffbatch_shapes.training.shapes_data import ShapeScene, render
 from diffusers import StableDiffusionPipeline
 
 from diffbatch import Engine, GenerationSpec
-from diffbatch.evaluation.shapes import EVAL_PROMPTS, analyse, parse_prompt
 from diffbatch.models import default_model_path
-from diffbatch.training.shapes_data import ShapeScene, render
 
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -60,3 +60,16 @@ def test_img2img_turns_a_red_square_blue(engine):
                           guidance_scale=5.0)
     found = analyse(engine.generate([spec])[0].image)
     assert found.colour == "blue", found
+
+
+def test_eval_shapes_is_a_diffbatch_subcommand_from_the_shapes_distribution(tmp_path, capsys):
+    # registered through the "diffbatch.commands" entry point of shapes/pyproject.toml, not by the CLI itself
+    from diffbatch.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na large white square at the top\n")
+    assert main(["eval-shapes", "--seeds", "1", "--steps", "4", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["settings"]["prompts"] == 2 and len(report["records"]) == 2
+    assert (tmp_path / "eval" / "grid.png").is_file() and "background" in capsys.readouterr().out

@@ -6,16 +6,16 @@ import json
 import diffusers
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-
-from diffbatch.samplers import SAMPLERS
-from diffbatch.training import shapes
-from diffbatch.training.shapes import (
+from diffbatch_shapes.training import shapes
+from diffbatch_shapes.training.shapes import (
     TERMINAL_ALPHA_BAR,
     build_scheduler,
     min_snr_weights,
     zero_terminal_snr_betas,
 )
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+from diffbatch.samplers import SAMPLERS
 
 
 def test_zero_snr_betas_match_diffusers_own_rescaling():

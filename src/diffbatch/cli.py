@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 import warnings
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_BAD_INPUT = 2
+COMMANDS_GROUP = "diffbatch.commands"  # entry points adding subcommands: register(subparsers)
 DTYPES = ("float32", "float16", "bfloat16")
 
 # flag dest -> (flag as the user typed it, GenerationSpec field it sets)
@@ -83,13 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)
     _register_optional(subparsers, "diffbatch.server.cli", ("diffbatch.server", "fastapi", "uvicorn"))
-    _register_optional(subparsers, "diffbatch.evaluation.cli", ("diffbatch.evaluation",))
+    for entry in importlib.metadata.entry_points(group=COMMANDS_GROUP):
+        entry.load()(subparsers)
     return parser
 
 
 def _register_optional(subparsers: Subparsers, module: str, optional: tuple[str, ...]) -> None:
-    """Subcommands of optional parts (the server, the evaluation): skipped when their module or an optional
-    dependency is missing; a module that is there but broken still raises."""
+    """Subcommands of an optional part (the server): skipped when its module or an optional dependency is
+    missing; a module that is there but broken still raises."""
     try:
         feature = importlib.import_module(module)
     except ModuleNotFoundError as exc:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..io.gallery import contact_sheet
+from diffbatch.io.gallery import contact_sheet
+
 from .shapes import ATTRIBUTES, EVAL_PROMPTS, EvalResult, evaluate
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80, "position": 0.80}  # issue 3
@@ -51,7 +52,7 @@ def engine_generate_fn(model: str | None, steps: int | None, guidance: float | N
                        batch_size: int, device: str = "cpu"):
     """A ``generate_fn`` over diffbatch's Engine (float32; seeds drawn on the CPU, so any device draws
     the same noise)."""
-    from .. import Engine, GenerationSpec
+    from diffbatch import Engine, GenerationSpec
 
     engine = Engine.from_pretrained(model, device=device, dtype="float32", max_batch_size=batch_size)
 

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..adapters.loading import resolve_device
-from ..errors import ModelLoadError
+from diffbatch.adapters.loading import resolve_device
+from diffbatch.errors import ModelLoadError
+from diffbatch.models import model_folder
+
 from . import shapes_data
 from .tokenizer import MODEL_MAX_LENGTH, write_tokenizer_files
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "shapes"
+DEFAULT_OUT = model_folder()  # diffbatch's package data: the embedded model users get
 
 
 @dataclass
