@@ -5,12 +5,13 @@ raised before anything is written."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,6 +28,7 @@ from .spec import GenerationSpec, check_size, parse_size
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .resolver import Resolver
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -151,20 +153,22 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Check everything, load the model, resolve every spec, and only then write."""
+    """Check everything, load the model, resolve every spec, and only then write. With ``--ray`` this process
+    loads no weights: it resolves from the model's configuration, the workers load the model."""
     source = _job_source(args)
     _check_out_dir(args.out)
     items = read_job(source)
-    engine = load_engine(args)
+    engine = load_engine(args) if args.ray is None else None
+    resolver = engine.resolver if engine is not None else load_resolver(args)
     if args.size is not None:
-        _check_size_flag(args.size, engine.defaults.vae_scale_factor)
-    specs = resolve_all(engine, items)
-    plan_resume(args.out, specs, engine.model_name, args.overwrite)  # a changed job: refused before any write
+        _check_size_flag(args.size, resolver.defaults.vae_scale_factor)
+    specs = resolve_all(resolver, items)
+    plan_resume(args.out, specs, resolver.model_name, args.overwrite)  # a changed job: refused before any write
     _make_out_dir(args.out)
     with lock_folder(args.out):  # planned again under the lock: another run may have written meanwhile
-        plan = plan_resume(args.out, specs, engine.model_name, args.overwrite)
+        plan = plan_resume(args.out, specs, resolver.model_name, args.overwrite)
         _repair(args.out, plan)
-        _execute(args, engine, specs, plan.todo)
+        _execute(args, engine, resolver.model_name, specs, plan.todo)
         if not args.no_gallery:
             write_gallery(args.out)
     print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
@@ -232,23 +236,36 @@ def _check_out_dir(out: Path) -> None:
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    """The engine for ``--model`` (imported here: torch and diffusers load only when a job runs). With
-    ``--ray`` this process only resolves specs, so it loads the model on the CPU; the workers use --device."""
+    """The engine for ``--model`` (imported here: torch and diffusers load only when a job runs)."""
     from .engine import Engine
 
+    with _quiet():
+        return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                      max_batch_size=args.batch_size)
+
+
+def load_resolver(args: argparse.Namespace) -> Resolver:
+    """Defaults and checks of ``--model`` from its configuration files (the ``--ray`` driver: no weights)."""
+    from .resolver import Resolver
+
+    with _quiet():
+        return Resolver.for_model(args.model)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     quiet_loading()
     with warnings.catch_warnings():  # library deprecation notes are not the user's business here
         warnings.simplefilter("ignore")
-        device = "cpu" if args.ray is not None else args.device
-        return Engine.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch_size=args.batch_size)
+        yield
 
 
-def resolve_all(engine: Engine, items: list[JobItem]) -> list[GenerationSpec]:
+def resolve_all(resolver: Resolver | Engine, items: list[JobItem]) -> list[GenerationSpec]:
     """Every spec resolved against the model before the first image is written; errors name the line."""
     resolved = []
     for item in items:
         try:
-            resolved.append(engine.resolve(item.spec, item.spec.seed))
+            resolved.append(resolver.resolve(item.spec, item.spec.seed))
         except DiffbatchError as exc:
             raise type(exc)(f"{item.where}: {exc}") from None
     return resolved
@@ -269,10 +286,11 @@ def _repair(out: Path, plan: ResumePlan) -> None:
               f"{len(plan.todo)} to make", file=sys.stderr)
 
 
-def _execute(args: argparse.Namespace, engine: Engine, specs: list[GenerationSpec], todo: list[int]) -> None:
-    """Make the images ``todo`` (job indices) here, or on Ray with ``--ray``."""
-    with OutputWriter(args.out, engine.model_name) as writer, Progress(len(todo)) as progress:
-        if args.ray is None:
+def _execute(args: argparse.Namespace, engine: Engine | None, model_name: str, specs: list[GenerationSpec],
+             todo: list[int]) -> None:
+    """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None)."""
+    with OutputWriter(args.out, model_name) as writer, Progress(len(todo)) as progress:
+        if engine is not None:
             from .executors.local import run_local
 
             run_local(engine, specs, todo, writer, progress.update)

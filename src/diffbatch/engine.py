@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import secrets
 import threading
 import time
 from collections import Counter
@@ -16,13 +15,12 @@ import numpy as np
 from PIL import Image
 
 from .adapters import load_adapter
-from .io.images import init_image_size
 from .memory import BatchLimits, BatchSize, batch_limits
 from .planner import Planner
 from .request import Request
+from .resolver import Resolver
 from .result import Result
 from .runner import Runner
-from .samplers import sampler_label
 from .spec import GenerationSpec, ModelDefaults
 
 
@@ -54,7 +52,8 @@ class Engine:
         self.adapter = adapter
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.planner = Planner(limits.denoise.cap, limits.denoise)
-        self.runner = Runner(adapter, limits, generator_device)
+        self.resolver = Resolver(adapter)
+        self.runner = Runner(adapter, limits, self.resolver.make_sampler, generator_device)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)
         self._seconds: dict[int, float] = {}
@@ -72,23 +71,18 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return self.adapter.name
+        return self.resolver.model_name
 
     @property
     def defaults(self) -> ModelDefaults:
-        return self.adapter.defaults
+        return self.resolver.defaults
 
     def sampler_label(self, spec: GenerationSpec) -> str:
-        return sampler_label(spec.scheduler, self.adapter.default_scheduler_class.__name__)
+        return self.resolver.sampler_label(spec)
 
     def resolve(self, spec: GenerationSpec, seed: int | None = None) -> GenerationSpec:
         """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
-        image_size = init_image_size(spec.image) if spec.is_img2img else None
-        seed = secrets.randbits(63) if seed is None else seed
-        resolved = spec.resolve(self.defaults, seed, image_size)
-        self.adapter.check_spec(resolved)
-        self.runner.check_sampler(resolved)
-        return resolved
+        return self.resolver.resolve(spec, seed)
 
     def add_request(self, spec: GenerationSpec, seed: int | None = None) -> int:
         """Admit one image; it joins the running batch at the next step. Returns its request id."""

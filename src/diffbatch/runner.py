@@ -7,14 +7,12 @@ denoiser call and step each request's own sampler.
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -22,12 +20,10 @@ from PIL import Image
 
 from .adapters import Adapter, Cond
 from .adapters.invariance import batch_rows, pad_rows, run_in_calls
-from .errors import SpecError
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
 from .planner import StepPlan
 from .request import Request
-from .samplers import SAMPLERS
 from .spec import GenerationSpec
 
 PROMPT_BATCH = 64  # texts per text-encoder call
@@ -75,14 +71,15 @@ def _chunks(items: Sequence[Request], limit: StageLimit) -> Iterator[list[Reques
 
 
 class Runner:
-    def __init__(self, adapter: Adapter, limits: BatchLimits, generator_device: str = "cpu") -> None:
+    def __init__(self, adapter: Adapter, limits: BatchLimits, make_sampler: Callable[[str | None], Any],
+                 generator_device: str = "cpu") -> None:
+        """``make_sampler(name)``: a fresh diffusers scheduler for a sampler name (``Resolver.make_sampler``)."""
         self.adapter = adapter
+        self.make_sampler = make_sampler
         # Images per denoiser call / VAE call, per shape; split and lowered on out-of-memory (memory.py).
         self.limits = limits
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
         self.prompts = PromptCache()
-        self._prototypes: dict[str | None, Any] = {}
-        self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
 
     def execute(self, plan: StepPlan) -> dict[int, np.ndarray]:
         """Run one engine step; return the decoded pixels (``[H, W, 3]`` in [0, 1]) by request id."""
@@ -99,7 +96,7 @@ class Runner:
         self._attach_conditioning(requests)
         for r in requests:
             r.generator = torch.Generator(self.generator_device).manual_seed(r.spec.seed)
-            r.sampler = self._make_sampler(r.spec.scheduler)
+            r.sampler = self.make_sampler(r.spec.scheduler)
             r.timesteps = self.adapter.set_timesteps(r.sampler, r.spec)
             r.num_steps = len(r.timesteps)
             if not r.spec.is_img2img:
@@ -127,33 +124,6 @@ class Runner:
             conds = run_in_calls(self.adapter.call_shapes.text, len(batch), encode)
             for text, cond in zip(batch, conds, strict=True):
                 self.prompts.put((negative, text), cond)
-
-    def check_sampler(self, spec: GenerationSpec) -> None:
-        """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
-        without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
-        key = (spec.scheduler, spec.num_inference_steps)
-        if key not in self._sampler_errors:
-            try:
-                self.adapter.set_timesteps(self._make_sampler(spec.scheduler), spec)
-                self._sampler_errors[key] = ""
-            except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported counts
-                self._sampler_errors[key] = f"{type(exc).__name__}: {exc}"
-        if self._sampler_errors[key]:
-            name = spec.scheduler or self.adapter.default_scheduler_class.__name__
-            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
-                            f"{self._sampler_errors[key]}", field="num_inference_steps",
-                            value=spec.num_inference_steps, reason=self._sampler_errors[key])
-
-    def _make_sampler(self, name: str | None) -> Any:
-        """A fresh sampler: a copy of a never-used prototype (``from_config`` costs ~1 ms of signature parsing)."""
-        if name not in self._prototypes:
-            config = self.adapter.scheduler_config
-            if name is None:
-                self._prototypes[name] = self.adapter.default_scheduler_class.from_config(config)
-            else:
-                sampler = SAMPLERS[name]
-                self._prototypes[name] = getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
-        return copy.deepcopy(self._prototypes[name])
 
     def _encode_init_images(self, chunk: list[Request]) -> None:
         # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.

@@ -11,12 +11,14 @@ import copy
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
+from .config import PipelineConfig
 from .invariance import CallShapes, call_shapes, make_batch_invariant
 
 MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -26,18 +28,22 @@ Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch
 class Adapter(ABC):
     family: ClassVar[str]  # e.g. "stable-diffusion"
 
-    def __init__(self, pipe: Any, name: str, invariant: bool = True) -> None:
+    def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True) -> None:
+        """``pipe=None``: configuration only (``loading.describe``): the adapter resolves and checks specs, from
+        ``config`` alone, but makes no images."""
+        self.config = config
         self.pipe = pipe
         self.name = name
-        self.device: torch.device = pipe.device
+        self.device: torch.device = pipe.device if pipe is not None else torch.device("cpu")
         # Every request builds its sampler from the config as loaded, never from one a request changed
         # (``from_config(cfg, use_karras_sigmas=True)`` writes the option into the config it returns).
-        self.scheduler_config = copy.deepcopy(dict(pipe.scheduler.config))
-        self.default_scheduler_class: type = type(pipe.scheduler)
+        self.scheduler_config = copy.deepcopy(dict(config.component("scheduler")))
+        self.default_scheduler_class: type = (type(pipe.scheduler) if pipe is not None
+                                              else getattr(diffusers, config.default_scheduler))
         # Rows per model call, per stage; with ``invariant`` (the default) a row's result does not depend on
         # its batch or the thread count (invariance.py).
         self.call_shapes: CallShapes = call_shapes(self.device, invariant)
-        if invariant:
+        if invariant and pipe is not None:
             make_batch_invariant([getattr(pipe, name, None) for name in MODEL_COMPONENTS], self.device)
 
     # Loading and defaults ------------------------------------------------------------------------------
@@ -53,7 +59,12 @@ class Adapter(ABC):
 
     @property
     @abstractmethod
-    def defaults(self) -> ModelDefaults: ...
+    def defaults(self) -> ModelDefaults:
+        """What the model fills in for unset fields, from ``self.config`` only (no weights needed)."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.config.vae_scale_factor
 
     @abstractmethod
     def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ class FlowMatchAdapter(Adapter):
     def check_spec(self, spec: GenerationSpec) -> None:
         if spec.scheduler is not None:
             raise SpecError(f"scheduler={spec.scheduler!r} is invalid for {self.family} model {self.name!r}: it "
-                            f"samples with flow matching ({type(self.pipe.scheduler).__name__}), which the "
+                            f"samples with flow matching ({self.default_scheduler_class.__name__}), which the "
                             "Stable Diffusion samplers cannot run; leave scheduler unset", field="scheduler",
                             value=spec.scheduler, reason="must be unset for flow-matching models")
         if spec.guidance_rescale:

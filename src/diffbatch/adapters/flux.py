@@ -22,6 +22,8 @@ from .base import Cond
 from .flow_match import FlowMatchAdapter
 from .hub import from_pretrained
 
+DEFAULT_SAMPLE_SIZE = 128  # latent pixels: FluxPipeline's fixed default_sample_size (1024 px images)
+
 
 class FluxAdapter(FlowMatchAdapter):
     family = "flux"
@@ -40,15 +42,16 @@ class FluxAdapter(FlowMatchAdapter):
 
     @property
     def defaults(self) -> ModelDefaults:
-        f = self.pipe.vae_scale_factor
+        f = self.vae_scale_factor
         # Sizes are multiples of twice the VAE factor: 2x2 latent patches (diffusers would silently round down).
-        return ModelDefaults(height=self.pipe.default_sample_size * f, width=self.pipe.default_sample_size * f,
+        return ModelDefaults(height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f,
                              num_inference_steps=28, guidance_scale=3.5, strength=0.6, vae_scale_factor=2 * f)
 
     def _latent_grid(self, spec: GenerationSpec) -> tuple[int, int, int]:
         """Unpacked latent ``(C, h, w)`` as FluxPipeline.prepare_latents computes it."""
-        f = self.pipe.vae_scale_factor
-        return self.pipe.transformer.config.in_channels // 4, 2 * (spec.height // (2 * f)), 2 * (spec.width // (2 * f))
+        f = self.vae_scale_factor
+        channels = self.config.component("transformer")["in_channels"] // 4
+        return channels, 2 * (spec.height // (2 * f)), 2 * (spec.width // (2 * f))
 
     def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:
         c, h, w = self._latent_grid(spec)
@@ -115,7 +118,7 @@ class FluxAdapter(FlowMatchAdapter):
             img_ids=cond["img_ids"][0], return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
-        unpacked = self.pipe._unpack_latents(latents, spec.height, spec.width, self.pipe.vae_scale_factor)
+        unpacked = self.pipe._unpack_latents(latents, spec.height, spec.width, self.vae_scale_factor)
         return self.decode_latents(unpacked)  # [B, H, W, 3]
 
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:

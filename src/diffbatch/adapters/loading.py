@@ -11,6 +11,7 @@ import torch
 from ..errors import ModelLoadError
 from ..models import default_model_path
 from .base import Adapter
+from .config import PipelineConfig
 from .hub import looks_like_path, read_model_index
 
 # model_index.json ``_class_name`` -> "module:AdapterClass" (imported only when a model of that family loads)
@@ -77,11 +78,24 @@ def default_model() -> str:
 def load_adapter(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None,
                  invariant: bool = True) -> Adapter:
     """``invariant=False`` skips the batch-invariance kernels and fixed call shapes (benchmarks compare)."""
-    model = default_model() if model is None else os.fspath(model)
-    index = read_model_index(model)
-    cls = adapter_class(index.get("_class_name", "?"), model)
+    model, cls = _find(model)
     torch_device = resolve_device(device)
-    pipe = cls.load_pipeline(model, resolve_dtype(dtype, torch_device))
+    pipe = cls.load_pipeline(model, resolve_dtype(dtype, torch_device)).to(torch_device)
     pipe.set_progress_bar_config(disable=True)
-    return cls(pipe.to(torch_device), name=Path(model).name if looks_like_path(model) else model,
-               invariant=invariant)
+    return cls(PipelineConfig.of(pipe), _display_name(model), pipe, invariant=invariant)
+
+
+def describe(model: str | os.PathLike | None) -> Adapter:
+    """A configuration-only adapter for ``model``: it resolves and checks specs exactly as the loaded model's
+    would, from the JSON files alone (no weights read, nothing but JSON downloaded), and makes no images."""
+    model, cls = _find(model)
+    return cls(PipelineConfig.read(model), _display_name(model))
+
+
+def _find(model: str | os.PathLike | None) -> tuple[str, type[Adapter]]:
+    model = default_model() if model is None else os.fspath(model)
+    return model, adapter_class(read_model_index(model).get("_class_name", "?"), model)
+
+
+def _display_name(model: str) -> str:
+    return Path(model).name if looks_like_path(model) else model

@@ -36,15 +36,18 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
 
     @property
     def defaults(self) -> ModelDefaults:
-        pipe = self.pipe
-        size = pipe.default_sample_size * pipe.vae_scale_factor
+        size = self.config.component("transformer").get("sample_size", 128) * self.vae_scale_factor
         # Latents are cut into patch_size^2 patches, so sizes are multiples of both factors (as check_inputs).
         return ModelDefaults(height=size, width=size, num_inference_steps=28, guidance_scale=7.0, strength=0.6,
-                             vae_scale_factor=pipe.vae_scale_factor * pipe.patch_size)
+                             vae_scale_factor=self.vae_scale_factor * self.patch_size)
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.component("transformer").get("patch_size", 2)  # as StableDiffusion3Pipeline
 
     def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:
-        f = self.pipe.vae_scale_factor
-        return (1, self.pipe.transformer.config.in_channels, spec.height // f, spec.width // f)
+        f = self.vae_scale_factor
+        return (1, self.config.component("transformer")["in_channels"], spec.height // f, spec.width // f)
 
     # Conditioning ----------------------------------------------------------------------------------------
     def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
@@ -61,7 +64,7 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         config = sampler.config
         if config.get("use_dynamic_shifting"):  # SD3 models trained with a resolution-dependent shift
             _, _, h, w = self.latent_shape(spec)
-            patch = self.pipe.patch_size
+            patch = self.patch_size
             kwargs["mu"] = calculate_shift((h // patch) * (w // patch), config.get("base_image_seq_len", 256),
                                            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                            config.get("max_shift", 1.16))

@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
+from .config import PipelineConfig
 from .hub import from_pretrained, read_model_index
 from .stable_diffusion import StableDiffusionAdapter
 
@@ -30,11 +31,15 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     aesthetic_score: ClassVar[float] = 6.0
     negative_aesthetic_score: ClassVar[float] = 2.5
 
-    def __init__(self, pipe: Any, name: str, invariant: bool = True) -> None:
-        super().__init__(pipe, name, invariant)
+    def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True) -> None:
+        super().__init__(config, name, pipe, invariant)
         # Conditioned on an aesthetic score instead of the target size: trained for image-to-image only.
-        self.is_refiner = bool(pipe.config.get("requires_aesthetics_score", False))
-        vae = pipe.vae
+        self.is_refiner = bool(config.index.get("requires_aesthetics_score", False))
+        if pipe is not None:
+            self._upcast_vae(pipe.vae)
+
+    @staticmethod
+    def _upcast_vae(vae: Any) -> None:
         # diffusers upcasts a float16 VAE with ``force_upcast`` for every encode and decode; upcasting it once
         # gives the same numbers without converting weights back and forth on each call.
         if vae.dtype == torch.float16 and vae.config.force_upcast:
@@ -58,10 +63,10 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     @property
     def defaults(self) -> ModelDefaults:
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        size = self.config.component("unet")["sample_size"] * self.vae_scale_factor
         # diffusers' SDXL guidance default; a refiner polishes an image, so it changes little of it by default.
         return ModelDefaults(height=size, width=size, guidance_scale=5.0, strength=0.3 if self.is_refiner else 0.8,
-                             vae_scale_factor=self.pipe.vae_scale_factor)
+                             vae_scale_factor=self.vae_scale_factor)
 
     def check_spec(self, spec: GenerationSpec) -> None:
         if self.is_refiner and not spec.is_img2img:

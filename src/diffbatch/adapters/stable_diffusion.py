@@ -32,12 +32,12 @@ class StableDiffusionAdapter(Adapter):
 
     @property
     def defaults(self) -> ModelDefaults:
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        return ModelDefaults(height=size, width=size, vae_scale_factor=self.pipe.vae_scale_factor)
+        size = self.config.component("unet")["sample_size"] * self.vae_scale_factor
+        return ModelDefaults(height=size, width=size, vae_scale_factor=self.vae_scale_factor)
 
     def latent_shape(self, spec: GenerationSpec) -> tuple[int, ...]:
-        f = self.pipe.vae_scale_factor
-        return (1, self.pipe.unet.config.in_channels, spec.height // f, spec.width // f)
+        f = self.vae_scale_factor
+        return (1, self.config.component("unet")["in_channels"], spec.height // f, spec.width // f)
 
     def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
         # diffusers encodes the negative prompt exactly like a prompt, so one cache serves both.

@@ -1,0 +1,78 @@
+"""Resolver: what a spec becomes on a model (its defaults filled in, a seed drawn) and whether the model can
+run it, and the per-request samplers. It needs the model's configuration, never its weights, so a process
+that only plans a job (the ``--ray`` driver) resolves exactly as the engines that run it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+from typing import Any
+
+import diffusers
+
+from .adapters import Adapter
+from .adapters.loading import describe
+from .errors import SpecError
+from .io.images import init_image_size
+from .samplers import SAMPLERS, sampler_label
+from .spec import GenerationSpec, ModelDefaults
+
+
+class Resolver:
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        self._prototypes: dict[str | None, Any] = {}
+        self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
+
+    @classmethod
+    def for_model(cls, model: str | os.PathLike | None) -> Resolver:
+        """From the model's JSON files alone (``None``: the embedded model)."""
+        return cls(describe(model))
+
+    @property
+    def model_name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.adapter.defaults
+
+    def sampler_label(self, spec: GenerationSpec) -> str:
+        return sampler_label(spec.scheduler, self.adapter.default_scheduler_class.__name__)
+
+    def resolve(self, spec: GenerationSpec, seed: int | None = None) -> GenerationSpec:
+        """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
+        image_size = init_image_size(spec.image) if spec.is_img2img else None
+        seed = secrets.randbits(63) if seed is None else seed
+        resolved = spec.resolve(self.defaults, seed, image_size)
+        self.adapter.check_spec(resolved)
+        self.check_sampler(resolved)
+        return resolved
+
+    def check_sampler(self, spec: GenerationSpec) -> None:
+        """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
+        without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
+        key = (spec.scheduler, spec.num_inference_steps)
+        if key not in self._sampler_errors:
+            try:
+                self.adapter.set_timesteps(self.make_sampler(spec.scheduler), spec)
+                self._sampler_errors[key] = ""
+            except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported counts
+                self._sampler_errors[key] = f"{type(exc).__name__}: {exc}"
+        if self._sampler_errors[key]:
+            name = spec.scheduler or self.adapter.default_scheduler_class.__name__
+            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
+                            f"{self._sampler_errors[key]}", field="num_inference_steps",
+                            value=spec.num_inference_steps, reason=self._sampler_errors[key])
+
+    def make_sampler(self, name: str | None) -> Any:
+        """A fresh sampler: a copy of a never-used prototype (``from_config`` costs ~1 ms of signature parsing)."""
+        if name not in self._prototypes:
+            config = self.adapter.scheduler_config
+            if name is None:
+                self._prototypes[name] = self.adapter.default_scheduler_class.from_config(config)
+            else:
+                sampler = SAMPLERS[name]
+                self._prototypes[name] = getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
+        return copy.deepcopy(self._prototypes[name])
