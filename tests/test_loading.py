@@ -39,7 +39,7 @@ def test_bad_dtype_is_refused(tiny_sd_path):
 
 @pytest.mark.parametrize("device", ["gpu0", "cuda:99"])
 def test_bad_or_missing_device_is_refused_naming_it(tiny_sd_path, device):
-    with pytest.raises(ModelLoadError, match=f"--device '{device}'"):
+    with pytest.raises(ModelLoadError, match=f"device '{device}'"):
         Engine.from_pretrained(str(tiny_sd_path), device=device)
 
 

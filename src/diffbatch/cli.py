@@ -24,7 +24,7 @@ from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
 from .quiet import quiet_loading
 from .samplers import SAMPLERS
-from .spec import GenerationSpec, check_size, parse_size
+from .spec import GenerationSpec, check_field, check_size, parse_size
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -213,13 +213,10 @@ def _flag_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_flag(flag: str, field: str, value: Any, shown: str | None = None) -> None:
     try:
-        GenerationSpec(prompt="", **{field: value})
+        check_field(field, value)
     except SpecError as exc:
-        raise SpecError(f"{flag} {shown or value} is invalid: {_allowed(exc)}") from None
-
-
-def _allowed(exc: SpecError) -> str:
-    return exc.reason or str(exc)
+        raise SpecError(f"{flag} {shown or value} is invalid: {exc.reason}", field=field, value=value,
+                        reason=exc.reason) from None
 
 
 def _check_size_flag(size: tuple[int, int], vae_scale_factor: int) -> None:
@@ -227,7 +224,8 @@ def _check_size_flag(size: tuple[int, int], vae_scale_factor: int) -> None:
     try:
         check_size(GenerationSpec(prompt="", width=width, height=height), vae_scale_factor)
     except SpecError as exc:
-        raise SpecError(f"--size {width}x{height} is invalid: {_allowed(exc)}") from None
+        raise SpecError(f"--size {width}x{height} is invalid: {exc.reason}", field=exc.field, value=exc.value,
+                        reason=exc.reason) from None
 
 
 def _check_out_dir(out: Path) -> None:

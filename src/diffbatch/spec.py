@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,32 +107,40 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
 
 
+def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or ok(value)
+
+
+def _side(value: Any) -> bool:
+    return _is_int(value) and MIN_SIDE <= value <= MAX_SIDE
+
+
+# Each field's own rule: (accepts the value, what is allowed). Size against the model's grid is check_size's.
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompt": (lambda v: isinstance(v, str), "must be a string"),
+    "negative_prompt": (lambda v: isinstance(v, str), "must be a string"),
+    "seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
+    "num_inference_steps": (_optional(lambda v: _is_int(v) and v >= 1), "must be an integer >= 1"),
+    "guidance_scale": (_optional(lambda v: _is_number(v) and v >= 0), "must be a number >= 0"),
+    "guidance_rescale": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
+    "strength": (_optional(lambda v: _is_number(v) and 0 < v <= 1), "must be in (0, 1]"),
+    "scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS), "must be one of " + ", ".join(SAMPLERS)),
+    "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
+    "width": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
+}
+
+
+def check_field(field: str, value: Any) -> None:
+    """Raise ``SpecError(field, value, reason)`` if ``value`` breaks the field's own rule (the CLI checks
+    each flag with it, so its error names the flag)."""
+    accepts, allowed = FIELD_RULES[field]
+    _require(accepts(value), field, value, allowed)
+
+
 def validate_fields(spec: GenerationSpec) -> None:
     """Check each field on its own; size against the model's grid comes at resolve time."""
-    _require(isinstance(spec.prompt, str), "prompt", spec.prompt, "must be a string")
-    _require(isinstance(spec.negative_prompt, str), "negative_prompt", spec.negative_prompt, "must be a string")
-    if spec.seed is not None:
-        _require(_is_int(spec.seed) and 0 <= spec.seed < 2**63, "seed", spec.seed,
-                 "must be an integer in [0, 2**63)")
-    if spec.num_inference_steps is not None:
-        _require(_is_int(spec.num_inference_steps) and spec.num_inference_steps >= 1,
-                 "num_inference_steps", spec.num_inference_steps, "must be an integer >= 1")
-    if spec.guidance_scale is not None:
-        _require(_is_number(spec.guidance_scale) and spec.guidance_scale >= 0,
-                 "guidance_scale", spec.guidance_scale, "must be a number >= 0")
-    if spec.guidance_rescale is not None:
-        _require(_is_number(spec.guidance_rescale) and 0 <= spec.guidance_rescale <= 1,
-                 "guidance_rescale", spec.guidance_rescale, "must be in [0, 1]")
-    if spec.strength is not None:
-        _require(_is_number(spec.strength) and 0 < spec.strength <= 1,
-                 "strength", spec.strength, "must be in (0, 1]")
-    _require(spec.scheduler is None or spec.scheduler in SAMPLERS, "scheduler", spec.scheduler,
-             "must be one of " + ", ".join(SAMPLERS))
-    for name in ("height", "width"):
-        value = getattr(spec, name)
-        if value is not None:
-            _require(_is_int(value) and MIN_SIDE <= value <= MAX_SIDE, name, value,
-                     f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels")
+    for field in FIELD_RULES:
+        check_field(field, getattr(spec, field))
 
 
 def check_size(spec: GenerationSpec, vae_scale_factor: int) -> None:

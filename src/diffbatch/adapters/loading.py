@@ -37,14 +37,15 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise ModelLoadError(f"--device {device!r} is not a device (use cpu, cuda, cuda:N or mps)") from None
+        raise ModelLoadError(f"device {device!r} is not a device (use cpu, cuda, cuda:N or mps)",
+                             field="device") from None
     if parsed.type == "cuda" and (not torch.cuda.is_available()
                                   or (parsed.index or 0) >= torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else \
             f"no CUDA (torch {torch.__version__})"
-        raise ModelLoadError(f"--device {device!r} is not available here: {found}")
+        raise ModelLoadError(f"device {device!r} is not available here: {found}", field="device")
     if parsed.type == "mps" and not _mps_available():
-        raise ModelLoadError(f"--device {device!r} is not available here: no Apple MPS")
+        raise ModelLoadError(f"device {device!r} is not available here: no Apple MPS", field="device")
     return parsed
 
 
@@ -58,7 +59,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ModelLoadError(f"--dtype {dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+        raise ModelLoadError(f"dtype {dtype!r} is invalid: must be one of {', '.join(DTYPES)}", field="dtype")
     return DTYPES[dtype]
 
 
