@@ -53,9 +53,10 @@ class Adapter(ABC):
         """Load the diffusers pipeline (safetensors only; no remote code) on the CPU."""
 
     @property
-    @abstractmethod
     def dtype(self) -> torch.dtype:
-        """The dtype of latents and conditioning fed to the denoiser."""
+        """The dtype of latents and conditioning fed to the denoiser: diffusers runs latents in the prompt
+        embeddings' dtype, the first text encoder's unless a family says otherwise."""
+        return self.pipe.text_encoder.dtype
 
     @property
     @abstractmethod
@@ -115,9 +116,9 @@ class Adapter(ABC):
         return sampler.add_noise(latents, noise, timesteps[:1])
 
     # Model calls -----------------------------------------------------------------------------------------
-    @abstractmethod
     def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """Init image to model input pixels ``[1, 3, H, W]``, as the family's img2img pipeline does."""
+        return self.pipe.image_processor.preprocess(image, height=height, width=width)
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

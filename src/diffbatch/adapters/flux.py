@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
@@ -106,9 +105,6 @@ class FluxAdapter(FlowMatchAdapter):
         return self._pack(super().noise_init_latents(sampler, latents, generator, timesteps))  # noised unpacked
 
     # Model calls -----------------------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
-        return self.pipe.image_processor.preprocess(image, height=height, width=width)  # [1, 3, H, W]
-
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         text = cond["encoder_hidden_states"]  # [N, L, D]
         txt_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype)  # as encode_prompt: zeros

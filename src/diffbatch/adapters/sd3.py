@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
@@ -29,10 +28,6 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         index = read_model_index(model)
         absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if index.get(name, [None])[0] is None}
         return from_pretrained(StableDiffusion3Pipeline, model, dtype, **absent)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.text_encoder.dtype  # diffusers runs latents in the prompt embeddings' dtype
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -71,9 +66,6 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         return kwargs
 
     # Model calls -----------------------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
-        return self.pipe.image_processor.preprocess(image, height=height, width=width)  # [1, 3, H, W]
-
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.pipe.transformer(hidden_states=sample, timestep=timesteps, **cond, return_dict=False)[0]
 

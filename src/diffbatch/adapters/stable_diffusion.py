@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Adapter, Cond
@@ -27,10 +26,6 @@ class StableDiffusionAdapter(Adapter):
                                requires_safety_checker=False)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.text_encoder.dtype  # diffusers runs latents in the prompt embeddings' dtype
-
-    @property
     def defaults(self) -> ModelDefaults:
         size = self.config.component("unet")["sample_size"] * self.vae_scale_factor
         return ModelDefaults(height=size, width=size, vae_scale_factor=self.vae_scale_factor)
@@ -43,9 +38,6 @@ class StableDiffusionAdapter(Adapter):
         # diffusers encodes the negative prompt exactly like a prompt, so one cache serves both.
         embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)  # [B, L, D]
         return [{"encoder_hidden_states": e[None]} for e in embeds]
-
-    def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
-        return self.pipe.image_processor.preprocess(image, height=height, width=width)  # [1, 3, H, W]
 
     def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         vae = self.pipe.vae
