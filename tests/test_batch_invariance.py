@@ -18,15 +18,20 @@ import torch
 from diffbatch import Engine, GenerationSpec
 from diffbatch.adapters import load_adapter
 from diffbatch.adapters.invariance import CUDA_DENOISER_ROWS, FIXED_SHAPES
+from diffbatch.adapters.loading import resolve_dtype
 from helpers import noise_image
 
 SAMPLERS = (None, "euler_a", "dpm++_2m", "ddim", "heun", "euler", "dpm++_2m_karras")
 PROMPTS = ("a red circle", "a blue star on a white background", "a small green square at the top", "a pink triangle")
 
 
-@pytest.fixture(scope="module")
-def adapter():
-    return load_adapter(None, "cpu", "float32")
+# float32, and what dtype="auto" (the default) picks on this CPU: bfloat16 where it is native
+DTYPES = sorted({"float32", str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")})
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def adapter(request):
+    return load_adapter(None, "cpu", request.param)
 
 
 @pytest.fixture(scope="module")

@@ -55,3 +55,32 @@ def test_model_loads_from_a_folder_with_its_defaults(tiny_sd_path):
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
     assert (engine.defaults.height, engine.defaults.width, engine.defaults.vae_scale_factor) == (32, 32, 2)
     assert engine.model_name == tiny_sd_path.name
+
+
+@pytest.mark.parametrize(("device", "native", "expected"), [
+    ("cpu", True, "bfloat16"), ("cpu", False, "float32"), ("cuda", False, "float16"), ("cuda", True, "float16")])
+def test_auto_dtype_is_the_fastest_exact_one_of_the_device(monkeypatch, device, native, expected):
+    import torch
+
+    from diffbatch.adapters import loading
+
+    monkeypatch.setattr(loading, "native_bfloat16", lambda: native)
+    for asked in ("auto", None):
+        assert loading.resolve_dtype(asked, torch.device(device)) == getattr(torch, expected)
+
+
+def test_bfloat16_on_a_cpu_that_would_emulate_it_is_refused_naming_the_cpu(monkeypatch, tiny_sd_path, tmp_path,
+                                                                           capsys):
+    from diffbatch.adapters import loading
+    from diffbatch.cli import main
+    from diffbatch.hardware import cpu_name
+
+    monkeypatch.setattr(loading, "native_bfloat16", lambda: False)
+    with pytest.raises(ModelLoadError, match="no AVX512_BF16 or AMX") as refused:
+        Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="bfloat16")
+    assert cpu_name() in str(refused.value) and refused.value.field == "dtype"
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "x", "--model", str(tiny_sd_path), "--out", str(out),
+                 "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dtype 'bfloat16' is refused" in err and not out.exists()

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 COMMANDS_GROUP = "diffbatch.commands"  # entry points adding subcommands: register(subparsers)
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_HELP = ("auto (default): float16 on CUDA; on a CPU bfloat16 where it is native (AVX512_BF16 or AMX), "
+              "else float32")
 
 # flag dest -> (flag as the user typed it, GenerationSpec field it sets)
 SPEC_FLAGS: dict[str, tuple[str, str]] = {
@@ -124,7 +126,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
                    help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace images of a different job found in DIR instead of refusing")
     p.add_argument("--no-gallery", action="store_true", help="do not write DIR/index.html and DIR/grid.png")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..hardware import cpu_features, cpu_name, native_bfloat16
 from ..models import default_model_path
 from .base import Adapter
 from .config import PipelineConfig
@@ -25,6 +26,7 @@ ADAPTERS: dict[str, str] = {
     "FluxPipeline": "flux:FluxAdapter",
     "FluxImg2ImgPipeline": "flux:FluxAdapter",
 }
+AUTO_DTYPE = "auto"  # the fastest exact dtype of the device (resolve_dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -55,11 +57,19 @@ def _mps_available() -> bool:
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """``None`` means float16 on CUDA and float32 elsewhere."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+    """``None`` or "auto": float16 on CUDA; on a CPU bfloat16 where it computes it natively (AVX512_BF16 or
+    AMX), float32 elsewhere. bfloat16 on a CPU that would only emulate it (~30x slower) is refused."""
+    if dtype is None or dtype == AUTO_DTYPE:
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and native_bfloat16() else torch.float32
     if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is invalid: must be one of {', '.join(DTYPES)}", field="dtype")
+        raise ModelLoadError(f"dtype {dtype!r} is invalid: must be one of {AUTO_DTYPE}, {', '.join(DTYPES)}",
+                             field="dtype")
+    if dtype == "bfloat16" and device.type == "cpu" and not native_bfloat16():
+        raise ModelLoadError(f"dtype 'bfloat16' is refused on this CPU ({cpu_name()}; {cpu_features()}): it has no "
+                             "AVX512_BF16 or AMX, so torch emulates bfloat16 (measured 33x slower than float32); "
+                             "use float32, or auto", field="dtype")
     return DTYPES[dtype]
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..cli import DTYPE_HELP, DTYPES
 from .config import POLICIES, ServerConfig
 
 
@@ -20,7 +21,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="images waiting or running; beyond: HTTP 429")
     p.add_argument("--data-dir", type=Path, default=Path("diffbatch-data"), help="job store and images")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--batching", choices=POLICIES, default="continuous",
                    help="continuous (default); window / none reproduce peers' policies for benchmarks")
     p.add_argument("--max-n", type=int, default=10)

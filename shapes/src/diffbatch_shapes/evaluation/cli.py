@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--guidance-scale", type=float, metavar="G", help="CFG scale (default: the model's)")
     p.add_argument("--scheduler", metavar="NAME", help="sampler name, e.g. euler_a (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="engine max batch size")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu; float32)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="model dtype (default float32, the dtype of the published scores)")
     p.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (default: built-in list)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write eval.json and grid.png here")
     p.set_defaults(func=run_eval_shapes)
@@ -38,9 +40,10 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table; exit 0 (the scores are the output, not a pass/fail)."""
     prompts = _read_prompts(args.prompts) if args.prompts else list(EVAL_PROMPTS)
     generate = engine_generate_fn(args.model, args.steps, args.guidance_scale, args.scheduler, args.batch_size,
-                                  args.device)
+                                  args.device, args.dtype)
     result, images = evaluate(generate, prompts, range(args.seeds))
-    settings = {"model": args.model or "default", "steps": args.steps, "guidance_scale": args.guidance_scale,
+    settings = {"model": args.model or "default", "dtype": args.dtype, "steps": args.steps,
+                "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "seeds": args.seeds, "prompts": len(prompts)}
     print(format_table(result, settings))
     if args.out:
@@ -49,12 +52,12 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
 
 
 def engine_generate_fn(model: str | None, steps: int | None, guidance: float | None, scheduler: str | None,
-                       batch_size: int, device: str = "cpu"):
-    """A ``generate_fn`` over diffbatch's Engine (float32; seeds drawn on the CPU, so any device draws
-    the same noise)."""
+                       batch_size: int, device: str = "cpu", dtype: str = "float32"):
+    """A ``generate_fn`` over diffbatch's Engine (seeds drawn on the CPU, so any device draws the same
+    noise)."""
     from diffbatch import Engine, GenerationSpec
 
-    engine = Engine.from_pretrained(model, device=device, dtype="float32", max_batch_size=batch_size)
+    engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=batch_size)
 
     def generate(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         specs = [GenerationSpec(prompt=p, seed=s, num_inference_steps=steps, guidance_scale=guidance,
