@@ -22,6 +22,7 @@ from .io.prompts import JobItem, JobSource, read_job
 from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
+from .options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .quiet import quiet_loading
 from .samplers import SAMPLERS
 from .spec import GenerationSpec, check_field, check_size, parse_size
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 COMMANDS_GROUP = "diffbatch.commands"  # entry points adding subcommands: register(subparsers)
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKEND_HELP = "what runs the denoiser: torch (default) or openvino (CPU; pip install 'diffbatch[openvino]')"
 DTYPE_HELP = ("auto (default): float16 on CUDA; on a CPU bfloat16 where it is native (AVX512_BF16 or AMX), "
               "else float32")
 
@@ -126,7 +127,8 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
                    help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=AUTO_DTYPE, help=DTYPE_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace images of a different job found in DIR instead of refusing")
     p.add_argument("--no-gallery", action="store_true", help="do not write DIR/index.html and DIR/grid.png")
@@ -240,7 +242,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     from .engine import Engine
 
     with _quiet():
-        return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+        return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                       max_batch_size=args.batch_size)
 
 
@@ -297,7 +299,7 @@ def _execute(args: argparse.Namespace, engine: Engine | None, model_name: str, s
         else:
             from .executors.ray import RayOptions, run_ray
 
-            options = RayOptions(model=args.model, device=args.device, dtype=args.dtype,
+            options = RayOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                  batch_size=args.batch_size, address=args.ray or None, workers=args.workers)
             run_ray(options, specs, todo, writer, progress.update)
 

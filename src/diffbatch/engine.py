@@ -62,11 +62,14 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
-                        generator_device: str = "cpu", batch_invariant: bool = True) -> Engine:
+                        generator_device: str = "cpu", batch_invariant: bool = True, backend: str = "torch"
+                        ) -> Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
         ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
-        image may then change by a few uint8 levels with its batch or the thread count."""
-        adapter = load_adapter(model, device, dtype, invariant=batch_invariant)
+        image may then change by a few uint8 levels with its batch or the thread count. ``dtype`` None or
+        "auto": the device's fastest exact dtype (loading.resolve_dtype). ``backend="openvino"``: the denoiser
+        runs on OpenVINO (CPU; adapters/openvino.py states its contract)."""
+        adapter = load_adapter(model, device, dtype, invariant=batch_invariant, backend=backend)
         return cls(adapter, max_batch_size, vae_batch_size, generator_device)
 
     @property

@@ -8,6 +8,7 @@ Methods with a body are the Stable-Diffusion-style default that most families sh
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from ..spec import GenerationSpec, ModelDefaults
 from .config import PipelineConfig
-from .invariance import CallShapes, call_shapes, make_batch_invariant
+from .invariance import CallShape, CallShapes, call_shapes, make_batch_invariant
 
 MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch dimension first
@@ -28,9 +29,10 @@ Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch
 class Adapter(ABC):
     family: ClassVar[str]  # e.g. "stable-diffusion"
 
-    def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True) -> None:
+    def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True,
+                 backend: str = "torch") -> None:
         """``pipe=None``: configuration only (``loading.describe``): the adapter resolves and checks specs, from
-        ``config`` alone, but makes no images."""
+        ``config`` alone, but makes no images. ``backend="openvino"``: the denoiser runs on OpenVINO."""
         self.config = config
         self.pipe = pipe
         self.name = name
@@ -43,8 +45,19 @@ class Adapter(ABC):
         # Rows per model call, per stage; with ``invariant`` (the default) a row's result does not depend on
         # its batch or the thread count (invariance.py).
         self.call_shapes: CallShapes = call_shapes(self.device, invariant)
-        if invariant and pipe is not None:
-            make_batch_invariant([getattr(pipe, name, None) for name in MODEL_COMPONENTS], self.device)
+        self.denoiser: Any = None  # the UNet or transformer: what ``denoise`` calls
+        if pipe is None:
+            return
+        self.denoiser = next(getattr(pipe, n) for n in ("unet", "transformer") if getattr(pipe, n, None) is not None)
+        torch_modules = [getattr(pipe, n, None) for n in MODEL_COMPONENTS]
+        if backend == "openvino":
+            from .openvino import DENOISER_ROWS, OpenVINODenoiser  # an optional dependency
+
+            torch_modules.remove(self.denoiser)  # converted unpatched; invariant by its fixed call shape
+            self.denoiser = OpenVINODenoiser(self.denoiser, self.dtype, self.device)
+            self.call_shapes = dataclasses.replace(self.call_shapes, denoiser=CallShape(1, DENOISER_ROWS))
+        if invariant:
+            make_batch_invariant(torch_modules, self.device)
 
     # Loading and defaults ------------------------------------------------------------------------------
     @classmethod

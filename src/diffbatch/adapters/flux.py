@@ -108,7 +108,7 @@ class FluxAdapter(FlowMatchAdapter):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         text = cond["encoder_hidden_states"]  # [N, L, D]
         txt_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype)  # as encode_prompt: zeros
-        return self.pipe.transformer(
+        return self.denoiser(
             hidden_states=sample, timestep=timesteps.to(sample.dtype) / 1000, guidance=cond.get("guidance"),
             pooled_projections=cond["pooled_projections"], encoder_hidden_states=text, txt_ids=txt_ids,
             img_ids=cond["img_ids"][0], return_dict=False)[0]

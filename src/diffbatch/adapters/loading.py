@@ -11,6 +11,7 @@ import torch
 from ..errors import ModelLoadError
 from ..hardware import cpu_features, cpu_name, native_bfloat16
 from ..models import default_model_path
+from ..options import AUTO_DTYPE, BACKENDS
 from .base import Adapter
 from .config import PipelineConfig
 from .hub import looks_like_path, read_model_index
@@ -26,7 +27,6 @@ ADAPTERS: dict[str, str] = {
     "FluxPipeline": "flux:FluxAdapter",
     "FluxImg2ImgPipeline": "flux:FluxAdapter",
 }
-AUTO_DTYPE = "auto"  # the fastest exact dtype of the device (resolve_dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -87,13 +87,26 @@ def default_model() -> str:
 
 
 def load_adapter(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None,
-                 invariant: bool = True) -> Adapter:
-    """``invariant=False`` skips the batch-invariance kernels and fixed call shapes (benchmarks compare)."""
+                 invariant: bool = True, backend: str = "torch") -> Adapter:
+    """``invariant=False`` skips the batch-invariance kernels and fixed call shapes (benchmarks compare);
+    ``backend``: what runs the denoiser, torch or OpenVINO (adapters/openvino.py)."""
     model, cls = _find(model)
     torch_device = resolve_device(device)
-    pipe = cls.load_pipeline(model, resolve_dtype(dtype, torch_device)).to(torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    check_backend(backend, torch_device, torch_dtype)  # before the weights load
+    pipe = cls.load_pipeline(model, torch_dtype).to(torch_device)
     pipe.set_progress_bar_config(disable=True)
-    return cls(PipelineConfig.of(pipe), _display_name(model), pipe, invariant=invariant)
+    return cls(PipelineConfig.of(pipe), _display_name(model), pipe, invariant=invariant, backend=backend)
+
+
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"backend {backend!r} is invalid: must be one of {', '.join(BACKENDS)}",
+                             field="backend")
+    if backend == "openvino":
+        from .openvino import check_openvino  # an optional dependency
+
+        check_openvino(device, dtype)
 
 
 def describe(model: str | os.PathLike | None) -> Adapter:

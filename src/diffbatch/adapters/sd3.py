@@ -67,7 +67,7 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
 
     # Model calls -----------------------------------------------------------------------------------------
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.pipe.transformer(hidden_states=sample, timestep=timesteps, **cond, return_dict=False)[0]
+        return self.denoiser(hidden_states=sample, timestep=timesteps, **cond, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         return self.decode_latents(latents)

@@ -31,8 +31,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     aesthetic_score: ClassVar[float] = 6.0
     negative_aesthetic_score: ClassVar[float] = 2.5
 
-    def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True) -> None:
-        super().__init__(config, name, pipe, invariant)
+    def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True,
+                 backend: str = "torch") -> None:
+        super().__init__(config, name, pipe, invariant, backend)
         # Conditioned on an aesthetic score instead of the target size: trained for image-to-image only.
         self.is_refiner = bool(config.index.get("requires_aesthetics_score", False))
         if pipe is not None:
@@ -140,7 +141,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return self.pipe.unet(sample, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+        return self.denoiser(sample, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
                               added_cond_kwargs=added, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:

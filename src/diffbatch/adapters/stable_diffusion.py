@@ -47,7 +47,7 @@ class StableDiffusionAdapter(Adapter):
         return vae.config.scaling_factor * torch.cat(latents)
 
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.pipe.unet(sample, timesteps, **cond, return_dict=False)[0]
+        return self.denoiser(sample, timesteps, **cond, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         vae = self.pipe.vae

@@ -43,6 +43,7 @@ class RayOptions:
     batch_size: BatchSize
     address: str | None  # None: start a local cluster
     workers: int
+    backend: str = "torch"
     model_name: str = ""  # the driver's model name, written into each PNG's parameters (as a local run does)
 
 
@@ -75,7 +76,7 @@ class EngineWorker:
         quiet_loading()
         self.options = options
         self.engine = Engine.from_pretrained(options.model, device=options.device, dtype=options.dtype,
-                                             max_batch_size=options.batch_size)
+                                             max_batch_size=options.batch_size, backend=options.backend)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [WorkItem(int(i), str(s)) for i, s in zip(batch["index"], batch["spec"], strict=True)]

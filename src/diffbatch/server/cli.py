@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..cli import DTYPE_HELP, DTYPES
+from ..cli import BACKEND_HELP, DTYPE_HELP
+from ..options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .config import POLICIES, ServerConfig
 
 
@@ -21,7 +22,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="images waiting or running; beyond: HTTP 429")
     p.add_argument("--data-dir", type=Path, default=Path("diffbatch-data"), help="job store and images")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=AUTO_DTYPE, help=DTYPE_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     p.add_argument("--batching", choices=POLICIES, default="continuous",
                    help="continuous (default); window / none reproduce peers' policies for benchmarks")
     p.add_argument("--max-n", type=int, default=10)
@@ -37,7 +39,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DIFFBATCH_API_KEY"),
-        data_dir=args.data_dir, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
+        max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
         max_steps=args.max_steps)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from diffbatch.io.gallery import contact_sheet
+from diffbatch.options import DTYPE_NAMES
 
 from .shapes import ATTRIBUTES, EVAL_PROMPTS, EvalResult, evaluate
 
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--scheduler", metavar="NAME", help="sampler name, e.g. euler_a (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="engine max batch size")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "float16", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="model dtype (default float32, the dtype of the published scores)")
     p.add_argument("--prompts", type=Path, metavar="FILE", help="one prompt per line (default: built-in list)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write eval.json and grid.png here")

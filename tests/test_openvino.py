@@ -1,0 +1,109 @@
+"""The OpenVINO backend (``backend="openvino"``): the denoiser runs as an OpenVINO model converted from the
+loaded diffusers module. Images equal diffusers' own pipeline (float32, <= 1e-4), stay batch-invariant
+(fixed call shape), and a second engine reuses the disk cache instead of converting again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
+
+from diffbatch import Engine, GenerationSpec
+from diffbatch.adapters.openvino import DENOISER_ROWS, check_openvino
+from diffbatch.cli import main
+from diffbatch.errors import ModelLoadError
+from helpers import DiffusersOracle, noise_image
+from tiny_flow import PipelineOracle, save_tiny_flux
+from tiny_sdxl import SDXLOracle, save_tiny_sdxl
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+
+SPECS = [GenerationSpec(prompt="a red circle", seed=1, num_inference_steps=3),
+         GenerationSpec(prompt="a blue star", seed=2, num_inference_steps=2, scheduler="euler_a", guidance_scale=1.0),
+         GenerationSpec(prompt="a green square", seed=3, num_inference_steps=3, scheduler="dpm++_2m",
+                        negative_prompt="blurry", guidance_rescale=0.5),
+         GenerationSpec(prompt="a pink ring", seed=4, num_inference_steps=4, image=noise_image(32, 5), strength=0.6)]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "openvino-cache"
+    monkeypatch.setenv("DIFFBATCH_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_sd_path):
+    return DiffusersOracle(tiny_sd_path)
+
+
+def test_images_equal_diffusers_and_do_not_depend_on_the_batch(tiny_sd_path, oracle):
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
+    batched = engine.generate(SPECS)
+    for spec, result in zip(SPECS, batched, strict=True):
+        assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4, spec.prompt
+    alone = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino", max_batch_size=1)
+    for result in batched:  # other neighbours, other padding: the same bits
+        assert np.array_equal(alone.generate([result.spec], resolved=True)[0].pixels, result.pixels)
+
+
+def test_every_denoiser_call_has_the_fixed_row_count(tiny_sd_path, monkeypatch):
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
+    rows = []
+    denoiser = engine.adapter.denoiser
+    original = denoiser.__call__
+
+    def counting(*args, **kwargs):
+        rows.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.adapter, "denoiser", counting)
+    engine.generate(SPECS[:3])  # 5 rows on the first step (two with CFG, one without), fewer later
+    assert rows and set(rows) == {DENOISER_ROWS}
+
+
+def test_a_second_engine_loads_the_cached_conversion(tiny_sd_path, cache, monkeypatch):
+    first = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
+    made = first.generate(SPECS[:1])[0].pixels
+    assert list(cache.rglob("*.xml")) and not list(cache.rglob(".tmp-*"))
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again instead of reading the cache")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    second = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
+    assert np.array_equal(second.generate(SPECS[:1])[0].pixels, made)
+
+
+def test_sdxl_nested_conditioning_converts_and_matches_diffusers(tmp_path):
+    folder = save_tiny_sdxl(tmp_path / "sdxl")
+    engine = Engine.from_pretrained(folder, device="cpu", dtype="float32", backend="openvino")
+    spec = GenerationSpec(prompt="a red circle", seed=5, num_inference_steps=3)
+    result = engine.generate([spec])[0]
+    assert np.abs(result.pixels - SDXLOracle(folder)(result.spec)).max() <= 1e-4
+
+
+def test_flux_unbatched_ids_and_guidance_convert_and_match_diffusers(tmp_path):
+    folder = save_tiny_flux(tmp_path / "flux")
+    engine = Engine.from_pretrained(folder, device="cpu", dtype="float32", backend="openvino")
+    spec = GenerationSpec(prompt="a red circle", seed=5, num_inference_steps=3, height=32, width=32)
+    result = engine.generate([spec])[0]
+    assert np.abs(result.pixels - PipelineOracle(folder, FluxPipeline, FluxImg2ImgPipeline)(result.spec)).max() <= 1e-4
+
+
+def test_bad_backend_settings_are_refused_before_loading(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ModelLoadError, match="backend 'tensorrt' is invalid: must be one of torch, openvino"):
+        Engine.from_pretrained(tiny_sd_path, device="cpu", backend="tensorrt")
+    with pytest.raises(ModelLoadError, match="CPU only"):
+        check_openvino(torch.device("cuda"), torch.float16)
+    with pytest.raises(ModelLoadError, match="float32 or bfloat16, not float16"):
+        Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float16", backend="openvino")
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if the extra were not installed
+    out = tmp_path / "out"
+    assert main(["generate", "--prompt", "x", "--model", str(tiny_sd_path), "--out", str(out),
+                 "--backend", "openvino"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'diffbatch[openvino]'" in err and err.count("\n") == 1 and not out.exists()
