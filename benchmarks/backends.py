@@ -104,7 +104,7 @@ def main() -> None:
     record = {"model": args.model, "images": args.images, "steps_scale": args.steps_scale,
               "batch_size": args.batch_size, "repeats": args.repeats, "cpu": f"{cpu_name()}; {cpu_features()}",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}
-    (ROOT / "benchmarks" / f"backends_{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (ROOT / "benchmarks" / "results" / f"backends-{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
     if not args.no_markdown:
         write_markdown(record)
     print(json.dumps(record, indent=2))

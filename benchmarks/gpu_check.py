@@ -136,7 +136,8 @@ def throughput(pipe, engine: Engine, device: str, n: int, size: int, batch: int)
         strategies = {"diffusers per image": lambda s=specs: [diffusers_images(pipe, [x], size) for x in s],
                       "diffusers list batches": lambda s=specs: list_batches(pipe, s, size, batch),
                       "diffbatch": lambda s=specs: engine.generate(s)}
-        strategies["diffbatch"]()  # warm-up (kernels, allocator)
+        strategies["diffbatch"]()  # warm-up (kernels, allocator), diffusers' too
+        list_batches(pipe, specs[:2], size, batch)
         for strategy, run in strategies.items():
             peak_reset(device)
             sync()

@@ -195,3 +195,19 @@ def test_a_second_run_on_a_folder_being_written_is_refused(
         assert main(job_args(tiny_sd_path, prompts, out)) == 2
     assert "another diffbatch run is writing to this folder" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+def test_a_folder_written_before_the_variation_fields_existed_still_resumes(
+        capsys: pytest.CaptureFixture, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = (reference / MANIFEST).read_text(encoding="utf-8").splitlines()[:2]
+    older = [{k: v for k, v in json.loads(line).items() if not k.startswith("variation_")} for line in lines]
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in older), encoding="utf-8")
+    for record in older:
+        (out / record["file"]).write_bytes((reference / record["file"]).read_bytes())
+    assert main(job_args(tiny_sd_path, prompts, out)) == 0
+    assert "skipped 2 images already written" in capsys.readouterr().err
+    for path in reference.glob("*.png"):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert sorted(r["index"] for r in records(out)) == sorted(r["index"] for r in records(reference))

@@ -182,3 +182,13 @@ def test_unknown_batch_and_file_are_404_and_paths_are_not_followed(client):
     assert client.get("/v1/batches/batch_nope").status_code == 404
     assert client.get("/files/..%2F..%2Fdiffbatch.sqlite3").status_code == 404
     assert client.get("/files/diffbatch.sqlite3").status_code == 404
+
+
+def test_variation_fields_make_the_offline_variation(client, reference):
+    fields = {"prompt": "a red circle", "seed": 5, "variation_seed": 9, "variation_strength": 0.5, **FAST}
+    response = client.post("/v1/images/generations", json=fields)
+    assert response.status_code == 200, response.text
+    expected = offline(reference, **fields)
+    assert np.array_equal(b64_pixels(response.json()["data"][0]), expected)
+    missing = client.post("/v1/images/generations", json={**fields, "variation_strength": None})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "variation_strength"

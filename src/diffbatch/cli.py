@@ -46,6 +46,8 @@ SPEC_FLAGS: dict[str, tuple[str, str]] = {
     "negative_prompt": ("--negative-prompt", "negative_prompt"),
     "scheduler": ("--scheduler", "scheduler"),
     "strength": ("--strength", "strength"),
+    "variation_seed": ("--variation-seed", "variation_seed"),
+    "variation_strength": ("--variation-strength", "variation_strength"),
 }
 
 GENERATE_HELP = """\
@@ -124,6 +126,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--scheduler", metavar="NAME", help="sampler: " + ", ".join(SAMPLERS))
     p.add_argument("--image", metavar="PATH_OR_DIR", help="init image, or a folder paired with prompts")
     p.add_argument("--strength", type=float, metavar="S", help="img2img strength in (0, 1]")
+    p.add_argument("--variation-seed", type=int, metavar="V", help="variation: mix in seed V's noise (A1111 subseed)")
+    p.add_argument("--variation-strength", type=float, metavar="X",
+                   help="variation strength in [0, 1]; 0: the seed's own image")
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
                    help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")

@@ -132,7 +132,8 @@ class Runner:
         init_latents = run_in_calls(self.adapter.call_shapes.vae, len(chunk), lambda real, size: (
             self.adapter.encode_images(pad_rows(pixels[real], size), generators[real])))  # [B, C, h, w]
         for i, r in enumerate(chunk):
-            r.latents = self.adapter.noise_init_latents(r.sampler, init_latents[i : i + 1], r.generator, r.timesteps)
+            r.latents = self.adapter.noise_init_latents(r.sampler, init_latents[i : i + 1], r.generator, r.timesteps,
+                                                        r.spec)
 
     def _init_pixels(self, spec: GenerationSpec) -> torch.Tensor:
         image = load_init_image(spec.image)

@@ -46,6 +46,10 @@ class GenerationSpec:
     strength: float | None = None
     scheduler: str | None = None  # a name from diffbatch.samplers.SAMPLERS; None: the model's own
     guidance_rescale: float | None = None  # CFG rescale (Lin et al. 2023, sec. 3.4), 0 = off; for v-prediction
+    # A variation (AUTOMATIC1111's subseed): the starting noise is slerp(variation_strength, noise of seed,
+    # noise of variation_seed); strength 0 is exactly the seed's image. Both or neither.
+    variation_seed: int | None = None
+    variation_strength: float | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -73,6 +77,11 @@ class GenerationSpec:
             strength=_first(self.strength, defaults.strength) if self.is_img2img else self.strength,
         )
         check_size(resolved, defaults.vae_scale_factor)
+        if (resolved.variation_seed is None) != (resolved.variation_strength is None):
+            given, missing = (("variation_seed", "variation_strength") if resolved.variation_strength is None
+                              else ("variation_strength", "variation_seed"))
+            raise SpecError(f"{given} needs {missing} too (a variation is seed x variation_seed at a strength)",
+                            field=missing, value=None, reason=f"required with {given}")
         if resolved.is_img2img and int(resolved.num_inference_steps * resolved.strength) < 1:
             raise SpecError(f"strength={resolved.strength} with num_inference_steps={resolved.num_inference_steps} "
                             "leaves no denoising step: need num_inference_steps * strength >= 1", field="strength",
@@ -125,6 +134,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guidance_rescale": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
     "strength": (_optional(lambda v: _is_number(v) and 0 < v <= 1), "must be in (0, 1]"),
     "scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS), "must be one of " + ", ".join(SAMPLERS)),
+    "variation_seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
+    "variation_strength": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
     "width": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
 }

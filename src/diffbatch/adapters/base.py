@@ -116,17 +116,26 @@ class Adapter(ABC):
             sampler.set_begin_index(t_start)
         return sampler.timesteps[t_start:]
 
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator, spec: GenerationSpec) -> torch.Tensor:
+        """Noise of ``shape`` drawn as diffusers' ``randn_tensor`` draws it; for a variation, slerped towards
+        the same draw from a fresh generator seeded with ``variation_seed`` (strength 0: untouched)."""
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        if not spec.variation_strength:
+            return noise
+        other = torch.Generator(generator.device).manual_seed(spec.variation_seed)
+        toward = randn_tensor(shape, generator=other, device=self.device, dtype=self.dtype)
+        return slerp(spec.variation_strength, noise[0].float(), toward[0].float())[None].to(self.dtype)
+
     def initial_noise(self, spec: GenerationSpec, generator: torch.Generator) -> torch.Tensor:
         """Text-to-image starting noise, drawn as diffusers' ``prepare_latents`` draws it (before scaling by
         the sampler's ``init_noise_sigma``)."""
-        return randn_tensor(self.latent_shape(spec), generator=generator, device=self.device, dtype=self.dtype)
+        return self.noise(self.latent_shape(spec), generator, spec)
 
     def noise_init_latents(self, sampler: Any, latents: torch.Tensor, generator: torch.Generator,
-                           timesteps: torch.Tensor) -> torch.Tensor:
+                           timesteps: torch.Tensor, spec: GenerationSpec) -> torch.Tensor:
         """Image-to-image: noise the init image's latents to the first timestep (noise drawn after the VAE
         sample, as diffusers does)."""
-        noise = randn_tensor(tuple(latents.shape), generator=generator, device=self.device, dtype=self.dtype)
-        return sampler.add_noise(latents, noise, timesteps[:1])
+        return sampler.add_noise(latents, self.noise(tuple(latents.shape), generator, spec), timesteps[:1])
 
     # Model calls -----------------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -144,3 +153,16 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         """Batched VAE decode (all of ``spec``'s size) to float pixels in [0, 1], ``[B, H, W, 3]``."""
+
+
+def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's ``slerp`` (modules/processing.py) as it is, for one image's noise ``[C, h, w]``: norms
+    and dot products run over dim 1, and nearly parallel noises fall back to its linear mix."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import SpecError
 from ..spec import GenerationSpec
@@ -49,10 +48,9 @@ class FlowMatchAdapter(Adapter):
         return sampler.timesteps[t_start:]
 
     def noise_init_latents(self, sampler: Any, latents: torch.Tensor, generator: torch.Generator,
-                           timesteps: torch.Tensor) -> torch.Tensor:
+                           timesteps: torch.Tensor, spec: GenerationSpec) -> torch.Tensor:
         """Flow matching mixes noise in linearly (``scale_noise``) where SD samplers ``add_noise``."""
-        noise = randn_tensor(tuple(latents.shape), generator=generator, device=self.device, dtype=self.dtype)
-        return sampler.scale_noise(latents, timesteps[:1], noise)
+        return sampler.scale_noise(latents, timesteps[:1], self.noise(tuple(latents.shape), generator, spec))
 
     # VAE -------------------------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

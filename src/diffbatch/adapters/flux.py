@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
@@ -86,8 +85,7 @@ class FluxAdapter(FlowMatchAdapter):
 
     # Sampling --------------------------------------------------------------------------------------------
     def initial_noise(self, spec: GenerationSpec, generator: torch.Generator) -> torch.Tensor:
-        return self._pack(randn_tensor((1, *self._latent_grid(spec)), generator=generator, device=self.device,
-                                       dtype=self.dtype))
+        return self._pack(self.noise((1, *self._latent_grid(spec)), generator, spec))
 
     def schedule_kwargs(self, sampler: Any, spec: GenerationSpec) -> dict[str, Any]:
         """FluxPipeline's schedule: sigmas 1 .. 1/steps, shifted by ``mu``, which grows with the token count."""
@@ -101,8 +99,8 @@ class FluxAdapter(FlowMatchAdapter):
         return {"sigmas": sigmas, "mu": mu} if sigmas is not None else {"num_inference_steps": steps, "mu": mu}
 
     def noise_init_latents(self, sampler: Any, latents: torch.Tensor, generator: torch.Generator,
-                           timesteps: torch.Tensor) -> torch.Tensor:
-        return self._pack(super().noise_init_latents(sampler, latents, generator, timesteps))  # noised unpacked
+                           timesteps: torch.Tensor, spec: GenerationSpec) -> torch.Tensor:
+        return self._pack(super().noise_init_latents(sampler, latents, generator, timesteps, spec))  # unpacked in
 
     # Model calls -----------------------------------------------------------------------------------------
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -36,6 +36,13 @@ def format_parameters(spec: GenerationSpec, sampler: str, model: str) -> str:
     ]
     if spec.is_img2img:
         settings.append(("Denoising strength", _number(spec.strength)))
+        if isinstance(spec.image, str | os.PathLike):  # diffbatch's own key: --from finds the init image again
+            settings.append(("Init image", _quote(os.fspath(spec.image))))
+    if spec.guidance_rescale:
+        settings.append(("CFG rescale", _number(spec.guidance_rescale)))
+    if spec.variation_seed is not None:  # AUTOMATIC1111's names for its subseed
+        settings += [("Variation seed", spec.variation_seed),
+                     ("Variation seed strength", _number(spec.variation_strength))]
     lines = [spec.prompt]
     if spec.negative_prompt:
         lines.append(f"Negative prompt: {spec.negative_prompt}")

@@ -27,7 +27,8 @@ from .state import ServerState
 router = APIRouter()
 FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "strength", "seed", "negative_prompt",
-               "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality")
+               "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality",
+               "variation_seed", "variation_strength")
 
 
 def state(request: Request) -> ServerState:
@@ -223,7 +224,7 @@ def _form_value(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ApiError(400, f"{key}: must be a text field", key)
     converters = {"n": int, "seed": int, "num_inference_steps": int, "strength": float, "guidance_scale": float,
-                  "guidance_rescale": float}
+                  "guidance_rescale": float, "variation_seed": int, "variation_strength": float}
     try:
         return converters.get(key, str)(value)
     except ValueError:

@@ -27,6 +27,8 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = None
     guidance_rescale: float | None = None
     scheduler: str | None = None
+    variation_seed: int | None = None  # with variation_strength in [0, 1]: AUTOMATIC1111's subseed
+    variation_strength: float | None = None
 
 
 class ApiError(Exception):
