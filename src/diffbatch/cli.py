@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import DiffbatchError, InputError, SpecError
 from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
+from .io.infotext import read_infotext
 from .io.progress import Progress
 from .io.prompts import JobItem, JobSource, read_job
 from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
+from .models import DEFAULT_MODEL
 from .options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .quiet import quiet_loading
 from .samplers import SAMPLERS
@@ -118,7 +120,11 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--model", help="diffusers pipeline folder or hub id (default: the embedded model)")
     p.add_argument("-n", "--images-per-prompt", type=int, default=1, metavar="N")
-    p.add_argument("--seed", type=int, default=0, metavar="BASE", help="image k gets BASE + k (default 0)")
+    p.add_argument("--seed", type=int, metavar="BASE", help="image k gets BASE + k (default 0; with --from: its seed)")
+    p.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE.png",
+                   help="every setting (and the model) from a PNG written by diffbatch or AUTOMATIC1111; flags "
+                        "override, --prompt replaces the prompt; alone it regenerates the same file")
+    p.add_argument("--vary-seed", action="store_true", help="with --from: seeds S+1, S+2, ... instead of S, ...")
     p.add_argument("--steps", type=int, metavar="N", help="inference steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, metavar="G", help="CFG scale; <= 1 disables CFG")
     p.add_argument("--size", type=_parse_size, metavar="WxH", help="width x height in pixels")
@@ -171,6 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
     resolver = engine.resolver if engine is not None else load_resolver(args)
     if args.size is not None:
         _check_size_flag(args.size, resolver.defaults.vae_scale_factor)
+    _check_default_sampler(args, resolver)
     specs = resolve_all(resolver, items)
     plan_resume(args.out, specs, resolver.model_name, args.overwrite)  # a changed job: refused before any write
     _make_out_dir(args.out)
@@ -184,6 +191,15 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_default_sampler(args: argparse.Namespace, resolver: Resolver | Engine) -> None:
+    """``--from`` a PNG made with a model's own sampler: only the same sampler makes the same image."""
+    label = getattr(args, "default_sampler", None)
+    own = resolver.sampler_label(GenerationSpec(prompt=""))
+    if label is not None and label != own:
+        raise InputError(f"--from {args.from_image}: made with sampler {label}, but this model's own sampler is "
+                         f"{own}; give --scheduler to choose one")
+
+
 def run_gallery(args: argparse.Namespace) -> int:
     folder: Path = args.folder
     if not (folder / MANIFEST).is_file():
@@ -194,14 +210,36 @@ def run_gallery(args: argparse.Namespace) -> int:
 
 
 def _job_source(args: argparse.Namespace) -> JobSource:
-    _check_flag("--seed", "seed", args.seed)
+    if args.seed is not None:
+        _check_flag("--seed", "seed", args.seed)
     if args.workers < 1:
         raise SpecError(f"--workers {args.workers} is invalid: must be an integer >= 1")
     if args.workers != 1 and args.ray is None:
         raise UsageError(f"--workers {args.workers} needs --ray (a local run has one engine)")
+    if args.from_image is not None:
+        return _from_source(args)
+    if args.vary_seed:
+        raise UsageError("--vary-seed needs --from IMAGE (it varies that image's seed)")
     return JobSource(prompts_file=args.prompts_file, prompts=tuple(args.prompt), image=args.image,
-                     images_per_prompt=args.images_per_prompt, base_seed=args.seed,
+                     images_per_prompt=args.images_per_prompt, base_seed=args.seed or 0,
                      defaults=_flag_fields(args))
+
+
+def _from_source(args: argparse.Namespace) -> JobSource:
+    """``--from IMAGE``: the PNG's settings, then the flags over them; its model unless ``--model`` is given
+    (the embedded model's name means the embedded model). Sets ``args.model`` and ``args.default_sampler``."""
+    if args.prompts_file is not None:
+        raise UsageError("give a PROMPTS file or --from IMAGE, not both")
+    found = read_infotext(args.from_image)
+    fields = {k: v for k, v in found.fields.items() if k not in ("prompt", "seed")}
+    fields.update(_flag_fields(args))
+    if args.model is None and found.model not in (None, DEFAULT_MODEL):
+        args.model = found.model
+    args.default_sampler = found.default_sampler if "scheduler" not in fields else None
+    seed = args.seed if args.seed is not None else found.fields.get("seed", 0) + int(args.vary_seed)
+    prompts = tuple(args.prompt) or (found.fields["prompt"],)
+    return JobSource(prompts=prompts, image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
+                     defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)})
 
 
 def _flag_fields(args: argparse.Namespace) -> dict[str, Any]:

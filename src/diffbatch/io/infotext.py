@@ -1,0 +1,109 @@
+"""Read settings back from a PNG's ``parameters`` text chunk (``diffbatch generate --from IMAGE``): the
+infotext diffbatch writes (io/writer.py ``format_parameters``) and the one AUTOMATIC1111 writes, which share
+a format: the prompt, an optional ``Negative prompt:`` line, then one line of ``Key: value`` settings
+(values holding ``,`` or ``:`` JSON-quoted)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+from ..samplers import SAMPLERS
+from ..spec import parse_size
+from .writer import PARAMETERS_KEY
+
+# A1111's modules/infotext_utils.py re_param_code: a key, then a quoted or a plain value up to the next comma
+SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+NEGATIVE = "Negative prompt:"
+LABELS = {sampler.label: name for name, sampler in SAMPLERS.items()}  # "Euler a" -> "euler_a"
+KARRAS = {"DPM++ 2M": "dpm++_2m_karras"}  # A1111 >= 1.9 writes "Sampler: DPM++ 2M, Schedule type: Karras"
+NUMBERS: dict[str, tuple[str, type]] = {
+    "Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+    "Denoising strength": ("strength", float), "CFG rescale": ("guidance_rescale", float),
+    "Variation seed": ("variation_seed", int), "Variation seed strength": ("variation_strength", float),
+}
+
+
+@dataclass
+class Infotext:
+    """What a PNG says: spec fields, the model's name, and the sampler as written (``default_sampler``: a
+    diffusers class name, meaning the model's own sampler, which the caller checks against the model)."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    default_sampler: str | None = None
+
+
+def read_infotext(path: Path) -> Infotext:
+    """The settings of the PNG at ``path``; ``InputError`` naming the file when it has none or they are bad."""
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(PARAMETERS_KEY)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"--from {path}: cannot read it as an image: {exc}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"--from {path}: no '{PARAMETERS_KEY}' text in it (not written by diffbatch or "
+                         "AUTOMATIC1111)")
+    try:
+        return parse_infotext(text)
+    except ValueError as exc:
+        raise InputError(f"--from {path}: {exc}") from None
+
+
+def parse_infotext(text: str) -> Infotext:
+    lines = text.strip("\n").split("\n")
+    settings = _settings(lines[-1]) if len(lines) > 1 or SETTING.match(lines[-1]) else {}
+    if "Steps" not in settings:
+        raise ValueError("its parameters have no settings line (Steps: ..., Seed: ...)")
+    body = lines[:-1]
+    negative = next((i for i, line in enumerate(body) if line.startswith(NEGATIVE)), len(body))
+    found = Infotext(model=settings.get("Model"))
+    found.fields["prompt"] = "\n".join(body[:negative])
+    if negative < len(body):
+        found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()
+    for key, (name, kind) in NUMBERS.items():
+        if key in settings:
+            found.fields[name] = _number(key, settings[key], kind)
+    if "Size" in settings:
+        found.fields["width"], found.fields["height"] = parse_size(settings["Size"])
+    if "Init image" in settings:
+        found.fields["image"] = settings["Init image"]
+    _sampler(settings, found)
+    return found
+
+
+def _settings(line: str) -> dict[str, str]:
+    found = {}
+    for key, value in SETTING.findall(line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        found[key.strip()] = value
+    return found
+
+
+def _number(key: str, value: str, kind: type) -> int | float:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{key}: {value!r} is not a number") from None
+
+
+def _sampler(settings: dict[str, str], found: Infotext) -> None:
+    label = settings.get("Sampler")
+    if label is None:
+        return
+    if settings.get("Schedule type") == "Karras" and label in KARRAS:
+        found.fields["scheduler"] = KARRAS[label]
+    elif label in LABELS:
+        found.fields["scheduler"] = LABELS[label]
+    elif label.endswith("Scheduler"):  # diffbatch writes the model's own sampler as its class name
+        found.default_sampler = label
+    else:
+        raise ValueError(f"sampler {label!r} is not one diffbatch has ({', '.join(LABELS)}, or the model's own)")
