@@ -23,7 +23,7 @@ from .state import ServerState
 from .store import Store
 
 log = logging.getLogger("diffbatch.server")
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/ui")  # the UI page holds no data: its requests need the key
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:

@@ -31,6 +31,10 @@ class ShuttingDown(Exception):
     """The server is stopping and admits nothing new (HTTP 503)."""
 
 
+class Cancelled(Exception):
+    """The client cancelled these images before they finished (HTTP 409)."""
+
+
 @dataclass
 class Pending:
     spec: GenerationSpec  # resolved
@@ -73,6 +77,19 @@ class EngineLoop:
             self._cond.notify()
         return [item.future for item in items]
 
+    def cancel(self, futures: list[concurrent.futures.Future]) -> int:
+        """Cancel images: those waiting never start, those running are aborted before the next step. Each
+        future not yet done fails with ``Cancelled``; returns how many were."""
+        cancelled = 0
+        with self._cond:
+            self._pending = deque(p for p in self._pending if p.future not in futures)
+            for future in futures:
+                if not future.done():
+                    future.set_exception(Cancelled("cancelled by the client"))
+                    cancelled += 1
+            self._cond.notify()
+        return cancelled
+
     def queue_length(self) -> int:
         """Images waiting or running."""
         return len(self._pending) + len(self._futures)
@@ -91,6 +108,7 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._drop_cancelled()
                 self._admit()
                 if not self.engine.has_unfinished():
                     if self._stopping:
@@ -106,14 +124,26 @@ class EngineLoop:
             log.exception("engine step failed; failing its in-flight images")
             self._fail_all(exc)
             return
-        for result in results:
-            self._futures.pop(result.request_id).set_result(result)
+        with self._cond:  # cancel() settles futures under the same lock
+            for result in results:
+                future = self._futures.pop(result.request_id)
+                if not future.done():
+                    future.set_result(result)
+
+    def _drop_cancelled(self) -> None:
+        gone = [request_id for request_id, future in self._futures.items() if future.done()]
+        if gone:
+            self.engine.abort(gone)
+            for request_id in gone:
+                del self._futures[request_id]
 
     def _fail_all(self, exc: Exception) -> None:
         self.engine.abort()
-        futures, self._futures = self._futures, {}
-        for future in futures.values():
-            future.set_exception(exc)
+        with self._cond:
+            futures, self._futures = self._futures, {}
+            for future in futures.values():
+                if not future.done():
+                    future.set_exception(exc)
 
     def _admit(self) -> None:
         for item in self._ready():

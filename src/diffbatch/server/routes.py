@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.resources
 import io
 import json
 import re
@@ -12,23 +13,25 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 
 from ..engine import Result
 from ..errors import DiffbatchError, SpecError
-from ..io.writer import encode_png, save_png
+from ..io.infotext import parse_infotext
+from ..io.writer import PARAMETERS_KEY, encode_png, save_png
+from ..samplers import SAMPLERS
 from ..spec import GenerationSpec, parse_size, spec_from_record
-from .loop import QueueFull, ShuttingDown
+from .loop import Cancelled, QueueFull, ShuttingDown
 from .metrics import CONTENT_TYPE
-from .schemas import ApiError, ImageGenerationRequest
+from .schemas import ApiError, CancelRequest, ImageGenerationRequest
 from .state import ServerState
 
 router = APIRouter()
 FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "strength", "seed", "negative_prompt",
                "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality",
-               "variation_seed", "variation_strength")
+               "variation_seed", "variation_strength", "request_id")
 
 
 def state(request: Request) -> ServerState:
@@ -46,6 +49,18 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "diffbatch"}]}
 
 
+@router.get("/ui")
+async def ui(request: Request) -> HTMLResponse:
+    """The browser UI: a static page that calls this API with the user's key (server/ui.html)."""
+    page = importlib.resources.files(__package__).joinpath("ui.html").read_text(encoding="utf-8")
+    page = page.replace("__SAMPLERS__", _script_json(list(SAMPLERS)))
+    return HTMLResponse(page.replace("__MODEL__", _script_json(state(request).engine.model_name)))
+
+
+def _script_json(value: Any) -> str:
+    return json.dumps(value).replace("<", "\\u003c")  # never a "</script>" inside the page's script
+
+
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     s = state(request)
@@ -57,9 +72,44 @@ async def metrics(request: Request) -> PlainTextResponse:
 @router.post("/v1/images/generations")
 async def generations(body: ImageGenerationRequest, request: Request) -> dict:
     s = state(request)
-    fields = body.model_dump(exclude={"model", "n", "size", "response_format", "user", "quality", "style"})
+    fields = body.model_dump(exclude={"model", "n", "size", "response_format", "user", "quality", "style",
+                                      "request_id"})
     specs = _specs(s, fields, body.model, body.n, body.size)
-    return await _generate(request, specs, body.response_format)
+    return await _generate(request, specs, body.response_format, body.request_id)
+
+
+@router.post("/v1/images/cancel")
+async def cancel(body: CancelRequest, request: Request) -> dict:
+    """Cancel the images of a generation sent with this ``request_id`` (waiting or running); it answers 409."""
+    s = state(request)
+    with s.running_lock:
+        futures = list(s.running.get(body.request_id, []))
+    return {"request_id": body.request_id, "cancelled": s.loop.cancel(futures)}
+
+
+@router.get("/v1/images/history")
+async def history(request: Request, limit: int = 100) -> dict:
+    """The images this server stored for URL responses, newest first, with their settings (the UI's history;
+    it survives restarts: the SQLite store)."""
+    base = str(request.base_url).rstrip("/")
+    items = state(request).store.history(max(1, min(limit, 1000)))
+    return {"object": "list", "data": [{**item, "url": f"{base}/files/{item.pop('file_id')}.png"} for item in items]}
+
+
+@router.post("/v1/images/parameters")
+async def parameters(request: Request) -> dict:
+    """The settings in a PNG's parameters chunk (diffbatch's or AUTOMATIC1111's), as spec fields: what
+    ``generate --from`` reads, for a client that lets users drop a PNG."""
+    form = await request.form(max_files=1, max_fields=1)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "image: a PNG file is required", "image")
+    text = _png_parameters(await upload.read())
+    try:
+        found = parse_infotext(text)
+    except ValueError as exc:
+        raise ApiError(400, f"image: {exc}", "image") from None
+    return {"fields": found.fields, "model": found.model, "sampler": found.default_sampler}
 
 
 @router.post("/v1/images/edits")
@@ -79,8 +129,11 @@ async def edits(request: Request) -> dict:
     if response_format not in ("b64_json", "url"):
         raise ApiError(400, "response_format: must be b64_json or url", "response_format")
     n = _form_value("n", form.get("n", "1"))
+    request_id = fields.pop("request_id", None)
+    if request_id is not None and not FILE_ID.match(request_id):
+        raise ApiError(400, "request_id: 1 to 80 of A-Z a-z 0-9 _ -", "request_id")
     specs = _specs(s, {**fields, "image": image}, form.get("model"), n, form.get("size"))
-    return await _generate(request, specs, response_format)
+    return await _generate(request, specs, response_format, request_id)
 
 
 def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | None) -> list[GenerationSpec]:
@@ -102,11 +155,24 @@ def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | Non
         raise ApiError(400, str(exc), exc.field) from None
 
 
-async def _generate(request: Request, specs: list[GenerationSpec], response_format: str) -> dict:
+async def _generate(request: Request, specs: list[GenerationSpec], response_format: str,
+                    request_id: str | None = None) -> dict:
     s = state(request)
     began = time.monotonic()
     futures = await asyncio.get_running_loop().run_in_executor(None, _submit, s, specs)
-    results: list[Result] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    if request_id:
+        with s.running_lock:
+            s.running.setdefault(request_id, []).extend(futures)
+    try:
+        results: list[Result] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    except Cancelled as exc:
+        raise ApiError(409, f"request_id {request_id!r}: {exc}", "request_id", kind="cancelled") from None
+    finally:
+        if request_id:
+            with s.running_lock:
+                kept = [f for f in s.running.pop(request_id, []) if f not in futures]
+                if kept:
+                    s.running[request_id] = kept
     s.metrics.observe_request(time.monotonic() - began, len(results))
     data = [await asyncio.get_running_loop().run_in_executor(None, _item, s, request, r, response_format)
             for r in results]
@@ -125,12 +191,15 @@ def _submit(s, specs: list[GenerationSpec]) -> list:
 
 
 def _item(s, request: Request, result: Result, response_format: str) -> dict[str, Any]:
+    settings = {**result.spec.to_record(), "sampler": result.sampler, "model": result.model}  # an extension
     if response_format == "b64_json":
-        return {"b64_json": base64.b64encode(encode_png(result)).decode(), "seed": result.spec.seed}
+        return {"b64_json": base64.b64encode(encode_png(result)).decode(), "seed": result.spec.seed,
+                "settings": settings}
     file_id = secrets.token_hex(16)
     path = save_png(s.store.data_dir / "files" / f"{file_id}.png", result)
-    s.store.add_file(path, file_id)
-    return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed}
+    s.store.add_file(path, file_id, settings)
+    return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed,
+            "settings": settings}
 
 
 # Batch jobs ------------------------------------------------------------------------------------------------
@@ -210,6 +279,18 @@ async def files(name: str, request: Request) -> FileResponse:
 
 
 # Helpers ---------------------------------------------------------------------------------------------------
+def _png_parameters(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            text = image.info.get(PARAMETERS_KEY)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ApiError(400, "image: not a readable image file", "image") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, f"image: no '{PARAMETERS_KEY}' text in it (not written by diffbatch or AUTOMATIC1111)",
+                       "image")
+    return text
+
+
 def _read_upload(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:

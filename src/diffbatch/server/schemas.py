@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImageGenerationRequest(BaseModel):
@@ -27,8 +27,17 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = None
     guidance_rescale: float | None = None
     scheduler: str | None = None
+    request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,80}$")  # POST /v1/images/cancel names it
     variation_seed: int | None = None  # with variation_strength in [0, 1]: AUTOMATIC1111's subseed
     variation_strength: float | None = None
+
+
+class CancelRequest(BaseModel):
+    """``POST /v1/images/cancel``: the ``request_id`` a generation was sent with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,80}$")
 
 
 class ApiError(Exception):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import concurrent.futures
+import threading
+from dataclasses import dataclass, field
 
 from ..engine import Engine
 from .config import ServerConfig
@@ -20,3 +22,6 @@ class ServerState:
     store: Store
     jobs: JobRunner
     metrics: Metrics
+    # Images in flight by the client's request_id (an extension field), so POST /v1/images/cancel finds them
+    running: dict[str, list[concurrent.futures.Future]] = field(default_factory=dict)
+    running_lock: threading.Lock = field(default_factory=threading.Lock)

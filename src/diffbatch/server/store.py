@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS items (
     file_id TEXT, error TEXT, seconds REAL, PRIMARY KEY (job_id, idx));
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
 """
+SETTINGS_COLUMN = "ALTER TABLE files ADD COLUMN settings TEXT"  # a store made before the history existed
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if "settings" not in {row[1] for row in self._db.execute("PRAGMA table_info(files)")}:
+            self._db.execute(SETTINGS_COLUMN)
         self._lock = threading.Lock()
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -113,13 +116,21 @@ class Store:
             self._db.execute("COMMIT")
 
     # Files -----------------------------------------------------------------------------------------------
-    def add_file(self, path: Path, file_id: str | None = None) -> str:
-        """Register a written file; URLs name it by this server-made id, never by a user-given path."""
+    def add_file(self, path: Path, file_id: str | None = None, settings: dict[str, Any] | None = None) -> str:
+        """Register a written file; URLs name it by this server-made id, never by a user-given path.
+        ``settings``: the image's resolved spec record (and sampler, model), for the history."""
         file_id = file_id or uuid.uuid4().hex
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
-                             (file_id, str(path.relative_to(self.data_dir)), time.time()))
+            self._db.execute("INSERT OR REPLACE INTO files (id, path, created, settings) VALUES (?, ?, ?, ?)",
+                             (file_id, str(path.relative_to(self.data_dir)), time.time(),
+                              None if settings is None else json.dumps(settings)))
         return file_id
+
+    def history(self, limit: int) -> list[dict[str, Any]]:
+        """Images with settings, newest first."""
+        rows = self._query("SELECT id, created, settings FROM files WHERE settings IS NOT NULL "
+                           "ORDER BY created DESC LIMIT ?", (limit,))
+        return [{"file_id": file_id, "created": created, **json.loads(settings)} for file_id, created, settings in rows]
 
     def file_path(self, file_id: str) -> Path | None:
         rows = self._query("SELECT path FROM files WHERE id = ?", (file_id,))

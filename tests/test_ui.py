@@ -1,0 +1,118 @@
+"""The browser UI (GET /ui) in a real headless Chromium: generate 4 images, refine image 3 with an extended
+prompt (same seed; pixels equal ``diffbatch generate`` of that spec), the history survives a reload and a
+server restart, a wrong key shows an error and no image. With DIFFBATCH_DOCS=1 the screenshot goes to
+docs/ui.png (linked from the README); otherwise to the test's temporary folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from diffbatch import Engine
+from diffbatch.cli import main
+from diffbatch.server import ServerConfig, create_app
+from test_gallery import browser  # noqa: F401 - the shared headless Chromium fixture
+from test_server_live import free_port
+
+KEY = "ui-key"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+class LiveServer:
+    def __init__(self, model: Path, data_dir: Path) -> None:
+        self.port = free_port()
+        config = ServerConfig(data_dir=data_dir, api_key=KEY, port=self.port)
+        engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
+        self.server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive()
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def server(tiny_sd_path, data_dir) -> Iterator[LiveServer]:
+    live = LiveServer(tiny_sd_path, data_dir)
+    yield live
+    live.stop()
+
+
+def open_ui(browser, url: str, key: str):  # noqa: ANN001, F811 - playwright objects
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{url}/ui")
+    page.wait_for_selector("#key-dialog[open]")  # the key is asked for once
+    page.fill("#key-input", key)
+    page.click("#key-save")
+    return page
+
+
+def cards(page) -> list[dict]:  # noqa: ANN001
+    return page.eval_on_selector_all(".card", "cs => cs.map(c => ({seed: Number(c.dataset.seed), url: c.dataset.url,"
+                                               " meta: c.querySelector('.meta').textContent}))")
+
+
+def test_generate_refine_history_and_a_wrong_key(browser, server, tiny_sd_path, data_dir, tmp_path):  # noqa: F811
+    page = open_ui(browser, server.url, KEY)
+    page.fill("#prompt", "a red circle")
+    page.fill("#n", "4")
+    page.fill("#seed", "10")
+    page.fill("#num_inference_steps", "3")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.card').length === 4", timeout=60_000)
+    assert sorted(c["seed"] for c in cards(page)) == [10, 11, 12, 13]
+
+    third = page.locator(".card[data-seed='12']")
+    third.locator("button[data-action='refine']").click()
+    third.locator(".edit-prompt").fill("a red circle, highly detailed")
+    third.locator(".edit-go").click()
+    page.wait_for_function("document.querySelectorAll('.card').length === 5", timeout=60_000)
+    refined = cards(page)[0]  # newest first
+    assert refined["seed"] == 12 and "highly detailed" in refined["meta"]
+    page.screenshot(path=str((DOCS if os.environ.get("DIFFBATCH_DOCS") else tmp_path) / "ui.png"))
+
+    png = httpx.get(refined["url"], headers={"Authorization": f"Bearer {KEY}"}).content
+    out = tmp_path / "cli"
+    assert main(["generate", "--prompt", "a red circle, highly detailed", "--seed", "12", "--steps", "3",
+                 "--model", str(tiny_sd_path), "--out", str(out), "--dtype", "float32", "--no-gallery"]) == 0
+    expected = np.asarray(Image.open(out / "00000-12.png").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), expected)
+
+    page.reload()  # the key stays in the tab: the history comes back without asking
+    page.wait_for_function("document.querySelectorAll('.card').length === 5", timeout=30_000)
+    page.close()
+
+    server.stop()  # and it survives a restart (the SQLite store)
+    again = LiveServer(tiny_sd_path, data_dir)
+    try:
+        page = open_ui(browser, again.url, KEY)
+        page.wait_for_function("document.querySelectorAll('.card').length === 5", timeout=30_000)
+        page.close()
+        wrong = open_ui(browser, again.url, "not-the-key")
+        wrong.wait_for_function("document.getElementById('error').textContent.includes('wrong API key')")
+        assert wrong.locator(".card").count() == 0
+        wrong.close()
+    finally:
+        again.stop()
