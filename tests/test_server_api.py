@@ -192,3 +192,48 @@ def test_variation_fields_make_the_offline_variation(client, reference):
     assert np.array_equal(b64_pixels(response.json()["data"][0]), expected)
     missing = client.post("/v1/images/generations", json={**fields, "variation_strength": None})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "variation_strength"
+
+
+def test_cancel_drops_waiting_and_running_images_and_answers_409(client, engine):
+    body = {"prompt": "a slow circle", "n": 3, "seed": 1, "num_inference_steps": 50, "request_id": "job-1"}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, "/v1/images/generations", json=body)
+        deadline = time.monotonic() + 30
+        while engine.num_unfinished() == 0:  # running on the engine now
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cancelled = client.post("/v1/images/cancel", json={"request_id": "job-1"})
+        response = pending.result(timeout=60)
+    assert cancelled.status_code == 200 and cancelled.json()["cancelled"] == 3
+    assert response.status_code == 409 and response.json()["error"]["param"] == "request_id"
+    deadline = time.monotonic() + 10
+    while engine.num_unfinished():  # aborted before its next step, not run to the end
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.post("/v1/images/cancel", json={"request_id": "job-1"}).json()["cancelled"] == 0
+    assert client.post("/v1/images/cancel", json={"request_id": "../x"}).status_code == 400
+
+
+def test_history_lists_stored_images_newest_first_with_their_settings(client):
+    for seed in (3, 4):
+        client.post("/v1/images/generations", json={"prompt": f"seed {seed}", "seed": seed, "response_format": "url",
+                                                    **FAST})
+    client.post("/v1/images/generations", json={"prompt": "inline", "seed": 9, **FAST})  # b64: not stored
+    items = client.get("/v1/images/history").json()["data"]
+    assert [(i["prompt"], i["seed"]) for i in items] == [("seed 4", 4), ("seed 3", 3)]
+    assert items[0]["num_inference_steps"] == FAST["num_inference_steps"] and items[0]["sampler"]
+    assert client.get(items[0]["url"]).status_code == 200
+    assert len(client.get("/v1/images/history?limit=1").json()["data"]) == 1
+
+
+def test_parameters_reads_back_a_served_png(client):
+    item = client.post("/v1/images/generations", json={"prompt": "a, b: c", "seed": 5, "negative_prompt": "blur",
+                                                       "response_format": "url", **FAST}).json()["data"][0]
+    png = client.get(item["url"]).content
+    found = client.post("/v1/images/parameters", files={"image": ("x.png", png, "image/png")}).json()
+    assert found["fields"]["prompt"] == "a, b: c" and found["fields"]["seed"] == 5
+    assert found["fields"]["negative_prompt"] == "blur" and found["sampler"] == item["settings"]["sampler"]
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    bad = client.post("/v1/images/parameters", files={"image": ("x.png", plain.getvalue(), "image/png")})
+    assert bad.status_code == 400 and "no 'parameters' text" in bad.json()["error"]["message"]
