@@ -136,6 +136,8 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--variation-seed", type=int, metavar="V", help="variation: mix in seed V's noise (A1111 subseed)")
     p.add_argument("--variation-strength", type=float, metavar="X",
                    help="variation strength in [0, 1]; 0: the seed's own image")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="LoRA files (NAME.safetensors) for <lora:NAME:WEIGHT> tags and loras fields")
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
                    help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
@@ -287,7 +289,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
     with _quiet():
         return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                      max_batch_size=args.batch_size)
+                                      max_batch_size=args.batch_size, lora_dir=args.lora_dir)
 
 
 def load_resolver(args: argparse.Namespace) -> Resolver:
@@ -295,7 +297,7 @@ def load_resolver(args: argparse.Namespace) -> Resolver:
     from .resolver import Resolver
 
     with _quiet():
-        return Resolver.for_model(args.model)
+        return Resolver.for_model(args.model, args.lora_dir)
 
 
 @contextlib.contextmanager
@@ -344,6 +346,7 @@ def _execute(args: argparse.Namespace, engine: Engine | None, model_name: str, s
             from .executors.ray import RayOptions, run_ray
 
             options = RayOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                                 lora_dir=None if args.lora_dir is None else str(args.lora_dir),
                                  batch_size=args.batch_size, address=args.ray or None, workers=args.workers)
             run_ray(options, specs, todo, writer, progress.update)
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .adapters import load_adapter
+from .adapters.lora import LoraBank
 from .memory import BatchLimits, BatchSize, batch_limits
 from .planner import Planner
 from .request import Request
@@ -47,13 +48,15 @@ class EngineStats:
 
 class Engine:
     def __init__(self, adapter, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
-                 generator_device: str = "cpu") -> None:
-        """``max_batch_size``: images per denoiser call, or "auto" to size batches from memory (memory.py)."""
+                 generator_device: str = "cpu", lora_dir: str | os.PathLike | None = None) -> None:
+        """``max_batch_size``: images per denoiser call, or "auto" to size batches from memory (memory.py).
+        ``lora_dir``: where LoRA names resolve (``NAME.safetensors``); a name may also be a file's path."""
         self.adapter = adapter
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.planner = Planner(limits.denoise.cap, limits.denoise)
-        self.resolver = Resolver(adapter)
-        self.runner = Runner(adapter, limits, self.resolver.make_sampler, generator_device)
+        self.resolver = Resolver(adapter, lora_dir)
+        self.loras = LoraBank(adapter.pipe, self.resolver.lora_path, adapter.invariant)
+        self.runner = Runner(adapter, limits, self.resolver.make_sampler, generator_device, self.loras)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)
         self._seconds: dict[int, float] = {}
@@ -62,15 +65,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
-                        generator_device: str = "cpu", batch_invariant: bool = True, backend: str = "torch"
-                        ) -> Engine:
+                        generator_device: str = "cpu", batch_invariant: bool = True, backend: str = "torch",
+                        lora_dir: str | os.PathLike | None = None) -> Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
         ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
         image may then change by a few uint8 levels with its batch or the thread count. ``dtype`` None or
         "auto": the device's fastest exact dtype (loading.resolve_dtype). ``backend="openvino"``: the denoiser
         runs on OpenVINO (CPU; adapters/openvino.py states its contract)."""
         adapter = load_adapter(model, device, dtype, invariant=batch_invariant, backend=backend)
-        return cls(adapter, max_batch_size, vae_batch_size, generator_device)
+        return cls(adapter, max_batch_size, vae_batch_size, generator_device, lora_dir)
 
     @property
     def model_name(self) -> str:
@@ -94,7 +97,9 @@ class Engine:
     def admit(self, resolved: GenerationSpec) -> int:
         """Admit a spec already returned by ``resolve`` (no second validation); returns its request id."""
         # The init image is read when the request is prepared, not held from admission: a job of many
-        # img2img requests would otherwise keep every decoded image in memory at once.
+        # img2img requests would otherwise keep every decoded image in memory at once. LoRAs load now, in the
+        # caller's thread (the server admits in the engine thread), so a bad one fails this request alone.
+        self.loras.ensure(resolved.loras)
         with self._lock:
             request = Request(next(self._ids), resolved, (resolved.height, resolved.width),
                               started=time.perf_counter())
@@ -168,4 +173,4 @@ class Engine:
         image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
         seconds = self._seconds.pop(request.request_id)
         return Result(request.request_id, request.spec, image, pixels, seconds, self.sampler_label(request.spec),
-                      self.model_name)
+                      self.model_name, lora_hashes=self.loras.hashes(request.spec.loras))

@@ -5,8 +5,11 @@ that only plans a job (the ``--ray`` driver) resolves exactly as the engines tha
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import re
 import secrets
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -18,17 +21,20 @@ from .io.images import init_image_size
 from .samplers import SAMPLERS, sampler_label
 from .spec import GenerationSpec, ModelDefaults
 
+LORA_TAG = re.compile(r"\s*<lora:([^:<>]+)(?::([^:<>]*))?>")  # AUTOMATIC1111's <lora:NAME:WEIGHT>
+
 
 class Resolver:
-    def __init__(self, adapter: Adapter) -> None:
+    def __init__(self, adapter: Adapter, lora_dir: str | os.PathLike | None = None) -> None:
         self.adapter = adapter
+        self.lora_dir = None if lora_dir is None else Path(lora_dir)
         self._prototypes: dict[str | None, Any] = {}
         self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
 
     @classmethod
-    def for_model(cls, model: str | os.PathLike | None) -> Resolver:
+    def for_model(cls, model: str | os.PathLike | None, lora_dir: str | os.PathLike | None = None) -> Resolver:
         """From the model's JSON files alone (``None``: the embedded model)."""
-        return cls(describe(model))
+        return cls(describe(model), lora_dir)
 
     @property
     def model_name(self) -> str:
@@ -45,10 +51,44 @@ class Resolver:
         """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
         image_size = init_image_size(spec.image) if spec.is_img2img else None
         seed = secrets.randbits(63) if seed is None else seed
-        resolved = spec.resolve(self.defaults, seed, image_size)
+        resolved = self._take_lora_tags(spec).resolve(self.defaults, seed, image_size)
+        for name, _ in resolved.loras:
+            self.lora_path(name)
+        if resolved.loras and self.adapter.backend != "torch":
+            raise SpecError(f"loras: not supported with backend {self.adapter.backend!r} (use backend torch)",
+                            field="loras", value=resolved.loras, reason="needs backend torch")
         self.adapter.check_spec(resolved)
         self.check_sampler(resolved)
         return resolved
+
+    def lora_path(self, name: str) -> Path:
+        """A LoRA's file: ``NAME.safetensors`` in the LoRA folder, or ``name`` itself when it is a file."""
+        candidates = [self.lora_dir / f"{name}.safetensors"] if self.lora_dir is not None else []
+        candidates.append(Path(name).expanduser())
+        for path in candidates:
+            if path.is_file() and path.suffix == ".safetensors":
+                return path.resolve()
+        where = f"--lora-dir {self.lora_dir}" if self.lora_dir is not None else "no LoRA folder given (--lora-dir)"
+        raise SpecError(f"loras: unknown LoRA {name!r}: not a .safetensors file, and not in {where}",
+                        field="loras", value=name, reason="unknown LoRA")
+
+    @staticmethod
+    def _take_lora_tags(spec: GenerationSpec) -> GenerationSpec:
+        """``<lora:NAME:WEIGHT>`` tags out of the prompt (weight 1 when left out), into ``loras``."""
+        if "<lora:" not in spec.prompt:
+            return spec
+        loras = dict(spec.loras)
+        for name, weight in LORA_TAG.findall(spec.prompt):
+            try:
+                loras[name] = float(weight) if weight.strip() else 1.0
+            except ValueError:
+                raise SpecError(f"prompt: <lora:{name}:{weight}> has a weight that is not a number", field="prompt",
+                                value=spec.prompt, reason="malformed <lora:NAME:WEIGHT> tag") from None
+        prompt = LORA_TAG.sub("", spec.prompt).strip()
+        if "<lora:" in prompt:
+            raise SpecError(f"prompt: a malformed <lora:NAME:WEIGHT> tag in {spec.prompt!r}", field="prompt",
+                            value=spec.prompt, reason="malformed <lora:NAME:WEIGHT> tag")
+        return dataclasses.replace(spec, prompt=prompt, loras=loras)
 
     def check_sampler(self, spec: GenerationSpec) -> None:
         """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+

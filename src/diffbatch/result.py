@@ -22,3 +22,4 @@ class Result:
     sampler: str = ""  # the sampler that made it, as written into PNG metadata ("Euler a", "DPM++ 2M", ...)
     model: str = ""  # the model's name, as written into PNG metadata and manifests
     index: int | None = None  # position in the ``generate`` call's specs; None for ``step``'s results
+    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, short sha256) of each LoRA, for the PNG metadata

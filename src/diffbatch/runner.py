@@ -7,6 +7,7 @@ denoiser call and step each request's own sampler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from PIL import Image
 
 from .adapters import Adapter, Cond
 from .adapters.invariance import batch_rows, pad_rows, run_in_calls
+from .adapters.lora import LoraBank, Loras
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
 from .planner import StepPlan
@@ -29,7 +31,7 @@ from .spec import GenerationSpec
 PROMPT_BATCH = 64  # texts per text-encoder call
 
 
-PromptKey = tuple[bool, str]  # (is a negative prompt, text)
+PromptKey = tuple[bool, str, Loras]  # (is a negative prompt, text, LoRAs: text-encoder LoRAs change it)
 
 
 class PromptCache:
@@ -72,10 +74,12 @@ def _chunks(items: Sequence[Request], limit: StageLimit) -> Iterator[list[Reques
 
 class Runner:
     def __init__(self, adapter: Adapter, limits: BatchLimits, make_sampler: Callable[[str | None], Any],
-                 generator_device: str = "cpu") -> None:
-        """``make_sampler(name)``: a fresh diffusers scheduler for a sampler name (``Resolver.make_sampler``)."""
+                 generator_device: str = "cpu", loras: LoraBank | None = None) -> None:
+        """``make_sampler(name)``: a fresh diffusers scheduler for a sampler name (``Resolver.make_sampler``);
+        ``loras``: the LoRAs loaded into the pipeline, applied per row (adapters/lora.py)."""
         self.adapter = adapter
         self.make_sampler = make_sampler
+        self.loras = loras
         # Images per denoiser call / VAE call, per shape; split and lowered on out-of-memory (memory.py).
         self.limits = limits
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
@@ -107,23 +111,32 @@ class Runner:
 
     def _attach_conditioning(self, requests: list[Request]) -> None:
         guided = [r for r in requests if self.adapter.uses_cfg(r.spec)]
-        self._encode_missing([r.spec.prompt for r in requests], negative=False)
-        self._encode_missing([r.spec.negative_prompt for r in guided], negative=True)
+        self._encode_missing([(False, r.spec.prompt, r.spec.loras) for r in requests])
+        self._encode_missing([(True, r.spec.negative_prompt, r.spec.loras) for r in guided])
         for r in requests:
-            r.cond = self.adapter.request_cond(self.prompts.get((False, r.spec.prompt)), r.spec)
+            r.cond = self.adapter.request_cond(self.prompts.get((False, r.spec.prompt, r.spec.loras)), r.spec)
         for r in guided:
-            r.uncond = self.adapter.request_cond(self.prompts.get((True, r.spec.negative_prompt)), r.spec, True)
+            key = (True, r.spec.negative_prompt, r.spec.loras)
+            r.uncond = self.adapter.request_cond(self.prompts.get(key), r.spec, True)
 
-    def _encode_missing(self, texts: list[str], negative: bool) -> None:
-        missing = [text for _, text in self.prompts.missing([(negative, t) for t in texts])]
-        for i in range(0, len(missing), PROMPT_BATCH):
-            batch = missing[i : i + PROMPT_BATCH]
-            def encode(real: slice, size: int, batch: list[str] = batch) -> list[Cond]:
-                texts = batch[real]
-                return self.adapter.encode_prompts(texts + texts[-1:] * (size - len(texts)), negative)
-            conds = run_in_calls(self.adapter.call_shapes.text, len(batch), encode)
-            for text, cond in zip(batch, conds, strict=True):
-                self.prompts.put((negative, text), cond)
+    def _encode_missing(self, keys: list[PromptKey]) -> None:
+        for negative in (False, True):
+            missing = self.prompts.missing([k for k in keys if k[0] == negative])
+            for i in range(0, len(missing), PROMPT_BATCH):
+                batch = missing[i : i + PROMPT_BATCH]
+                conds = run_in_calls(self.adapter.call_shapes.text, len(batch), functools.partial(
+                    self._encode_call, batch, negative))
+                for key, cond in zip(batch, conds, strict=True):
+                    self.prompts.put(key, cond)
+
+    def _encode_call(self, batch: list[PromptKey], negative: bool, real: slice, size: int) -> list[Cond]:
+        keys = batch[real]
+        keys = keys + keys[-1:] * (size - len(keys))  # padded to the call shape
+        with self._lora_rows([loras for _, _, loras in keys]):
+            return self.adapter.encode_prompts([text for _, text, _ in keys], negative)
+
+    def _lora_rows(self, per_row: list[Loras]) -> contextlib.AbstractContextManager:
+        return self.loras.rows(per_row) if self.loras is not None else contextlib.nullcontext()
 
     def _encode_init_images(self, chunk: list[Request]) -> None:
         # Same RNG order as diffusers' img2img: the VAE latent sample first, then the noise.
@@ -151,11 +164,12 @@ class Runner:
 
     def _guided_noise(self, requests: list[Request]) -> list[torch.Tensor]:
         """One batched denoiser call; each request's noise prediction with its own CFG. Changes no state."""
-        samples, timesteps, conds = [], [], []
+        samples, timesteps, conds, loras = [], [], [], []
         for r in requests:
             t = r.timesteps[r.step_index]
             x = _scale_model_input(r.sampler, r.latents, t)
             rows = [r.uncond, r.cond] if r.uses_cfg else [r.cond]
+            loras += [r.spec.loras] * len(rows)
             samples += [x] * len(rows)
             timesteps += [t.reshape(1).to(torch.float32)] * len(rows)  # the UNet casts timesteps to float32
             conds += rows
@@ -163,8 +177,10 @@ class Runner:
         cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
 
         def call(real: slice, size: int) -> torch.Tensor:  # padded to the device's call shape (invariance.py)
-            return self.adapter.denoise(pad_rows(sample[real], size), pad_rows(timestep[real], size),
-                                        {key: pad_rows(value[real], size) for key, value in cond.items()})
+            rows = loras[real]
+            with self._lora_rows(rows + rows[-1:] * (size - len(rows))):
+                return self.adapter.denoise(pad_rows(sample[real], size), pad_rows(timestep[real], size),
+                                            {key: pad_rows(value[real], size) for key, value in cond.items()})
 
         out = run_in_calls(self.adapter.call_shapes.denoiser, len(sample), call)  # [N, ...]
         row, noise = 0, []

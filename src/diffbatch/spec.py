@@ -50,8 +50,13 @@ class GenerationSpec:
     # noise of variation_seed); strength 0 is exactly the seed's image. Both or neither.
     variation_seed: int | None = None
     variation_strength: float | None = None
+    # LoRAs and their weights, as ((name, weight), ...) sorted by name; a mapping is accepted. Names resolve
+    # against the engine's LoRA folder (or are paths). AUTOMATIC1111's <lora:NAME:WEIGHT> tags in the prompt
+    # are taken out of it and added here at resolve time.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", _lora_pairs(self.loras))
         validate_fields(self)
 
     @property
@@ -99,6 +104,21 @@ class GenerationSpec:
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationSpec))
 
 
+def _lora_pairs(value: Any) -> Any:
+    """A mapping or pairs, as sorted ``((name, weight), ...)``; anything else is left for the rule to refuse."""
+    if isinstance(value, dict):
+        value = list(value.items())
+    if isinstance(value, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in value):
+        return tuple(sorted((name, weight) for name, weight in value))
+    return value
+
+
+def _loras_ok(value: Any) -> bool:
+    return isinstance(value, tuple) and all(
+        isinstance(name, str) and name.strip() and not set(name) & set("<>:") and _is_number(weight)
+        for name, weight in value) and len({name for name, _ in value}) == len(value)
+
+
 def _first(value: Any, default: Any) -> Any:
     return default if value is None else value
 
@@ -136,6 +156,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS), "must be one of " + ", ".join(SAMPLERS)),
     "variation_seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
     "variation_strength": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
+    "loras": (_loras_ok, "must map LoRA names (no < > :) to finite weights, each name once"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
     "width": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
 }

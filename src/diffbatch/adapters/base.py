@@ -36,6 +36,8 @@ class Adapter(ABC):
         self.config = config
         self.pipe = pipe
         self.name = name
+        self.backend = backend
+        self.invariant = invariant
         self.device: torch.device = pipe.device if pipe is not None else torch.device("cpu")
         # Every request builds its sampler from the config as loaded, never from one a request changed
         # (``from_config(cfg, use_karras_sigmas=True)`` writes the option into the config it returns).

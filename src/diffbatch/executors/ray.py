@@ -44,6 +44,7 @@ class RayOptions:
     address: str | None  # None: start a local cluster
     workers: int
     backend: str = "torch"
+    lora_dir: str | None = None  # as --lora-dir: on a cluster, a folder every worker sees
     model_name: str = ""  # the driver's model name, written into each PNG's parameters (as a local run does)
 
 
@@ -76,7 +77,8 @@ class EngineWorker:
         quiet_loading()
         self.options = options
         self.engine = Engine.from_pretrained(options.model, device=options.device, dtype=options.dtype,
-                                             max_batch_size=options.batch_size, backend=options.backend)
+                                             max_batch_size=options.batch_size, backend=options.backend,
+                                             lora_dir=options.lora_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [WorkItem(int(i), str(s)) for i, s in zip(batch["index"], batch["spec"], strict=True)]

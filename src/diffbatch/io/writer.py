@@ -27,8 +27,10 @@ def png_name(index: int, seed: int) -> str:
     return f"{index:05d}-{seed}.png"
 
 
-def format_parameters(spec: GenerationSpec, sampler: str, model: str) -> str:
-    """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings."""
+def format_parameters(spec: GenerationSpec, sampler: str, model: str,
+                      lora_hashes: tuple[tuple[str, str], ...] = ()) -> str:
+    """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings. LoRAs
+    are written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``."""
     settings: list[tuple[str, Any]] = [
         ("Steps", spec.num_inference_steps), ("Sampler", _quote(sampler)),
         ("CFG scale", _number(spec.guidance_scale)), ("Seed", spec.seed),
@@ -43,7 +45,10 @@ def format_parameters(spec: GenerationSpec, sampler: str, model: str) -> str:
     if spec.variation_seed is not None:  # AUTOMATIC1111's names for its subseed
         settings += [("Variation seed", spec.variation_seed),
                      ("Variation seed strength", _number(spec.variation_strength))]
-    lines = [spec.prompt]
+    if lora_hashes:
+        settings.append(("Lora hashes", json.dumps(", ".join(f"{name}: {digest}" for name, digest in lora_hashes))))
+    tags = "".join(f" <lora:{name}:{_number(weight)}>" for name, weight in spec.loras)
+    lines = [spec.prompt + tags]
     if spec.negative_prompt:
         lines.append(f"Negative prompt: {spec.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in settings))
@@ -71,7 +76,8 @@ def encode_png(result: Result) -> bytes:
     """The one PNG encoder (CLI, server, batch jobs, Ray): the image with its ``parameters`` text chunk, the
     same bytes wherever it is encoded."""
     info = PngInfo()
-    info.add_text(PARAMETERS_KEY, format_parameters(result.spec, result.sampler, result.model))  # iTXt if needed
+    text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes)
+    info.add_text(PARAMETERS_KEY, text)  # iTXt if needed
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

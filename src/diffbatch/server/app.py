@@ -47,7 +47,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
 def start_state(config: ServerConfig, engine: Engine | None) -> ServerState:
     engine = engine or Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                              max_batch_size=config.max_batch_size, backend=config.backend)
+                                              max_batch_size=config.max_batch_size, backend=config.backend,
+                                              lora_dir=config.lora_dir)
     loop = EngineLoop(engine, config.max_queue, config.batching, config.window_ms / 1000)
     store = Store(config.data_dir)
     jobs = JobRunner(store, loop, 2 * config.max_batch_size)

@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=AUTO_DTYPE, help=DTYPE_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+    p.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRA files (NAME.safetensors) requests may name")
     p.add_argument("--batching", choices=POLICIES, default="continuous",
                    help="continuous (default); window / none reproduce peers' policies for benchmarks")
     p.add_argument("--max-n", type=int, default=10)
@@ -39,7 +40,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DIFFBATCH_API_KEY"),
-        data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
+        data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend, lora_dir=args.lora_dir,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
         max_steps=args.max_steps)

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..engine import Engine
+from ..errors import DiffbatchError
 from ..spec import GenerationSpec
 
 log = logging.getLogger("diffbatch.server")
@@ -147,7 +148,13 @@ class EngineLoop:
 
     def _admit(self) -> None:
         for item in self._ready():
-            request_id = self.engine.admit(item.spec)  # resolved in submit(): no file read in this thread
+            if item.future.done():
+                continue  # cancelled while waiting
+            try:  # resolved in submit(); admitting loads a LoRA on its first use, which may fail for this image
+                request_id = self.engine.admit(item.spec)
+            except DiffbatchError as exc:
+                item.future.set_exception(exc)
+                continue
             self._futures[request_id] = item.future
 
     def _ready(self) -> list[Pending]:

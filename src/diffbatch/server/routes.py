@@ -31,7 +31,7 @@ router = APIRouter()
 FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "strength", "seed", "negative_prompt",
                "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality",
-               "variation_seed", "variation_strength", "request_id")
+               "variation_seed", "variation_strength", "request_id", "loras")
 
 
 def state(request: Request) -> ServerState:
@@ -167,6 +167,8 @@ async def _generate(request: Request, specs: list[GenerationSpec], response_form
         results: list[Result] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     except Cancelled as exc:
         raise ApiError(409, f"request_id {request_id!r}: {exc}", "request_id", kind="cancelled") from None
+    except DiffbatchError as exc:  # found when admitted (a LoRA that does not load into this model)
+        raise ApiError(400, str(exc), exc.field) from None
     finally:
         if request_id:
             with s.running_lock:
@@ -305,7 +307,7 @@ def _form_value(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ApiError(400, f"{key}: must be a text field", key)
     converters = {"n": int, "seed": int, "num_inference_steps": int, "strength": float, "guidance_scale": float,
-                  "guidance_rescale": float, "variation_seed": int, "variation_strength": float}
+                  "guidance_rescale": float, "variation_seed": int, "variation_strength": float, "loras": json.loads}
     try:
         return converters.get(key, str)(value)
     except ValueError:

@@ -30,6 +30,7 @@ class ImageGenerationRequest(BaseModel):
     request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,80}$")  # POST /v1/images/cancel names it
     variation_seed: int | None = None  # with variation_strength in [0, 1]: AUTOMATIC1111's subseed
     variation_strength: float | None = None
+    loras: dict[str, float] = Field(default_factory=dict)  # LoRA name -> weight (names from --lora-dir)
 
 
 class CancelRequest(BaseModel):

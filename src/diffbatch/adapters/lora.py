@@ -1,0 +1,150 @@
+"""LoRAs per request, in one batch: every row of a denoiser (or text-encoder) call may carry its own LoRAs and
+weights.
+
+Loading is diffusers' own (``load_lora_weights``: diffusers/PEFT and kohya safetensors, UNet and text-encoder
+LoRAs), each LoRA as a PEFT adapter of the pipeline, loaded on first use and kept in an LRU. What PEFT's
+forward cannot do is weight adapters per row (its mixed-batch ``adapter_names`` takes one adapter per row and
+its own scale), so every LoRA layer's forward is replaced by a per-row one: the base layer on all rows, then
+for each LoRA only on the rows that use it, ``lora_B(lora_A(x)) * (weight * alpha / r)`` added — the same
+operations diffusers runs for one image after ``set_adapters(names, weights)``. Rows without a LoRA pay
+nothing; a LoRA branch never runs on one row (invariance.py: some kernels take another path at N = 1), so an
+image is the same alone and in any batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+from .invariance import make_batch_invariant
+
+Loras = tuple[tuple[str, float], ...]  # a spec's LoRAs: ((name, weight), ...)
+# The running call's rows: adapter name -> each row's weight (0.0: the row does not use it)
+_ROWS: ContextVar[dict[str, list[float]] | None] = ContextVar("diffbatch_lora_rows", default=None)
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's short LoRA hash: the first 12 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+class LoraBank:
+    """The LoRAs loaded into one pipeline, by path; at most ``capacity``, least recently used dropped."""
+
+    def __init__(self, pipe: Any, find: Callable[[str], Path], invariant: bool, capacity: int = 16) -> None:
+        self.pipe = pipe
+        self.find = find  # a LoRA name -> its file (Resolver.lora_path)
+        self.invariant = invariant
+        self.capacity = capacity
+        self._loaded: OrderedDict[Path, str] = OrderedDict()  # file -> adapter name in the pipeline
+        self._hashes: dict[Path, str] = {}
+
+    def ensure(self, loras: Loras) -> None:
+        """Load the LoRAs not loaded yet (``SpecError`` naming the LoRA when one cannot be loaded)."""
+        if loras:
+            _require_peft()
+        for name, _ in loras:
+            path = self.find(name)
+            if path in self._loaded:
+                self._loaded.move_to_end(path)
+                continue
+            adapter = "lora_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+            try:
+                self.pipe.load_lora_weights(str(path), adapter_name=adapter)
+            except Exception as exc:  # noqa: BLE001 - diffusers and PEFT raise assorted errors for bad files
+                with contextlib.suppress(Exception):
+                    self.pipe.delete_adapters([adapter])
+                raise SpecError(f"loras: {name!r} ({path}) cannot be loaded into this model: "
+                                f"{type(exc).__name__}: {exc}", field="loras", value=name,
+                                reason="not a LoRA for this model") from None
+            self._loaded[path] = adapter
+            self._patch()
+            while len(self._loaded) > self.capacity:
+                _, dropped = self._loaded.popitem(last=False)
+                self.pipe.delete_adapters([dropped])
+
+    def hashes(self, loras: Loras) -> tuple[tuple[str, str], ...]:
+        """(name, AUTOMATIC1111's short hash) of each LoRA, for the PNG metadata."""
+        found = []
+        for name, _ in loras:
+            path = self.find(name)
+            if path not in self._hashes:
+                self._hashes[path] = file_hash(path)
+            found.append((name, self._hashes[path]))
+        return tuple(found)
+
+    @contextlib.contextmanager
+    def rows(self, per_row: Sequence[Loras]) -> Iterator[None]:
+        """Run the calls inside with these LoRAs per row (one entry per row of the call, padding included)."""
+        if not any(per_row):
+            yield
+            return
+        weights: dict[str, list[float]] = {}  # in name order, as each spec lists its LoRAs: the same sums
+        for name in sorted({name for loras in per_row for name, _ in loras}):
+            column = weights[self._loaded[self.find(name)]] = [0.0] * len(per_row)
+            for i, loras in enumerate(per_row):
+                column[i] = float(dict(loras).get(name, 0.0))
+        token = _ROWS.set(weights)
+        try:
+            yield
+        finally:
+            _ROWS.reset(token)
+
+    def _patch(self) -> None:
+        """Per-row forwards on every LoRA layer (new ones included); the invariant kernels on their A and B."""
+        from peft.tuners.lora import LoraLayer
+
+        modules = [getattr(self.pipe, n, None) for n in LORA_COMPONENTS]
+        for module in (m for m in modules if m is not None):
+            for layer in module.modules():
+                if isinstance(layer, LoraLayer) and hasattr(layer, "lora_A") and isinstance(layer, nn.Module):
+                    layer.forward = types.MethodType(_rowwise_forward, layer)
+            if self.invariant:
+                make_batch_invariant([module], module.device)
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401 - diffusers loads LoRAs through PEFT
+    except ImportError:
+        raise SpecError("loras: LoRAs need PEFT: pip install 'diffbatch[lora]'", field="loras",
+                        reason="PEFT is not installed") from None
+
+
+def _rowwise_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    result = self.base_layer(x, *args, **kwargs)
+    rows = _ROWS.get()
+    if not rows:
+        return result
+    dtype = result.dtype
+    for adapter, weights in rows.items():
+        if adapter not in self.lora_A:
+            continue
+        picked = [i for i, w in enumerate(weights) if w != 0.0]
+        if not picked:
+            continue
+        take = picked if len(picked) > 1 else picked * 2  # never a one-row call
+        xs = self._cast_input_dtype(x[take], self.lora_A[adapter].weight.dtype)
+        delta = self.lora_B[adapter](self.lora_A[adapter](self.lora_dropout[adapter](xs)))[: len(picked)]
+        # diffusers: result + delta * (weight * alpha / r), one Python float per image
+        scale = torch.tensor([weights[i] * self.scaling[adapter] for i in picked], dtype=delta.dtype,
+                             device=delta.device).view(-1, *[1] * (delta.dim() - 1))
+        index = torch.tensor(picked, device=result.device)
+        result = result.index_copy(0, index, result[index] + delta * scale)
+    return result.to(dtype)
