@@ -197,7 +197,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the 10/20/30 step counts")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--workloads", nargs="+", choices=("uniform", "mixed"), default=["uniform", "mixed"])
+    parser.add_argument("--workloads", nargs="+", choices=("uniform", "mixed", "loras"), default=["uniform", "mixed"],
+                        help="loras: 5 LoRAs over the images, diffbatch mixed vs diffusers grouped (alone)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--invariance", action="store_true",
                         help="compare invariant kernels with no invariance and with fixed shapes")
@@ -205,6 +206,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "loras" in args.workloads:
+        return run_loras(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.model
         model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
@@ -222,6 +225,42 @@ def main() -> None:
     else:
         write_markdown(record)
     print(json.dumps(record, indent=2))
+
+
+def run_loras(args: argparse.Namespace) -> None:
+    import lora_workload
+
+    steps = max(1, round(20 * args.steps_scale))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / args.model
+        model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
+        loras = lora_workload.make_loras(model, Path(tmp) / "loras")
+        results = lora_workload.run(model, loras, args.images, args.batch_size, steps, args.repeats)
+    record = {"model": args.model, "workload": "loras", "images": args.images, "batch_size": args.batch_size,
+              "steps": steps, "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": cpu_model(), "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"throughput-{args.model}-loras.json").write_text(json.dumps(record, indent=2))
+    write_lora_markdown(record)
+    print(json.dumps(record, indent=2))
+
+
+def write_lora_markdown(record: dict) -> None:
+    from results_md import replace_section, table
+
+    res = record["results"]
+    rows = [[key, f"{res[key]['seconds']:.2f}", f"{res[key]['images_per_s']:.3f}"]
+            for key in ("diffusers_grouped_by_lora_set", "diffbatch_mixed", "diffbatch_without_loras")]
+    rows += [["**diffbatch mixed / diffusers grouped**", "", f"**{res['ratio_vs_diffusers_grouped']:.2f}x**"],
+             ["LoRA rows' cost (mixed time / plain time)", "", f"{res['lora_cost_vs_plain']:.2f}x"]]
+    body = (f"`python benchmarks/throughput.py --model {record['model']} --workloads loras --images "
+            f"{record['images']} --steps-scale ...` ({record['steps']} steps) on {record['cpu']}, torch "
+            f"{record['torch']}, {record['threads']} thread(s), max batch {record['batch_size']} images, float32, "
+            f"best of {record['repeats']}, interleaved. 5 random LoRAs (rank 4, attention projections) in 6 sets "
+            "(one LoRA at various weights, or two) cycled over the images; diffusers runs each set as list batches "
+            "after set_adapters (pipeline-wide), diffbatch runs them all mixed.\n\n"
+            + table(["strategy", "seconds", "images/s"], rows))
+    replace_section(f"LoRAs per request: {record['model']} model (issue 14)", body)
 
 
 def cpu_model() -> str:

@@ -103,7 +103,7 @@ def test_image_folder_pairs_with_prompts_for_img2img(
     records = sorted(manifest(out), key=lambda r: r["index"])
     assert [(r["prompt"], Path(r["image"]).name, r["strength"], r["width"]) for r in records] == [
         ("one", "a.png", 0.5, 16), ("two", "b.png", 0.5, 24)]
-    assert parameters(out / "00001-1.png").endswith(", Denoising strength: 0.5")
+    assert parameters(out / "00001-1.png").endswith(f", Denoising strength: 0.5, Init image: {inputs / 'b.png'}")
 
 
 # Each bad input of the issue: its arguments (TMP is the test's folder) and the name its error must give.

@@ -39,7 +39,7 @@ def test_parameters_of_img2img_have_negative_prompt_and_denoising_strength() -> 
         "a cat\n"
         "Negative prompt: blurry, dark\n"
         "Steps: 10, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1, Size: 32x32, Model: sd, "
-        "Denoising strength: 0.5")
+        "Denoising strength: 0.5, Init image: in.png")
 
 
 def test_parameter_values_with_commas_or_colons_are_quoted_as_a1111_does() -> None:

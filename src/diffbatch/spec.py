@@ -96,6 +96,7 @@ class GenerationSpec:
     def to_record(self) -> dict[str, Any]:
         """Plain JSON-able fields (the init image as its path, or ``"<image>"`` for in-memory ones)."""
         record = dataclasses.asdict(self)
+        record["loras"] = [[name, weight] for name, weight in self.loras]  # as JSON reads it back
         if self.image is not None:
             record["image"] = os.fspath(self.image) if isinstance(self.image, str | os.PathLike) else "<image>"
         return record
