@@ -56,8 +56,9 @@ GENERATE_HELP = """\
 PROMPTS is a text file (one prompt per line; blank lines and lines starting with # are skipped),
 a .jsonl file (one JSON object per line with any of the fields prompt, negative_prompt, seed,
 num_inference_steps, guidance_scale, height, width, image, strength, scheduler, guidance_rescale,
-variation_seed, variation_strength; a line's fields override the flags), or - for stdin (read as
-JSON lines when its first line starts with '{').
+variation_seed, variation_strength, loras; a line's fields override the flags), or - for stdin
+(read as JSON lines when its first line starts with '{'). A prompt may hold AUTOMATIC1111's
+<lora:NAME:WEIGHT> tags (NAME.safetensors in --lora-dir).
 Image k of the job (0-based, in order) gets seed BASE + k unless its line sets a seed S (then its
 -n copies get S, S+1, ...). Writes DIR/{k:05d}-{seed}.png, DIR/manifest.jsonl, and a gallery
 (DIR/index.html, DIR/grid.png). Run again on the same DIR, it skips the images already written
