@@ -60,7 +60,8 @@ def test_text_file_job_writes_index_seed_pngs_with_parameters_and_a_manifest(
     assert first["seconds"] > 0
     assert parameters(out / names[2]) == (
         "a blue square\nNegative prompt: blurry\n"
-        f"Steps: 2, Sampler: DDIMScheduler, CFG scale: 7.5, Seed: 12, Size: 32x32, Model: {tiny_sd_path.name}")
+        f"Steps: 2, Sampler: DDIMScheduler, CFG scale: 7.5, Seed: 12, Size: 32x32, Model hash: {first['model_hash']}, "
+        f"Model: {tiny_sd_path.name}")
     assert "4/4" in err and "img/s" in err  # the progress bar
 
 
@@ -84,6 +85,7 @@ def test_jsonl_line_fields_override_flags(
     assert code == 0, err
     assert sorted(p.name for p in out.glob("0*.png")) == ["00000-5.png", "00001-99.png"]
     assert parameters(out / "00000-5.png").endswith("Sampler: DDIMScheduler, CFG scale: 3, Seed: 5, Size: 16x16, "
+                                                    f"Model hash: {manifest(out)[0]['model_hash']}, "
                                                     f"Model: {model[1].rsplit('/', 1)[-1]}")
     assert "Sampler: Euler a, CFG scale: 1, Seed: 99, Size: 16x24," in parameters(out / "00001-99.png")
     with Image.open(out / "00001-99.png") as png:

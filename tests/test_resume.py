@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from diffbatch.cli import main
 from diffbatch.io.resume import lock_folder, plan_resume
@@ -211,3 +212,27 @@ def test_a_folder_written_before_the_variation_fields_existed_still_resumes(
     for path in reference.glob("*.png"):
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
     assert sorted(r["index"] for r in records(out)) == sorted(r["index"] for r in records(reference))
+
+
+def test_a_retrained_model_at_the_same_path_is_another_job(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """The model is identified by its weights' fingerprint, not its name: rerunning a job into its folder after
+    the model was retrained (saved again at the same path) redoes the images instead of skipping them."""
+    from tiny import save_tiny_sd
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    save_tiny_sd(model, seed=0)
+    args = ["generate", "--prompt", "a red circle", "--out", str(out), "--model", str(model), "--steps", "2",
+            "--no-gallery"]
+    assert main(args) == 0
+    first = records(out)[0]
+    before = (out / first["file"]).read_bytes()
+    assert len(first["model_hash"]) == 10 and f"Model hash: {first['model_hash']}" in Image.open(
+        out / first["file"]).text["parameters"]
+    assert main(args) == 0 and "skipped 1 images" in capsys.readouterr().err  # same weights: resumes
+    save_tiny_sd(model, seed=1)  # retrained: same path, same name, other weights
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a different job" in err and "model_hash" in err
+    assert main([*args, "--overwrite"]) == 0
+    assert records(out)[-1]["model_hash"] != first["model_hash"]
+    assert (out / first["file"]).read_bytes() != before

@@ -183,12 +183,13 @@ def run_generate(args: argparse.Namespace) -> int:
         _check_size_flag(args.size, resolver.defaults.vae_scale_factor)
     _check_default_sampler(args, resolver)
     specs = resolve_all(resolver, items)
-    plan_resume(args.out, specs, resolver.model_name, args.overwrite)  # a changed job: refused before any write
+    model = (resolver.model_name, args.overwrite, resolver.model_hash)
+    plan_resume(args.out, specs, *model)  # a changed job: refused before any write
     _make_out_dir(args.out)
     with lock_folder(args.out):  # planned again under the lock: another run may have written meanwhile
-        plan = plan_resume(args.out, specs, resolver.model_name, args.overwrite)
+        plan = plan_resume(args.out, specs, *model)
         _repair(args.out, plan)
-        _execute(args, engine, resolver.model_name, specs, plan.todo)
+        _execute(args, engine, resolver, specs, plan.todo)
         if not args.no_gallery:
             write_gallery(args.out)
     print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
@@ -335,10 +336,11 @@ def _repair(out: Path, plan: ResumePlan) -> None:
               f"{len(plan.todo)} to make", file=sys.stderr)
 
 
-def _execute(args: argparse.Namespace, engine: Engine | None, model_name: str, specs: list[GenerationSpec],
-             todo: list[int]) -> None:
+def _execute(args: argparse.Namespace, engine: Engine | None, resolver: Resolver | Engine,
+             specs: list[GenerationSpec], todo: list[int]) -> None:
     """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None)."""
-    with OutputWriter(args.out, model_name) as writer, Progress(len(todo)) as progress:
+    writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash)
+    with writer, Progress(len(todo)) as progress:
         if engine is not None:
             from .executors.local import run_local
 

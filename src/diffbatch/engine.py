@@ -80,6 +80,10 @@ class Engine:
         return self.resolver.model_name
 
     @property
+    def model_hash(self) -> str:
+        return self.resolver.model_hash
+
+    @property
     def defaults(self) -> ModelDefaults:
         return self.resolver.defaults
 
@@ -173,4 +177,4 @@ class Engine:
         image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
         seconds = self._seconds.pop(request.request_id)
         return Result(request.request_id, request.spec, image, pixels, seconds, self.sampler_label(request.spec),
-                      self.model_name, lora_hashes=self.loras.hashes(request.spec.loras))
+                      self.model_name, lora_hashes=self.loras.hashes(request.spec.loras), model_hash=self.model_hash)

@@ -41,6 +41,11 @@ class Resolver:
         return self.adapter.name
 
     @property
+    def model_hash(self) -> str:
+        """The weights' fingerprint (adapters/hub.py ``model_fingerprint``): manifests, PNGs, resume."""
+        return self.adapter.fingerprint
+
+    @property
     def defaults(self) -> ModelDefaults:
         return self.adapter.defaults
 

@@ -23,3 +23,4 @@ class Result:
     model: str = ""  # the model's name, as written into PNG metadata and manifests
     index: int | None = None  # position in the ``generate`` call's specs; None for ``step``'s results
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, short sha256) of each LoRA, for the PNG metadata
+    model_hash: str = ""  # the weights' fingerprint, written as A1111's "Model hash"

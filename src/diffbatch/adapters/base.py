@@ -38,6 +38,7 @@ class Adapter(ABC):
         self.name = name
         self.backend = backend
         self.invariant = invariant
+        self.fingerprint = ""  # hub.model_fingerprint of the weights, set by the loader ("" unknown)
         self.device: torch.device = pipe.device if pipe is not None else torch.device("cpu")
         # Every request builds its sampler from the config as loaded, never from one a request changed
         # (``from_config(cfg, use_karras_sigmas=True)`` writes the option into the config it returns).

@@ -3,6 +3,7 @@ pipeline loading. Shared by ``loading`` and every family's ``load_pipeline``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from fnmatch import fnmatch
@@ -78,3 +79,35 @@ def _cached_fp16_variant(repo: str) -> bool:
     from huggingface_hub import snapshot_download
 
     return any(Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*.json"])).glob(FP16_WEIGHTS))
+
+
+FINGERPRINT_BLOCKS = 32  # evenly spaced 4 KiB samples of each weights file: a retrained model differs in all
+FINGERPRINT_BLOCK = 4096
+
+
+def model_fingerprint(model: str) -> str:
+    """What identifies the weights without reading all of them: a short sha256 over each ``*.safetensors``
+    file's path, size, header (tensor names, shapes, dtypes) and 32 evenly spaced 4 KiB samples of its data
+    (headers alone are the same for a retrained model of the same architecture). For a hub id, its cached
+    snapshot's files; "" when they cannot be found."""
+    folder = Path(model).expanduser() if looks_like_path(model) else _cached_snapshot(model)
+    if folder is None or not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as file:
+            header = int.from_bytes(file.read(8), "little")
+            digest.update(file.read(min(header, 100_000_000)))
+            for k in range(FINGERPRINT_BLOCKS):
+                file.seek(8 + header + (size - 8 - header) * k // FINGERPRINT_BLOCKS)
+                digest.update(file.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()[:10]
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "model_index.json")
+    return Path(found).parent if isinstance(found, str) else None

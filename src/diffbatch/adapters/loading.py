@@ -14,7 +14,7 @@ from ..models import default_model_path
 from ..options import AUTO_DTYPE, BACKENDS
 from .base import Adapter
 from .config import PipelineConfig
-from .hub import looks_like_path, read_model_index
+from .hub import looks_like_path, model_fingerprint, read_model_index
 
 # model_index.json ``_class_name`` -> "module:AdapterClass" (imported only when a model of that family loads)
 ADAPTERS: dict[str, str] = {
@@ -96,7 +96,9 @@ def load_adapter(model: str | os.PathLike | None, device: str | None = None, dty
     check_backend(backend, torch_device, torch_dtype)  # before the weights load
     pipe = cls.load_pipeline(model, torch_dtype).to(torch_device)
     pipe.set_progress_bar_config(disable=True)
-    return cls(PipelineConfig.of(pipe), _display_name(model), pipe, invariant=invariant, backend=backend)
+    adapter = cls(PipelineConfig.of(pipe), _display_name(model), pipe, invariant=invariant, backend=backend)
+    adapter.fingerprint = model_fingerprint(model)
+    return adapter
 
 
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -113,7 +115,9 @@ def describe(model: str | os.PathLike | None) -> Adapter:
     """A configuration-only adapter for ``model``: it resolves and checks specs exactly as the loaded model's
     would, from the JSON files alone (no weights read, nothing but JSON downloaded), and makes no images."""
     model, cls = _find(model)
-    return cls(PipelineConfig.read(model), _display_name(model))
+    adapter = cls(PipelineConfig.read(model), _display_name(model))
+    adapter.fingerprint = model_fingerprint(model)
+    return adapter
 
 
 def _find(model: str | os.PathLike | None) -> tuple[str, type[Adapter]]:

@@ -26,6 +26,9 @@ from .writer import MANIFEST, manifest_record, write_bytes_atomic
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # write_png_atomic's temporary files
 RUN_FIELDS = ("seconds",)  # manifest fields that describe the run, not the image: not compared
+# what an unset spec field reads as in a manifest (a line written before the field existed lacks it)
+SPEC_DEFAULTS = json.loads(json.dumps({k: v for k, v in GenerationSpec(prompt="").to_record().items()
+                                       if k != "prompt"}))
 
 
 @dataclass
@@ -45,11 +48,12 @@ class _ManifestLine:
     record: dict[str, Any]
 
 
-def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrite: bool = False) -> ResumePlan:
+def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrite: bool = False,
+                model_hash: str = "") -> ResumePlan:
     """Compare ``out``'s manifest with the job (resolved specs, index k = position); raise ``InputError``
     naming the first difference when the job changed and ``overwrite`` is off. Reads; writes nothing."""
     lines, damaged = _read_manifest(out / MANIFEST)
-    expected = [_normal(manifest_record(k, spec, model)) for k, spec in enumerate(specs)]
+    expected = [_normal(manifest_record(k, spec, model, model_hash)) for k, spec in enumerate(specs)]
     latest: dict[int, _ManifestLine] = {}
     for line in lines:
         latest[line.record.get("index", -1)] = line  # a repeated index: the last line wins
@@ -137,8 +141,11 @@ def _same(record: dict[str, Any], expected: list[dict[str, Any]], k: int) -> boo
     if not 0 <= k < len(expected):
         return False  # an image the job no longer has: the job changed
     got = {key: v for key, v in record.items() if key not in RUN_FIELDS}
-    # a spec field added after the line was written (variation_seed, ...) reads as unset
-    return {**{key: None for key in expected[k] if key not in got}, **got} == expected[k]
+    # A key the line lacks was written before it existed: a spec field (variation_seed, ...) reads as its
+    # default; the weights' fingerprint as unknown, which is not a difference (a different one is).
+    missing = {key: expected[k][key] if key == "model_hash" else SPEC_DEFAULTS.get(key)
+               for key in expected[k] if key not in got}
+    return {**missing, **got} == expected[k]
 
 
 def _png_complete(out: Path, line: _ManifestLine) -> bool:

@@ -28,13 +28,14 @@ def png_name(index: int, seed: int) -> str:
 
 
 def format_parameters(spec: GenerationSpec, sampler: str, model: str,
-                      lora_hashes: tuple[tuple[str, str], ...] = ()) -> str:
+                      lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "") -> str:
     """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings. LoRAs
     are written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``."""
     settings: list[tuple[str, Any]] = [
         ("Steps", spec.num_inference_steps), ("Sampler", _quote(sampler)),
         ("CFG scale", _number(spec.guidance_scale)), ("Seed", spec.seed),
-        ("Size", f"{spec.width}x{spec.height}"), ("Model", _quote(model)),
+        ("Size", f"{spec.width}x{spec.height}"),
+        *([("Model hash", model_hash)] if model_hash else []), ("Model", _quote(model)),
     ]
     if spec.is_img2img:
         settings.append(("Denoising strength", _number(spec.strength)))
@@ -67,16 +68,18 @@ def _number(value: float | int | None) -> str:
     return str(value)
 
 
-def manifest_record(index: int, spec: GenerationSpec, model: str) -> dict[str, Any]:
-    """What a manifest line says about an image (the writer adds the run's ``seconds``); resume compares it."""
-    return {"index": index, "file": png_name(index, spec.seed), **spec.to_record(), "model": model}
+def manifest_record(index: int, spec: GenerationSpec, model: str, model_hash: str = "") -> dict[str, Any]:
+    """What a manifest line says about an image (the writer adds the run's ``seconds``); resume compares it,
+    the weights' fingerprint included (a retrained model at the same path is another job)."""
+    record = {"index": index, "file": png_name(index, spec.seed), **spec.to_record(), "model": model}
+    return {**record, "model_hash": model_hash} if model_hash else record
 
 
 def encode_png(result: Result) -> bytes:
     """The one PNG encoder (CLI, server, batch jobs, Ray): the image with its ``parameters`` text chunk, the
     same bytes wherever it is encoded."""
     info = PngInfo()
-    text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes)
+    text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes, result.model_hash)
     info.add_text(PARAMETERS_KEY, text)  # iTXt if needed
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=info)
@@ -120,23 +123,24 @@ def _fsync_dir(folder: Path) -> None:
 class OutputWriter:
     """Writes finished images into ``out_dir`` (which must exist); safe to call from any thread."""
 
-    def __init__(self, out_dir: str | os.PathLike, model: str) -> None:
+    def __init__(self, out_dir: str | os.PathLike, model: str, model_hash: str = "") -> None:
         self.out_dir = Path(out_dir)
         self.model = model
+        self.model_hash = model_hash
         self._lock = threading.Lock()
         self._manifest: IO[str] | None = None
 
     def write(self, index: int, result: Result) -> Path:
         """PNG first, manifest line after: every manifest line points at a complete file. The PNG names the
         job's model as the manifest does."""
-        png = encode_png(dataclasses.replace(result, model=self.model))
+        png = encode_png(dataclasses.replace(result, model=self.model, model_hash=self.model_hash))
         return self.write_encoded(index, result.spec, png, result.seconds)
 
     def write_encoded(self, index: int, spec: GenerationSpec, png: bytes, seconds: float) -> Path:
         """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""
         path = self.out_dir / png_name(index, spec.seed)
         write_bytes_atomic(path, png)
-        self._append({**manifest_record(index, spec, self.model), "seconds": round(seconds, 4)})
+        self._append({**manifest_record(index, spec, self.model, self.model_hash), "seconds": round(seconds, 4)})
         return path
 
     def _append(self, record: dict[str, Any]) -> None:
