@@ -30,8 +30,8 @@ from ..errors import SpecError
 from .invariance import make_batch_invariant
 
 Loras = tuple[tuple[str, float], ...]  # a spec's LoRAs: ((name, weight), ...)
-# The running call's rows: adapter name -> each row's weight (0.0: the row does not use it)
-_ROWS: ContextVar[dict[str, list[float]] | None] = ContextVar("diffbatch_lora_rows", default=None)
+# The running call's rows (LoraBank.rows sets it around a model call)
+_ROWS: ContextVar[_CallRows | None] = ContextVar("diffbatch_lora_rows", default=None)
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
@@ -95,12 +95,10 @@ class LoraBank:
         if not any(per_row):
             yield
             return
-        weights: dict[str, list[float]] = {}  # in name order, as each spec lists its LoRAs: the same sums
+        columns: dict[str, list[float]] = {}  # in name order, as each spec lists its LoRAs: the same sums
         for name in sorted({name for loras in per_row for name, _ in loras}):
-            column = weights[self._loaded[self.find(name)]] = [0.0] * len(per_row)
-            for i, loras in enumerate(per_row):
-                column[i] = float(dict(loras).get(name, 0.0))
-        token = _ROWS.set(weights)
+            columns[self._loaded[self.find(name)]] = [float(dict(loras).get(name, 0.0)) for loras in per_row]
+        token = _ROWS.set(_CallRows(columns))
         try:
             yield
         finally:
@@ -127,24 +125,47 @@ def _require_peft() -> None:
                         reason="PEFT is not installed") from None
 
 
+class _CallRows:
+    """One call's LoRA rows, worked out once for all its layers: per adapter, the rows that use it (all, or
+    an index, padded to two rows) and their weights; the per-row scale tensors are cached by layer scaling."""
+
+    def __init__(self, columns: dict[str, list[float]]) -> None:
+        self.adapters: list[tuple[str, list[float], torch.Tensor | None, torch.Tensor | None]] = []
+        for adapter, weights in columns.items():
+            picked = [i for i, w in enumerate(weights) if w != 0.0]
+            if len(picked) == len(weights):
+                self.adapters.append((adapter, weights, None, None))
+            elif picked:
+                take = picked if len(picked) > 1 else picked * 2  # never a one-row call (invariance.py)
+                self.adapters.append((adapter, [weights[i] for i in picked], torch.tensor(picked),
+                                      torch.tensor(take)))
+        self._scales: dict[tuple, torch.Tensor] = {}
+
+    def scale(self, adapter: str, weights: list[float], scaling: float, like: torch.Tensor) -> torch.Tensor:
+        """Each row's ``weight * alpha / r`` (diffusers' set_adapters scale, one Python float per image)."""
+        key = (adapter, scaling, like.dtype, like.dim())
+        if key not in self._scales:
+            self._scales[key] = torch.tensor([w * scaling for w in weights], dtype=like.dtype,
+                                             device=like.device).view(-1, *[1] * (like.dim() - 1))
+        return self._scales[key]
+
+
 def _rowwise_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     result = self.base_layer(x, *args, **kwargs)
     rows = _ROWS.get()
-    if not rows:
+    if rows is None:
         return result
     dtype = result.dtype
-    for adapter, weights in rows.items():
+    for adapter, weights, index, take in rows.adapters:
         if adapter not in self.lora_A:
             continue
-        picked = [i for i, w in enumerate(weights) if w != 0.0]
-        if not picked:
+        lora_a, lora_b, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
+        if index is None:  # every row uses it
+            delta = lora_b(lora_a(dropout(self._cast_input_dtype(x, lora_a.weight.dtype))))
+            result = result + delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
             continue
-        take = picked if len(picked) > 1 else picked * 2  # never a one-row call
-        xs = self._cast_input_dtype(x[take], self.lora_A[adapter].weight.dtype)
-        delta = self.lora_B[adapter](self.lora_A[adapter](self.lora_dropout[adapter](xs)))[: len(picked)]
-        # diffusers: result + delta * (weight * alpha / r), one Python float per image
-        scale = torch.tensor([weights[i] * self.scaling[adapter] for i in picked], dtype=delta.dtype,
-                             device=delta.device).view(-1, *[1] * (delta.dim() - 1))
-        index = torch.tensor(picked, device=result.device)
-        result = result.index_copy(0, index, result[index] + delta * scale)
+        xs = self._cast_input_dtype(x.index_select(0, take), lora_a.weight.dtype)
+        delta = lora_b(lora_a(dropout(xs)))[: len(index)]
+        scaled = delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
+        result = result.index_copy(0, index, result.index_select(0, index) + scaled)
     return result.to(dtype)
