@@ -82,3 +82,13 @@ def test_ray_driver_resolves_without_loading_the_model(tmp_path, monkeypatch):
                  "--out", str(out), "--ray", "--no-gallery"]) == 0
     assert handed["specs"] == expected and handed["todo"] == [0, 1] and handed["model"] == local.model_name
     assert handed["options"].model is None  # the workers load the embedded model themselves
+
+
+def test_a_step_count_that_would_index_past_the_training_timesteps_is_refused_at_admission(tiny_sd_path):
+    # DDIM with steps_offset=1 at 1000 steps reaches timestep 1000 of 1000: diffusers fails inside step(), which
+    # inside a batch would fail every image in it; refused when the request arrives instead
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+    with pytest.raises(DiffbatchError, match="past the model's 1000 training timesteps") as refused:
+        engine.resolve(GenerationSpec(prompt="x", num_inference_steps=1000), seed=0)
+    assert refused.value.field == "num_inference_steps"
+    assert engine.resolve(GenerationSpec(prompt="x", num_inference_steps=999), seed=0).num_inference_steps == 999

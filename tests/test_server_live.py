@@ -137,3 +137,35 @@ def test_batch_job_survives_sigkill_with_no_lost_and_no_duplicated_image(tiny_sd
     for i, path in enumerate(files):
         expected = offline(engine, **lines[i], seed=i)
         assert np.array_equal(png_pixels(path.read_bytes()), expected), path.name
+
+
+def test_a_client_that_disconnects_has_its_images_dropped_and_others_are_unaffected(tiny_sd_path, tmp_path, engine):
+    port = free_port()
+    served = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+    config = ServerConfig(data_dir=tmp_path / "data", port=port, max_steps=1000)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, served), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        slow = {"prompt": "a slow circle", "n": 6, "seed": 1, "num_inference_steps": 999}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/images/generations", json=slow, timeout=1.0)  # gives up, closes the socket
+        deadline = time.monotonic() + 10
+        while served.num_unfinished():  # dropped within a poll interval and a step, not run to the end
+            assert time.monotonic() < deadline, "the disconnected client's images are still running"
+            time.sleep(0.05)
+        fine = httpx.post(f"{url}/v1/images/generations", timeout=60,
+                          json={"prompt": "a red circle", "seed": 2, "num_inference_steps": 3}).json()
+        assert np.array_equal(png_pixels(base64.b64decode(fine["data"][0]["b64_json"])),
+                              offline(engine, prompt="a red circle", seed=2, num_inference_steps=3))
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'diffbatch_images_cancelled_total{reason="disconnect"} 6.0' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(30)

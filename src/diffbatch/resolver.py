@@ -101,7 +101,12 @@ class Resolver:
         key = (spec.scheduler, spec.num_inference_steps)
         if key not in self._sampler_errors:
             try:
-                self.adapter.set_timesteps(self.make_sampler(spec.scheduler), spec)
+                sampler = self.make_sampler(spec.scheduler)
+                timesteps = self.adapter.set_timesteps(sampler, spec)
+                table = getattr(sampler, "alphas_cumprod", None)  # samplers that index it by timestep
+                if table is not None and len(timesteps) and int(timesteps.max()) >= len(table):
+                    raise ValueError(f"timestep {int(timesteps.max())} is past the model's {len(table)} training "
+                                     "timesteps (fewer steps, or another sampler)")
                 self._sampler_errors[key] = ""
             except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported counts
                 self._sampler_errors[key] = f"{type(exc).__name__}: {exc}"

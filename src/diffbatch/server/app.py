@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import Engine
@@ -79,8 +80,28 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_middlewares(app: FastAPI, config: ServerConfig) -> None:
-    @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):  # noqa: ANN202 - starlette's signature
+    app.add_middleware(LimitsAndAuth, config=config)
+
+
+class LimitsAndAuth:
+    """API key and body-size checks, as a plain ASGI middleware: Starlette's ``@app.middleware("http")``
+    (BaseHTTPMiddleware) hides the client's disconnect from the endpoint, which must see it to drop the
+    images of a client that went away."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        config = self.config
         if config.api_key and request.url.path not in OPEN_PATHS and not _authorized(request, config.api_key):
             return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                          kind="authentication_error").body(),
@@ -92,7 +113,7 @@ def _add_middlewares(app: FastAPI, config: ServerConfig) -> None:
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
             return JSONResponse(ApiError(413, f"request body over {config.max_body_bytes} bytes").body(),
                                 status_code=413)
-        return await call_next(request)
+        return None
 
 
 def _authorized(request: Request, api_key: str) -> bool:

@@ -29,6 +29,8 @@ class Metrics:
         self.latency = Histogram("diffbatch_request_latency_seconds", "Time from request to response",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("diffbatch_requests", "Image requests answered", registry=self.registry)
+        self.cancelled = Counter("diffbatch_images_cancelled", "Images dropped before they finished: the client "
+                                 "disconnected or cancelled", ["reason"], registry=self.registry)
         self._engine = _EngineCollector()
         self.registry.register(self._engine)
         ProcessCollector(registry=self.registry)

@@ -164,8 +164,9 @@ async def _generate(request: Request, specs: list[GenerationSpec], response_form
         with s.running_lock:
             s.running.setdefault(request_id, []).extend(futures)
     try:
-        results: list[Result] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        results = await _results_while_connected(request, s, futures)
     except Cancelled as exc:
+        s.metrics.cancelled.labels("request").inc(len(futures))
         raise ApiError(409, f"request_id {request_id!r}: {exc}", "request_id", kind="cancelled") from None
     except DiffbatchError as exc:  # found when admitted (a LoRA that does not load into this model)
         raise ApiError(400, str(exc), exc.field) from None
@@ -179,6 +180,24 @@ async def _generate(request: Request, specs: list[GenerationSpec], response_form
     data = [await asyncio.get_running_loop().run_in_executor(None, _item, s, request, r, response_format)
             for r in results]
     return {"created": int(time.time()), "data": data}
+
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
+
+async def _results_while_connected(request: Request, s: ServerState, futures: list) -> list[Result]:
+    """The images' results; if the client goes away first, its images leave the queue, or the running batch
+    at the next step (nobody will read them, and they would crowd out work somebody waits for)."""
+    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            dropped = s.loop.cancel(futures)
+            s.metrics.cancelled.labels("disconnect").inc(dropped)
+            waiting.cancel()
+            raise ApiError(499, "the client disconnected", kind="cancelled")
 
 
 def _submit(s, specs: list[GenerationSpec]) -> list:
