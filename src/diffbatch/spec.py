@@ -157,6 +157,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS), "must be one of " + ", ".join(SAMPLERS)),
     "variation_seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
     "variation_strength": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
+    "image": (_optional(lambda v: isinstance(v, str | os.PathLike) or (hasattr(v, "convert") and hasattr(v, "size"))),
+              "must be a path or an image"),
     "loras": (_loras_ok, "must map LoRA names (no < > :) to finite weights, each name once"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
     "width": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),

@@ -1,0 +1,43 @@
+"""The HTTP API against generated input (schemathesis, from the app's own OpenAPI schema, in process): no
+answer is a server error, and every error is in OpenAI's shape. Bounded examples, so it runs in seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffbatch import Engine
+from diffbatch.server import ServerConfig, create_app
+
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e .[test])")
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - schemathesis brings hypothesis
+
+
+@pytest.fixture(scope="module")
+def app(tiny_sd_path, tmp_path_factory):
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=4)
+    config = ServerConfig(data_dir=tmp_path_factory.mktemp("fuzz"), max_n=2, max_steps=2, max_side=64,
+                          max_queue=16)
+    return create_app(config, engine)
+
+
+def test_generated_requests_never_meet_a_server_error(app):
+    from schemathesis.python import asgi
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    def check(case) -> None:
+        response = case.call(session=client, timeout=60)
+        if response.status_code >= 500:
+            failures.append(f"{case.method} {case.path} {case.body!r}: {response.status_code} {response.text[:200]}")
+        elif response.status_code >= 400:
+            error = response.json().get("error")
+            if not (isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error)):
+                failures.append(f"{case.method} {case.path}: {response.status_code} not in OpenAI's shape: "
+                                f"{response.text[:200]}")
+
+    with asgi.get_client(app) as client:  # one client, one lifespan: one engine loop for the whole run
+        for operation in schema.get_all_operations():
+            given(operation.ok().as_strategy())(check)()
+    assert failures == []
