@@ -54,11 +54,13 @@ class Adapter(ABC):
         self.denoiser = next(getattr(pipe, n) for n in ("unet", "transformer") if getattr(pipe, n, None) is not None)
         torch_modules = [getattr(pipe, n, None) for n in MODEL_COMPONENTS]
         if backend == "openvino":
-            from .openvino import DENOISER_ROWS, OpenVINODenoiser  # an optional dependency
+            from .openvino import DENOISER_ROWS, VAE_IMAGES, OpenVINODenoiser, VaeDecoder  # optional dependency
 
             torch_modules.remove(self.denoiser)  # converted unpatched; invariant by its fixed call shape
             self.denoiser = OpenVINODenoiser(self.denoiser, self.dtype, self.device)
-            self.call_shapes = dataclasses.replace(self.call_shapes, denoiser=CallShape(1, DENOISER_ROWS))
+            VaeDecoder.install(pipe.vae, pipe.vae.dtype, self.device)  # decode converted before any patching
+            self.call_shapes = dataclasses.replace(self.call_shapes, denoiser=CallShape(1, DENOISER_ROWS),
+                                                   vae=CallShape(1, VAE_IMAGES))
         if invariant:
             make_batch_invariant(torch_modules, self.device)
 
