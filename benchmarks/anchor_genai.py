@@ -9,6 +9,7 @@ away from diffbatch's pins):
     python benchmarks/anchor_genai.py save DIR                 # SD-1.5 architecture, random weights
     GENAI_PY benchmarks/anchor_genai.py genai DIR OUT.json     # optimum-cli export, then GenAI
     python benchmarks/anchor_genai.py diffbatch DIR OUT.json   # diffbatch, torch and OpenVINO backends
+    python benchmarks/anchor_genai.py diffbatch DIR OUT.json torch-bfloat16   # just that configuration
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def genai(folder: Path, out: Path) -> None:
                                          "openvino_genai": openvino_genai.__version__}}, indent=2))
 
 
-def diffbatch_side(folder: Path, out: Path) -> None:
+def diffbatch_side(folder: Path, out: Path, only: str = "") -> None:
     from diffbatch import Engine, GenerationSpec
     from diffbatch.hardware import native_bfloat16
 
@@ -65,7 +66,10 @@ def diffbatch_side(folder: Path, out: Path) -> None:
     settings = {"diffbatch torch float32": dict(dtype="float32"),
                 "diffbatch openvino float32": dict(dtype="float32", backend="openvino")}
     if native_bfloat16():
+        settings["diffbatch torch bfloat16 (dtype auto here)"] = dict(dtype="bfloat16")
         settings["diffbatch openvino bfloat16"] = dict(dtype="bfloat16", backend="openvino")
+    if only:
+        settings = {name: kwargs for name, kwargs in settings.items() if only.replace("-", " ") in name}
     for name, kwargs in settings.items():
         engine = Engine.from_pretrained(folder, device="cpu", max_batch_size=8, **kwargs)
         engine.generate(specs[:1])
@@ -84,4 +88,4 @@ if __name__ == "__main__":
     elif side == "genai":
         genai(folder, Path(sys.argv[3]))
     else:
-        diffbatch_side(folder, Path(sys.argv[3]))
+        diffbatch_side(folder, Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")

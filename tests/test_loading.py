@@ -67,6 +67,10 @@ def test_auto_dtype_is_the_fastest_exact_one_of_the_device(monkeypatch, device, 
     monkeypatch.setattr(loading, "native_bfloat16", lambda: native)
     for asked in ("auto", None):
         assert loading.resolve_dtype(asked, torch.device(device)) == getattr(torch, expected)
+        big = loading.resolve_dtype(asked, torch.device(device), loading.BF16_MIN_DENOISER_BYTES)
+        assert big == getattr(torch, expected)
+        small = loading.resolve_dtype(asked, torch.device(device), 5_000_000)  # too small to gain from bfloat16
+        assert small == (torch.float16 if device == "cuda" else torch.float32)
 
 
 def test_bfloat16_on_a_cpu_that_would_emulate_it_is_refused_naming_the_cpu(monkeypatch, tiny_sd_path, tmp_path,

@@ -1,6 +1,6 @@
 """The OpenVINO backend (``backend="openvino"``): the denoiser and the VAE decoder run as OpenVINO models
-converted from the loaded diffusers modules. Images equal diffusers' own pipeline (float32, <= 1e-4), stay batch-invariant
-(fixed call shape), and a second engine reuses the disk cache instead of converting again."""
+converted from the loaded diffusers modules. Images equal diffusers' own pipeline (float32, <= 1e-4), stay
+batch-invariant (fixed call shape), and a second engine reuses the disk cache instead of converting again."""
 
 from __future__ import annotations
 

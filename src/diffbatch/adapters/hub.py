@@ -106,6 +106,16 @@ def model_fingerprint(model: str) -> str:
     return digest.hexdigest()[:10]
 
 
+def denoiser_bytes(model: str) -> int | None:
+    """Size on disk of the denoiser's weights (``unet/`` or ``transformer/`` safetensors); None when unknown
+    (a hub id not in the cache)."""
+    folder = Path(model).expanduser() if looks_like_path(model) else _cached_snapshot(model)
+    if folder is None or not folder.is_dir():
+        return None
+    sizes = [p.stat().st_size for name in ("unet", "transformer") for p in (folder / name).glob("*.safetensors")]
+    return sum(sizes) if sizes else None
+
+
 def _cached_snapshot(repo: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
