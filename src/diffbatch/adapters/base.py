@@ -58,7 +58,8 @@ class Adapter(ABC):
 
             torch_modules.remove(self.denoiser)  # converted unpatched; invariant by its fixed call shape
             self.denoiser = OpenVINODenoiser(self.denoiser, self.dtype, self.device)
-            VaeDecoder.install(pipe.vae, pipe.vae.dtype, self.device)  # decode converted before any patching
+            # converted on its first call, so it traces the VAE with the invariance patches below (exact ops)
+            VaeDecoder.install(pipe.vae, pipe.vae.dtype, self.device)
             self.call_shapes = dataclasses.replace(self.call_shapes, denoiser=CallShape(1, DENOISER_ROWS),
                                                    vae=CallShape(1, VAE_IMAGES))
         if invariant:
