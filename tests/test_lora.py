@@ -179,3 +179,13 @@ def test_api_loras_field_and_a_bad_lora_leave_the_server_serving(sd, tmp_path):
         assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "loras"
         assert client.post("/v1/images/generations", json=body).status_code == 200
     assert not folder.exists()
+
+
+def test_more_loras_in_flight_than_the_cache_holds_are_loaded_again_when_their_turn_comes(sd):
+    model, loras = sd
+    engine = Engine.from_pretrained(model, device="cpu", dtype="float32", lora_dir=loras, max_batch_size=1)
+    engine.loras.capacity = 1  # "a" is evicted by "b" at admission, then needed again by the first request
+    made = engine.generate([MIXED[1], dataclasses.replace(MIXED[4], prompt="a green square", loras={"b": 1.0})])
+    reference = oracle(StableDiffusionPipeline, model, loras, ["a", "b"])
+    for result in made:
+        assert np.abs(result.pixels - reference(result.spec)).max() <= 1e-4

@@ -75,9 +75,15 @@ class LoraBank:
                                 reason="not a LoRA for this model") from None
             self._loaded[path] = adapter
             self._patch()
-            while len(self._loaded) > self.capacity:
-                _, dropped = self._loaded.popitem(last=False)
-                self.pipe.delete_adapters([dropped])
+        self._evict(keep={self.find(name) for name, _ in loras})
+
+    def _evict(self, keep: set[Path]) -> None:
+        """Least recently used first, never one of ``keep`` (the LoRAs the caller is about to run)."""
+        for path in list(self._loaded):
+            if len(self._loaded) <= self.capacity:
+                return
+            if path not in keep:
+                self.pipe.delete_adapters([self._loaded.pop(path)])
 
     def hashes(self, loras: Loras) -> tuple[tuple[str, str], ...]:
         """(name, AUTOMATIC1111's short hash) of each LoRA, for the PNG metadata."""
@@ -95,8 +101,10 @@ class LoraBank:
         if not any(per_row):
             yield
             return
+        names = sorted({name for loras in per_row for name, _ in loras})
+        self.ensure(tuple((name, 1.0) for name in names))  # loaded again if evicted since admission
         columns: dict[str, list[float]] = {}  # in name order, as each spec lists its LoRAs: the same sums
-        for name in sorted({name for loras in per_row for name, _ in loras}):
+        for name in names:
             columns[self._loaded[self.find(name)]] = [float(dict(loras).get(name, 0.0)) for loras in per_row]
         token = _ROWS.set(_CallRows(columns))
         try:
