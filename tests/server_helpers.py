@@ -1,11 +1,15 @@
-"""Shared pieces of the server tests: a configured app over the tiny model, PNG decoding."""
+"""Shared pieces of the server tests: a live uvicorn server on a free port, PNG decoding, offline references."""
 
 from __future__ import annotations
 
 import base64
 import io
+import socket
+import threading
+import time
 
 import numpy as np
+import uvicorn
 from PIL import Image
 
 from diffbatch import Engine, GenerationSpec
@@ -22,3 +26,35 @@ def b64_pixels(item: dict) -> np.ndarray:
 def offline(engine: Engine, **fields) -> np.ndarray:
     """The same spec run offline through a fresh call: the server must give these exact pixels."""
     return np.asarray(engine.generate([GenerationSpec(**fields)])[0].image)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """An app served by a real uvicorn on a free loopback port, in a thread: up when constructed, down on
+    ``stop()`` or at the end of a ``with`` block."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001 - a FastAPI app
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -6,10 +6,8 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,18 +15,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from diffbatch import Engine
 from diffbatch.server import ServerConfig, create_app
 from helpers import noise_image
-from server_helpers import offline, png_pixels
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_helpers import LiveServer, free_port, offline, png_pixels
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +29,10 @@ def engine(tiny_sd_path) -> Engine:
 
 @pytest.fixture(scope="module")
 def live_server(tiny_sd_path, tmp_path_factory):
-    port = free_port()
-    config = ServerConfig(data_dir=tmp_path_factory.mktemp("live"), api_key="test-key", port=port)
+    config = ServerConfig(data_dir=tmp_path_factory.mktemp("live"), api_key="test-key")
     served = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")  # not shared with `engine`
-    server = uvicorn.Server(uvicorn.Config(create_app(config, served), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with LiveServer(create_app(config, served)) as live:
+        yield live.url
 
 
 def test_official_openai_client_generates_and_edits(live_server, engine, tmp_path):
@@ -140,19 +121,10 @@ def test_batch_job_survives_sigkill_with_no_lost_and_no_duplicated_image(tiny_sd
 
 
 def test_a_client_that_disconnects_has_its_images_dropped_and_others_are_unaffected(tiny_sd_path, tmp_path, engine):
-    port = free_port()
     served = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
-    config = ServerConfig(data_dir=tmp_path / "data", port=port, max_steps=1000)
-    server = uvicorn.Server(uvicorn.Config(create_app(config, served), host="127.0.0.1", port=port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    config = ServerConfig(data_dir=tmp_path / "data", max_steps=1000)
+    with LiveServer(create_app(config, served)) as live:
+        url = live.url
         slow = {"prompt": "a slow circle", "n": 6, "seed": 1, "num_inference_steps": 999}
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{url}/v1/images/generations", json=slow, timeout=1.0)  # gives up, closes the socket
@@ -166,6 +138,4 @@ def test_a_client_that_disconnects_has_its_images_dropped_and_others_are_unaffec
                               offline(engine, prompt="a red circle", seed=2, num_inference_steps=3))
         metrics = httpx.get(f"{url}/metrics").text
         assert 'diffbatch_images_cancelled_total{reason="disconnect"} 6.0' in metrics
-    finally:
-        server.should_exit = True
-        thread.join(30)
+

@@ -7,45 +7,27 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from diffbatch import Engine
 from diffbatch.cli import main
 from diffbatch.server import ServerConfig, create_app
+from server_helpers import LiveServer
 from test_gallery import browser  # noqa: F401 - the shared headless Chromium fixture
-from test_server_live import free_port
 
 KEY = "ui-key"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-class LiveServer:
-    def __init__(self, model: Path, data_dir: Path) -> None:
-        self.port = free_port()
-        config = ServerConfig(data_dir=data_dir, api_key=KEY, port=self.port)
-        engine = Engine.from_pretrained(model, device="cpu", dtype="float32")
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive()
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+def ui_server(model: Path, data_dir: Path) -> LiveServer:
+    config = ServerConfig(data_dir=data_dir, api_key=KEY)
+    return LiveServer(create_app(config, Engine.from_pretrained(model, device="cpu", dtype="float32")))
 
 
 @pytest.fixture
@@ -55,9 +37,8 @@ def data_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def server(tiny_sd_path, data_dir) -> Iterator[LiveServer]:
-    live = LiveServer(tiny_sd_path, data_dir)
-    yield live
-    live.stop()
+    with ui_server(tiny_sd_path, data_dir) as live:
+        yield live
 
 
 def open_ui(browser, url: str, key: str):  # noqa: ANN001, F811 - playwright objects
@@ -105,7 +86,7 @@ def test_generate_refine_history_and_a_wrong_key(browser, server, tiny_sd_path, 
     page.close()
 
     server.stop()  # and it survives a restart (the SQLite store)
-    again = LiveServer(tiny_sd_path, data_dir)
+    again = ui_server(tiny_sd_path, data_dir)
     try:
         page = open_ui(browser, again.url, KEY)
         page.wait_for_function("document.querySelectorAll('.card').length === 5", timeout=30_000)
