@@ -90,8 +90,8 @@ def model_fingerprint(model: str) -> str:
     file's path, size, header (tensor names, shapes, dtypes) and 32 evenly spaced 4 KiB samples of its data
     (headers alone are the same for a retrained model of the same architecture). For a hub id, its cached
     snapshot's files; "" when they cannot be found."""
-    folder = Path(model).expanduser() if looks_like_path(model) else _cached_snapshot(model)
-    if folder is None or not folder.is_dir():
+    folder = _local_folder(model)
+    if folder is None:
         return ""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*.safetensors")):
@@ -109,11 +109,17 @@ def model_fingerprint(model: str) -> str:
 def denoiser_bytes(model: str) -> int | None:
     """Size on disk of the denoiser's weights (``unet/`` or ``transformer/`` safetensors); None when unknown
     (a hub id not in the cache)."""
-    folder = Path(model).expanduser() if looks_like_path(model) else _cached_snapshot(model)
-    if folder is None or not folder.is_dir():
+    folder = _local_folder(model)
+    if folder is None:
         return None
     sizes = [p.stat().st_size for name in ("unet", "transformer") for p in (folder / name).glob("*.safetensors")]
     return sum(sizes) if sizes else None
+
+
+def _local_folder(model: str) -> Path | None:
+    """The pipeline's files on this machine: the folder itself, or a hub id's cached snapshot."""
+    folder = Path(model).expanduser() if looks_like_path(model) else _cached_snapshot(model)
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _cached_snapshot(repo: str) -> Path | None:

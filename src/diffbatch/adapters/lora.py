@@ -49,7 +49,8 @@ class LoraBank:
 
     def __init__(self, pipe: Any, find: Callable[[str], Path], invariant: bool, capacity: int = 16) -> None:
         self.pipe = pipe
-        self.find = find  # a LoRA name -> its file (Resolver.lora_path)
+        self._find = find  # a LoRA name -> its file (Resolver.lora_path: file-system checks)
+        self._paths: dict[str, Path] = {}  # found once per name: rows() runs for every model call
         self.invariant = invariant
         self.capacity = capacity
         self._loaded: OrderedDict[Path, str] = OrderedDict()  # file -> adapter name in the pipeline
@@ -84,6 +85,11 @@ class LoraBank:
                 return
             if path not in keep:
                 self.pipe.delete_adapters([self._loaded.pop(path)])
+
+    def find(self, name: str) -> Path:
+        if name not in self._paths:
+            self._paths[name] = self._find(name)
+        return self._paths[name]
 
     def hashes(self, loras: Loras) -> tuple[tuple[str, str], ...]:
         """(name, AUTOMATIC1111's short hash) of each LoRA, for the PNG metadata."""

@@ -6,10 +6,11 @@ a format: the prompt, an optional ``Negative prompt:`` line, then one line of ``
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -43,17 +44,21 @@ class Infotext:
 def read_infotext(path: Path) -> Infotext:
     """The settings of the PNG at ``path``; ``InputError`` naming the file when it has none or they are bad."""
     try:
-        with Image.open(path) as image:
-            text = image.info.get(PARAMETERS_KEY)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"--from {path}: cannot read it as an image: {exc}") from None
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"--from {path}: no '{PARAMETERS_KEY}' text in it (not written by diffbatch or "
-                         "AUTOMATIC1111)")
-    try:
-        return parse_infotext(text)
+        return parse_infotext(png_parameters(path))
     except ValueError as exc:
         raise InputError(f"--from {path}: {exc}") from None
+
+
+def png_parameters(source: str | os.PathLike | BinaryIO) -> str:
+    """The ``parameters`` text of an image (a path or a binary file); ``ValueError`` saying what is wrong."""
+    try:
+        with Image.open(source) as image:
+            text = image.info.get(PARAMETERS_KEY)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read it as an image: {exc}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"no '{PARAMETERS_KEY}' text in it (not written by diffbatch or AUTOMATIC1111)")
+    return text
 
 
 def parse_infotext(text: str) -> Infotext:

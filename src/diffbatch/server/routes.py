@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..engine import Result
 from ..errors import DiffbatchError, SpecError
-from ..io.infotext import parse_infotext
-from ..io.writer import PARAMETERS_KEY, encode_png, save_png
+from ..io.infotext import parse_infotext, png_parameters
+from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
 from ..spec import GenerationSpec, parse_size, spec_from_record
 from .loop import Cancelled, QueueFull, ShuttingDown
@@ -104,9 +104,8 @@ async def parameters(request: Request) -> dict:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "image: a PNG file is required", "image")
-    text = _png_parameters(await upload.read())
     try:
-        found = parse_infotext(text)
+        found = parse_infotext(png_parameters(io.BytesIO(await upload.read())))
     except ValueError as exc:
         raise ApiError(400, f"image: {exc}", "image") from None
     return {"fields": found.fields, "model": found.model, "sampler": found.default_sampler}
@@ -300,18 +299,6 @@ async def files(name: str, request: Request) -> FileResponse:
 
 
 # Helpers ---------------------------------------------------------------------------------------------------
-def _png_parameters(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            text = image.info.get(PARAMETERS_KEY)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise ApiError(400, "image: not a readable image file", "image") from None
-    if not isinstance(text, str) or not text.strip():
-        raise ApiError(400, f"image: no '{PARAMETERS_KEY}' text in it (not written by diffbatch or AUTOMATIC1111)",
-                       "image")
-    return text
-
-
 def _read_upload(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
