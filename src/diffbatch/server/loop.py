@@ -148,8 +148,6 @@ class EngineLoop:
 
     def _admit(self) -> None:
         for item in self._ready():
-            if item.future.done():
-                continue  # cancelled while waiting
             try:  # resolved in submit(); admitting loads a LoRA on its first use, which may fail for this image
                 request_id = self.engine.admit(item.spec)
             except DiffbatchError as exc:
