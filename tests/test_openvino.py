@@ -1,5 +1,5 @@
-"""The OpenVINO backend (``backend="openvino"``): the denoiser and the VAE decoder run as OpenVINO models
-converted from the loaded diffusers modules. Images equal diffusers' own pipeline (float32, <= 1e-4), stay
+"""The OpenVINO backend (``backend="openvino"``): the denoiser, the VAE and the text encoders run as OpenVINO
+models converted from the loaded diffusers modules. Images equal diffusers' own pipeline (float32, <= 1e-4), stay
 batch-invariant (fixed call shape), and a second engine reuses the disk cache instead of converting again."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxPipeline, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
 from diffbatch import Engine, GenerationSpec
-from diffbatch.adapters.openvino import DENOISER_ROWS, check_openvino
+from diffbatch.adapters.openvino import DENOISER_ROWS, OpenVINOModule, check_openvino
 from diffbatch.cli import main
 from diffbatch.errors import ModelLoadError
 from helpers import DiffusersOracle, noise_image
-from tiny_flow import PipelineOracle, save_tiny_flux
+from tiny_flow import PipelineOracle, save_tiny_flux, save_tiny_sd3
 from tiny_sdxl import SDXLOracle, save_tiny_sdxl
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
@@ -65,17 +65,43 @@ def test_every_denoiser_call_has_the_fixed_row_count(tiny_sd_path, monkeypatch):
     assert rows and set(rows) == {DENOISER_ROWS}
 
 
-def test_a_second_engine_loads_the_cached_conversion(tiny_sd_path, cache, monkeypatch):
+def test_every_model_runs_on_openvino_and_a_second_engine_loads_the_cached_conversions(tiny_sd_path, tmp_path,
+                                                                                        monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFBATCH_CACHE", str(cache))
     first = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
-    made = first.generate(SPECS[:1])[0].pixels
-    assert len({p.parent for p in cache.rglob("*.xml")}) >= 2 and not list(cache.rglob(".tmp-*"))  # UNet, VAE
+    pipe = first.adapter.pipe
+    converting, torch_calls, convert = [], [], ov.convert_model
+
+    def converting_now(*args, **kwargs):
+        converting.append(True)
+        try:
+            return convert(*args, **kwargs)
+        finally:
+            converting.pop()
+
+    monkeypatch.setattr(ov, "convert_model", converting_now)
+    for module, name in ((pipe.text_encoder, "forward"), (pipe.vae, "decode"), (pipe.vae, "_encode")):
+        torch_method = getattr(type(module), name)
+
+        def counting(*args, _method=torch_method, _name=name, **kwargs):
+            torch_calls.append((_name, bool(converting)))
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(type(module), name, counting)
+    made = [r.pixels for r in first.generate([SPECS[0], SPECS[3]])]  # text-to-image and image-to-image
+    # torch ran each of them, and only while OpenVINO traced it
+    assert {name for name, _ in torch_calls} == {"forward", "decode", "_encode"} and all(t for _, t in torch_calls)
+    assert isinstance(pipe.text_encoder.forward, OpenVINOModule)
+    folders = {p.parent for p in cache.rglob("*.xml")}
+    assert len(folders) == 4 and not list(cache.rglob(".tmp-*"))  # UNet, text encoder, VAE decoder and encoder
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of reading the cache")
 
     monkeypatch.setattr(ov, "convert_model", no_conversion)
     second = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
-    assert np.array_equal(second.generate(SPECS[:1])[0].pixels, made)
+    assert all(np.array_equal(r.pixels, m) for r, m in zip(second.generate([SPECS[0], SPECS[3]]), made, strict=True))
 
 
 def test_sdxl_nested_conditioning_converts_and_matches_diffusers(tmp_path):
@@ -92,6 +118,16 @@ def test_flux_unbatched_ids_and_guidance_convert_and_match_diffusers(tmp_path):
     spec = GenerationSpec(prompt="a red circle", seed=5, num_inference_steps=3, height=32, width=32)
     result = engine.generate([spec])[0]
     assert np.abs(result.pixels - PipelineOracle(folder, FluxPipeline, FluxImg2ImgPipeline)(result.spec)).max() <= 1e-4
+
+
+def test_sd3_three_text_encoders_convert_and_match_diffusers(tmp_path):
+    folder = save_tiny_sd3(tmp_path / "sd3")  # two CLIPs (hidden states, pooled) and a T5
+    engine = Engine.from_pretrained(folder, device="cpu", dtype="float32", backend="openvino")
+    spec = GenerationSpec(prompt="a red circle", seed=5, num_inference_steps=3, height=32, width=32,
+                          negative_prompt="blurry")
+    result = engine.generate([spec])[0]
+    oracle = PipelineOracle(folder, StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline)
+    assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4
 
 
 def test_bad_backend_settings_are_refused_before_loading(tiny_sd_path, tmp_path, capsys, monkeypatch):

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 COMMANDS_GROUP = "diffbatch.commands"  # entry points adding subcommands: register(subparsers)
-BACKEND_HELP = "what runs the denoiser: torch (default) or openvino (CPU; pip install 'diffbatch[openvino]')"
+BACKEND_HELP = "what runs the models: torch (default) or openvino (CPU; pip install 'diffbatch[openvino]')"
 DTYPE_HELP = ("auto (default): float16 on CUDA; on a CPU bfloat16 where it is native (AVX512_BF16 or AMX), "
               "else float32")
 

@@ -70,8 +70,8 @@ class Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
         ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
         image may then change by a few uint8 levels with its batch or the thread count. ``dtype`` None or
-        "auto": the device's fastest exact dtype (loading.resolve_dtype). ``backend="openvino"``: the denoiser
-        runs on OpenVINO (CPU; adapters/openvino.py states its contract)."""
+        "auto": the device's fastest exact dtype (loading.resolve_dtype). ``backend="openvino"``: the models
+        run on OpenVINO (CPU; adapters/openvino.py states its contract)."""
         adapter = load_adapter(model, device, dtype, invariant=batch_invariant, backend=backend)
         return cls(adapter, max_batch_size, vae_batch_size, generator_device, lora_dir)
 

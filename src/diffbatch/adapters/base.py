@@ -8,7 +8,6 @@ Methods with a body are the Stable-Diffusion-style default that most families sh
 from __future__ import annotations
 
 import copy
-import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -32,7 +31,7 @@ class Adapter(ABC):
     def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True,
                  backend: str = "torch") -> None:
         """``pipe=None``: configuration only (``loading.describe``): the adapter resolves and checks specs, from
-        ``config`` alone, but makes no images. ``backend="openvino"``: the denoiser runs on OpenVINO."""
+        ``config`` alone, but makes no images. ``backend="openvino"``: the models run on OpenVINO."""
         self.config = config
         self.pipe = pipe
         self.name = name
@@ -54,14 +53,15 @@ class Adapter(ABC):
         self.denoiser = next(getattr(pipe, n) for n in ("unet", "transformer") if getattr(pipe, n, None) is not None)
         torch_modules = [getattr(pipe, n, None) for n in MODEL_COMPONENTS]
         if backend == "openvino":
-            from .openvino import DENOISER_ROWS, VAE_IMAGES, OpenVINODenoiser, VaeDecoder  # optional dependency
+            from . import openvino  # optional dependency
 
             torch_modules.remove(self.denoiser)  # converted unpatched; invariant by its fixed call shape
-            self.denoiser = OpenVINODenoiser(self.denoiser, self.dtype, self.device)
-            # converted on its first call, so it traces the VAE with the invariance patches below (exact ops)
-            VaeDecoder.install(pipe.vae, pipe.vae.dtype, self.device)
-            self.call_shapes = dataclasses.replace(self.call_shapes, denoiser=CallShape(1, DENOISER_ROWS),
-                                                   vae=CallShape(1, VAE_IMAGES))
+            # The VAE and text encoders convert on their first call, so they trace the invariance patches below
+            # (exact ops); every stage runs a fixed row count.
+            self.denoiser = openvino.install(pipe, self.denoiser, self.dtype, self.device)
+            self.call_shapes = CallShapes(text=CallShape(1, openvino.TEXT_ROWS),
+                                          denoiser=CallShape(1, openvino.DENOISER_ROWS),
+                                          vae=CallShape(1, openvino.VAE_IMAGES))
         if invariant:
             make_batch_invariant(torch_modules, self.device)
 

@@ -96,7 +96,7 @@ def default_model() -> str:
 def load_adapter(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None,
                  invariant: bool = True, backend: str = "torch") -> Adapter:
     """``invariant=False`` skips the batch-invariance kernels and fixed call shapes (benchmarks compare);
-    ``backend``: what runs the denoiser, torch or OpenVINO (adapters/openvino.py)."""
+    ``backend``: what runs the models, torch or OpenVINO (adapters/openvino.py)."""
     model, cls = _find(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, denoiser_bytes(model))

@@ -17,7 +17,7 @@ class ServerConfig:
     data_dir: Path = Path("diffbatch-data")  # SQLite job store and generated images
     device: str | None = None
     dtype: str | None = None
-    backend: str = "torch"  # what runs the denoiser: torch or openvino
+    backend: str = "torch"  # what runs the models: torch or openvino
     lora_dir: Path | None = None  # LoRA files (NAME.safetensors) that requests may name
     max_batch_size: int = 8  # images per denoiser call
     max_queue: int = 256  # images admitted but unfinished; beyond it requests get 429
