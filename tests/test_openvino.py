@@ -15,6 +15,7 @@ from diffbatch import Engine, GenerationSpec
 from diffbatch.adapters.openvino import DENOISER_ROWS, OpenVINOModule, check_openvino
 from diffbatch.cli import main
 from diffbatch.errors import ModelLoadError
+from diffbatch.hardware import native_bfloat16
 from helpers import DiffusersOracle, noise_image
 from tiny_flow import PipelineOracle, save_tiny_flux, save_tiny_sd3
 from tiny_sdxl import SDXLOracle, save_tiny_sdxl
@@ -118,6 +119,17 @@ def test_flux_unbatched_ids_and_guidance_convert_and_match_diffusers(tmp_path):
     spec = GenerationSpec(prompt="a red circle", seed=5, num_inference_steps=3, height=32, width=32)
     result = engine.generate([spec])[0]
     assert np.abs(result.pixels - PipelineOracle(folder, FluxPipeline, FluxImg2ImgPipeline)(result.spec)).max() <= 1e-4
+
+
+@pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16 (AMX or AVX512_BF16)")
+def test_bfloat16_converts_every_model_from_a_float32_copy(tiny_sd_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFBATCH_CACHE", str(tmp_path / "cache"))
+    specs = [SPECS[0], SPECS[3]]  # every model: text encoder, UNet, VAE decoder and encoder
+    fast = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="bfloat16", backend="openvino")
+    exact = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
+    for low, high in zip(fast.generate(specs), exact.generate(specs), strict=True):
+        assert np.abs(low.pixels - high.pixels).mean() < 0.05  # bfloat16 rounding, not another image
+    assert isinstance(fast.adapter.pipe.vae.decode, OpenVINOModule)  # the copy left the installed models
 
 
 def test_sd3_three_text_encoders_convert_and_match_diffusers(tmp_path):

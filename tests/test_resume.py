@@ -57,11 +57,11 @@ def assert_same_files(out: Path, reference: Path) -> None:
     assert sorted(got, key=lambda r: r["index"]) == records(reference)
 
 
-def kill_after(argv: list[str], out: Path, lines: int) -> int:
-    """Start the CLI, SIGKILL it once the manifest has ``lines`` lines (0: once the folder exists)."""
+def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL, stderr=subprocess.DEVNULL) -> int:
+    """Start the CLI, send it ``sig`` once the manifest has ``lines`` lines (0: once the folder exists)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "diffbatch", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=stderr)
     manifest = out / MANIFEST
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
@@ -69,7 +69,7 @@ def kill_after(argv: list[str], out: Path, lines: int) -> int:
         if written >= lines if lines else out.exists():
             break
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     return proc.wait()
 
 
@@ -80,6 +80,84 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_files(
     out = tmp_path / "out"
     argv = job_args(tiny_sd_path, prompts, out)
     assert kill_after(argv, out, lines) == -signal.SIGKILL  # killed mid-run, not finished
+    assert main(argv) == 0
+    assert_same_files(out, reference)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
+        tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    argv = job_args(tiny_sd_path, prompts, out)
+    with open(log, "wb") as stderr:
+        assert kill_after(argv, out, 2, signal.SIGINT, stderr) == 130
+    err = log.read_text()
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("diffbatch: error: interrupted")
+    assert main(argv) == 0
+    assert_same_files(out, reference)
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_job(
+        tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
+    """On a real full file system: a 24 KiB tmpfs (6 pages: the manifest and 5 PNGs) mounted in a private mount
+    namespace, grown to 4 MiB after the failure, as a user freeing space would."""
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    argv = " ".join(f"'{a}'" for a in job_args(tiny_sd_path, prompts, disk / "out"))
+    python = f"HF_HUB_OFFLINE=1 '{sys.executable}' -m diffbatch"
+    script = (f"mount -t tmpfs -o size=24k tmpfs '{disk}' || exit 99\n"
+              f"{python} {argv} 2> '{tmp_path}/err1'; echo $? > '{tmp_path}/rc1'\n"
+              f"cp -r '{disk}/out' '{tmp_path}/after-failure'\n"
+              f"mount -o remount,size=4m '{disk}'\n"
+              f"{python} {argv} 2> '{tmp_path}/err2'; echo $? > '{tmp_path}/rc2'\n"
+              f"cp -r '{disk}/out' '{copy}'\n")
+    try:
+        done = subprocess.run(["unshare", "--mount", "sh", "-c", script], timeout=300)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here to mount a small tmpfs")
+    if done.returncode == 99 or not (tmp_path / "rc1").exists():
+        pytest.skip("this machine does not allow mounting a tmpfs in a private mount namespace")
+    err = (tmp_path / "err1").read_text()
+    assert (tmp_path / "rc1").read_text().strip() == "1", err
+    assert "Traceback" not in err and "diffbatch: error: the disk is full" in err.strip().splitlines()[-1]
+    failed = tmp_path / "after-failure"
+    assert 0 < len(list(failed.glob("*.png"))) < N_IMAGES and not list(failed.glob(".*.tmp"))
+    assert (tmp_path / "rc2").read_text().strip() == "0", (tmp_path / "err2").read_text()
+    assert_same_files(copy, reference)
+
+
+def test_a_full_disk_anywhere_in_the_writer_is_resumable(
+        tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """The same without a tmpfs (every machine): the disk fills on the 4th PNG, then on a manifest line."""
+    import errno
+
+    from diffbatch.io import writer
+
+    out = tmp_path / "out"
+    argv = job_args(tiny_sd_path, prompts, out)
+    real_write, real_append = writer.write_bytes_atomic, writer.OutputWriter._append
+    calls = []
+
+    def png_fills_the_disk(path, data):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(writer, "write_bytes_atomic", png_fills_the_disk)
+    assert main(argv) == 1
+    assert "diffbatch: error: the disk is full" in capsys.readouterr().err
+    monkeypatch.setattr(writer, "write_bytes_atomic", real_write)
+
+    def line_fills_the_disk(self, record):
+        self._manifest = self._manifest or open(self.out_dir / MANIFEST, "a", encoding="utf-8")
+        self._manifest.write(json.dumps(record)[:30])  # half a line reached the disk
+        self._manifest.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.OutputWriter, "_append", line_fills_the_disk)
+    assert main(argv) == 1
+    monkeypatch.setattr(writer.OutputWriter, "_append", real_append)
     assert main(argv) == 0
     assert_same_files(out, reference)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import DiffbatchError, InputError, SpecError
+from .errors import DiffbatchError, InputError, SpecError, is_disk_full
 from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
 from .io.infotext import read_infotext
 from .io.progress import Progress
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1  # the run could not finish (a full disk); rerunning the same command resumes it
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 COMMANDS_GROUP = "diffbatch.commands"  # entry points adding subcommands: register(subparsers)
 BACKEND_HELP = "what runs the models: torch (default) or openvino (CPU; pip install 'diffbatch[openvino]')"
 DTYPE_HELP = ("auto (default): float16 on CUDA; on a CPU bfloat16 where it is native (AVX512_BF16 or AMX), "
@@ -83,9 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except DiffbatchError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"diffbatch: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return _fail(f"the disk is full{where} ({exc.strerror}); free space and run the same command again: "
+                     "the images written so far are kept", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command again to finish the job (the images written so far "
+                     "are kept)", EXIT_INTERRUPTED)
+
+
+def _fail(message: str, code: int) -> int:
+    message = " ".join(message.split())  # one line, whatever the message held
+    print(f"diffbatch: error: {message}", file=sys.stderr)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,11 @@ into its flag and the server into OpenAI's ``param`` from these, never by readin
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiffbatchError(ValueError):
@@ -34,3 +38,10 @@ class InputError(DiffbatchError):
 
 class ModelLoadError(DiffbatchError):
     """A model path or hub id cannot be loaded as a supported diffusers pipeline."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed for want of space: the disk (or a quota) is full, for a file or for SQLite."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "full" in str(exc)  # "database or disk is full"
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS

@@ -146,9 +146,22 @@ def _side(value: Any) -> bool:
 
 
 # Each field's own rule: (accepts the value, what is allowed). Size against the model's grid is check_size's.
+TEXT_RULE = "must be a string without NUL characters or lone surrogates (a PNG's text chunk cannot hold them)"
+
+
+def _text(value: Any) -> bool:
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. JSON's "\ud800"
+        return False
+    return True
+
+
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "prompt": (lambda v: isinstance(v, str), "must be a string"),
-    "negative_prompt": (lambda v: isinstance(v, str), "must be a string"),
+    "prompt": (_text, TEXT_RULE),
+    "negative_prompt": (_text, TEXT_RULE),
     "seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
     "num_inference_steps": (_optional(lambda v: _is_int(v) and v >= 1), "must be an integer >= 1"),
     "guidance_scale": (_optional(lambda v: _is_number(v) and v >= 0), "must be a number >= 0"),

@@ -109,7 +109,7 @@ class OpenVINOModule:
         path = self.folder / f"{key}.xml"
         if path.is_file() and path.with_suffix(".json").is_file():
             return self.core.read_model(path), _decode(json.loads(path.with_suffix(".json").read_text()))
-        module = self.module if self.module.dtype == torch.float32 else copy.deepcopy(self.module).float()
+        module = self.module if self.module.dtype == torch.float32 else _float_copy(self.module)
         example = tuple(_example(t) for t in tensors)
         flat = _Flat(module, template)
         with torch.no_grad():
@@ -173,6 +173,21 @@ class _Flat(nn.Module):
         args, kwargs = _rebuild(self.template, tensors)
         self.outputs, flat = _flatten(self.module(*args, **kwargs))
         return tuple(flat)
+
+
+def _float_copy(method: _Method) -> _Method:
+    """A float32 copy to trace (OpenVINO converts float32; the hint sets the precision it runs in), without
+    the compiled models ``install`` put on the module (they are not copyable, and the copy calls the class's
+    methods anyway)."""
+    module = method.module
+    installed = {k: v for k, v in vars(module).items() if isinstance(v, OpenVINOModule)}
+    for name in installed:
+        delattr(module, name)
+    try:
+        return _Method(copy.deepcopy(module).float(), method.method)
+    finally:
+        for name, compiled in installed.items():
+            object.__setattr__(module, name, compiled)
 
 
 def _example(tensor: torch.Tensor) -> torch.Tensor:

@@ -69,24 +69,35 @@ def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrit
     return plan
 
 
-@contextlib.contextmanager
-def lock_folder(out: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the folder itself (no lock file to leave behind) while a run writes;
-    a second run on the same folder is refused instead of appending duplicate lines. POSIX only."""
+def try_lock(folder: Path) -> int | None:
+    """Take an exclusive ``flock`` on the folder itself (no lock file to leave behind): the descriptor that
+    holds it (close it to release; the kernel releases it when the process dies, even by ``kill -9``), or
+    None when another process holds it. Where there is no flock (Windows): -1, and nothing is locked."""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; runs are not guarded against each other
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
+    except ImportError:
+        return -1
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"--out {out}: another diffbatch run is writing to this folder") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def lock_folder(out: Path) -> Iterator[None]:
+    """Hold the folder's lock while a run writes: a second run on the same folder is refused instead of
+    appending duplicate lines."""
+    fd = try_lock(out)
+    if fd is None:
+        raise InputError(f"--out {out}: another diffbatch run is writing to this folder")
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd >= 0:
+            os.close(fd)
 
 
 def apply_resume(out: Path, plan: ResumePlan) -> None:

@@ -5,19 +5,25 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
+import sqlite3
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import Engine
+from ..errors import is_disk_full
 from .config import ServerConfig
 from .jobs import JobRunner
+from .keys import KeyLimiter, load_keys
 from .loop import EngineLoop
 from .metrics import Metrics
+from .retention import Janitor
 from .routes import router
 from .schemas import ApiError
 from .state import ServerState
@@ -32,35 +38,39 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = start_state(config, engine)
+        state = start_state(config, engine, limiter)
         app.state.server = state
         try:
             yield
         finally:
             stop_state(state)
 
+    limiter = KeyLimiter(load_keys(config.api_keys)) if config.api_keys is not None else None
     app = FastAPI(title="diffbatch", version=_version(), lifespan=lifespan)
     _add_error_handlers(app)
-    _add_middlewares(app, config)
+    app.add_middleware(LimitsAndAuth, config=config, limiter=limiter)
     app.include_router(router)
     return app
 
 
-def start_state(config: ServerConfig, engine: Engine | None) -> ServerState:
+def start_state(config: ServerConfig, engine: Engine | None, limiter: KeyLimiter | None = None) -> ServerState:
     engine = engine or Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                               max_batch_size=config.max_batch_size, backend=config.backend,
                                               lora_dir=config.lora_dir)
     loop = EngineLoop(engine, config.max_queue, config.batching, config.window_ms / 1000)
     store = Store(config.data_dir)
     jobs = JobRunner(store, loop, 2 * config.max_batch_size)
+    janitor = Janitor(store, config.retention)
     loop.start()
     jobs.start()  # resumes unfinished jobs from the store
+    janitor.start()
     log.info("diffbatch serving %s (batching: %s)", engine.model_name, config.batching)
-    return ServerState(config, engine, loop, store, jobs, Metrics())
+    return ServerState(config, engine, loop, store, jobs, Metrics(), janitor, limiter)
 
 
 def stop_state(state: ServerState) -> None:
     """Graceful: stop admitting, let running images finish (or stay pending in the store), then close."""
+    state.janitor.stop()
     state.jobs.stop(timeout=1.0)
     state.loop.stop(state.config.drain_seconds)
     state.jobs.stop(timeout=5.0)  # record what finished while draining
@@ -72,6 +82,23 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (a body it cannot parse, too many multipart parts, an unknown route or
+        method) in OpenAI's shape too."""
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind=kind).body(),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.OperationalError)
+    async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+        if not is_disk_full(exc):
+            raise exc
+        log.error("disk full: %s", exc)
+        return JSONResponse(ApiError(507, "the server's disk is full; nothing was stored for this request: "
+                                          "retry later", kind="server_error").body(), status_code=507)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
@@ -79,18 +106,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(400, f"{param}: {first.get('msg')}", param or None).body(), status_code=400)
 
 
-def _add_middlewares(app: FastAPI, config: ServerConfig) -> None:
-    app.add_middleware(LimitsAndAuth, config=config)
-
-
 class LimitsAndAuth:
-    """API key and body-size checks, as a plain ASGI middleware: Starlette's ``@app.middleware("http")``
-    (BaseHTTPMiddleware) hides the client's disconnect from the endpoint, which must see it to drop the
-    images of a client that went away."""
+    """API key, per-key request rate and body-size checks, as a plain ASGI middleware: Starlette's
+    ``@app.middleware("http")`` (BaseHTTPMiddleware) hides the client's disconnect from the endpoint, which
+    must see it to drop the images of a client that went away. A request by a listed key (``--api-keys``)
+    carries its ``KeyLimit`` to the routes as ``request.state.key_limit``."""
 
-    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+    def __init__(self, app: ASGIApp, config: ServerConfig, limiter: KeyLimiter | None = None) -> None:
         self.app = app
         self.config = config
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -102,10 +127,10 @@ class LimitsAndAuth:
 
     def _refusal(self, request: Request) -> JSONResponse | None:
         config = self.config
-        if config.api_key and request.url.path not in OPEN_PATHS and not _authorized(request, config.api_key):
-            return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                         kind="authentication_error").body(),
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if (config.api_key or self.limiter) and request.url.path not in OPEN_PATHS:
+            refusal = self._key_refusal(request)
+            if refusal is not None:
+                return refusal
         length = request.headers.get("content-length")
         if length is None and "chunked" in request.headers.get("transfer-encoding", ""):
             return JSONResponse(ApiError(411, "send a Content-Length (chunked bodies are not accepted)").body(),
@@ -116,10 +141,32 @@ class LimitsAndAuth:
         return None
 
 
-def _authorized(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+    def _key_refusal(self, request: Request) -> JSONResponse | None:
+        token = _bearer(request)
+        if self.config.api_key and _same(token, self.config.api_key):
+            return None  # the operator's key: no per-key limits
+        # every listed key compared in constant time, so the answer's timing tells nothing about a key
+        matches = [limit for key, limit in (self.limiter.keys.items() if self.limiter else ()) if _same(token, key)]
+        if not matches:
+            return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                         kind="authentication_error").body(),
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        retry = self.limiter.admit_request(matches[0])
+        if retry is not None:
+            return JSONResponse(ApiError(429, f"key {matches[0].name}: over {matches[0].rpm} requests per minute",
+                                         kind="rate_limit_error").body(),
+                                status_code=429, headers={"Retry-After": str(max(1, math.ceil(retry)))})
+        request.scope.setdefault("state", {})["key_limit"] = matches[0]
+        return None
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _same(token: str, key: str) -> bool:
+    return hmac.compare_digest(token.encode(), key.encode())
 
 
 def _version() -> str:

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..cli import BACKEND_HELP, DTYPE_HELP
 from ..options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
-from .config import POLICIES, ServerConfig
+from .config import POLICIES, ServerConfig, parse_duration
+from .retention import Retention
 
 
 def register(subparsers: Any) -> None:
@@ -18,6 +19,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env DIFFBATCH_API_KEY)")
+    p.add_argument("--api-keys", type=Path, metavar="FILE",
+                   help="more keys, one per line, each with optional limits: KEY rpm=60 images=16 name=alice")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per denoiser call")
     p.add_argument("--max-queue", type=int, default=256, help="images waiting or running; beyond: HTTP 429")
     p.add_argument("--data-dir", type=Path, default=Path("diffbatch-data"), help="job store and images")
@@ -30,20 +33,52 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-n", type=int, default=10)
     p.add_argument("--max-side", type=int, default=2048)
     p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--keep-files", type=_duration, default="1d", metavar="DURATION",
+                   help="how long images served by URL are kept: 90s, 30m, 12h, 7d or forever (default 1d)")
+    p.add_argument("--max-data-gb", type=_positive_float, metavar="GB",
+                   help="cap on images served by URL; the oldest are deleted first (default: no cap)")
+    p.add_argument("--keep-jobs", type=_duration, default="30d", metavar="DURATION",
+                   help="how long a finished batch job and its images are kept (default 30d; or forever)")
     p.set_defaults(func=run_serve)
+
+
+def _duration(text: str) -> float | None:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .keys import load_keys
+    from .store import check_data_dir
+
+    if args.api_keys is not None:
+        load_keys(args.api_keys)  # a bad file is a one-line error before the model loads
+    check_data_dir(args.data_dir)
 
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DIFFBATCH_API_KEY"),
+        api_keys=args.api_keys,
         data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend, lora_dir=args.lora_dir,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
-        max_steps=args.max_steps)
+        max_steps=args.max_steps,
+        retention=Retention(keep_files=args.keep_files, keep_jobs=args.keep_jobs,
+                            max_data_bytes=None if args.max_data_gb is None else int(args.max_data_gb * 1e9)))
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=int(config.drain_seconds))
     return 0

@@ -5,7 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .retention import Retention
+
 POLICIES = ("continuous", "window", "none")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+FOREVER = "forever"
+
+
+def parse_duration(text: str) -> float | None:
+    """``90s``, ``30m``, ``12h``, ``7d`` or plain seconds; ``forever``: None (kept until deleted)."""
+    text = text.strip().lower()
+    if text == FOREVER:
+        return None
+    number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "s")
+    try:
+        seconds = float(number) * UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 30m, 12h, 7d or {FOREVER}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} is not a duration: it must be positive (or {FOREVER})")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -14,6 +33,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = 8000
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer KEY"
+    api_keys: Path | None = None  # more keys, each with its own limits (keys.py); they also need auth
     data_dir: Path = Path("diffbatch-data")  # SQLite job store and generated images
     device: str | None = None
     dtype: str | None = None
@@ -31,6 +51,7 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # uploaded init images
     max_batch_lines: int = 100_000  # lines in one /v1/batches body
     drain_seconds: float = 30.0  # on shutdown, how long running images may take to finish
+    retention: Retention = Retention()  # how long images and finished batch jobs are kept (retention.py)
 
     def __post_init__(self) -> None:
         if self.batching not in POLICIES:

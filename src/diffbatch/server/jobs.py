@@ -10,6 +10,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 
 from ..errors import DiffbatchError
 from ..io.writer import png_name, save_png
@@ -18,6 +19,7 @@ from .loop import EngineLoop, QueueFull, ShuttingDown
 from .store import Store, StoredItem
 
 log = logging.getLogger("diffbatch.server")
+STORE_RETRY_S = 30.0  # after an image could not be stored (a full disk), how long to wait before more work
 
 class JobRunner:
     def __init__(self, store: Store, loop: EngineLoop, inflight: int) -> None:
@@ -27,9 +29,13 @@ class JobRunner:
         self._running: dict[tuple[str, int], StoredItem] = {}
         self._done: queue.Queue[tuple[StoredItem, concurrent.futures.Future] | None] = queue.Queue()
         self._stopping = threading.Event()
+        self._paused_until = 0.0  # monotonic: no new work before (the last store failed)
         self._thread = threading.Thread(target=self._run, name="diffbatch-jobs", daemon=True)
 
     def start(self) -> None:
+        engine = self.loop.engine
+        for job_id in self.store.fail_other_models(engine.model_hash, engine.model_name):
+            log.warning("batch %s was made with other weights than %s: marked failed", job_id, engine.model_name)
         for stale in (self.store.data_dir / "batches").glob("*/.*.tmp"):  # half-written PNGs of a crash
             stale.unlink(missing_ok=True)
         self._thread.start()
@@ -62,6 +68,8 @@ class JobRunner:
                 self._record(*event)
 
     def _submit_more(self) -> None:
+        if time.monotonic() < self._paused_until:
+            return
         free = self.inflight - len(self._running)
         for item in self.store.pending_items(free, set(self._running)) if free > 0 else []:
             try:
@@ -82,9 +90,18 @@ class JobRunner:
         if exc is not None:
             self.store.finish_item(item, None, f"{type(exc).__name__}: {exc}")
             return
-        result = future.result()
+        try:
+            self._store(item, future.result())
+        except Exception as exc:  # a full disk: the item stays pending and is made again once space is back
+            self._paused_until = time.monotonic() + STORE_RETRY_S
+            log.error("batch %s line %d not stored (%s); retrying in %.0f s", item.job_id, item.index + 1, exc,
+                      STORE_RETRY_S)
+
+    def _store(self, item: StoredItem, result) -> None:
+        if not self.store.has_job(item.job_id):
+            return  # deleted while this image ran (DELETE /v1/batches/{id})
         folder = self.store.data_dir / "batches" / item.job_id
-        path = save_png(folder / png_name(item.index, result.spec.seed), result)
+        path = save_png(folder / png_name(item.index, result.spec.seed), result)  # atomic: whole or absent
         file_id = self.store.add_file(path, file_id=f"{item.job_id}-{item.index}")
         self.store.finish_item(item, file_id, None, result.seconds)
 

@@ -22,10 +22,13 @@ from ..io.infotext import parse_infotext, png_parameters
 from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
 from ..spec import GenerationSpec, parse_size, spec_from_record
+from .keys import KeyLimit
 from .loop import Cancelled, QueueFull, ShuttingDown
 from .metrics import CONTENT_TYPE
+from .retention import delete_job
 from .schemas import ApiError, CancelRequest, ImageGenerationRequest
 from .state import ServerState
+from .store import URL_FILES
 
 router = APIRouter()
 FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
@@ -158,7 +161,8 @@ async def _generate(request: Request, specs: list[GenerationSpec], response_form
                     request_id: str | None = None) -> dict:
     s = state(request)
     began = time.monotonic()
-    futures = await asyncio.get_running_loop().run_in_executor(None, _submit, s, specs)
+    limit = request.scope.get("state", {}).get("key_limit")
+    futures = await asyncio.get_running_loop().run_in_executor(None, _submit, s, specs, limit)
     if request_id:
         with s.running_lock:
             s.running.setdefault(request_id, []).extend(futures)
@@ -199,7 +203,26 @@ async def _results_while_connected(request: Request, s: ServerState, futures: li
             raise ApiError(499, "the client disconnected", kind="cancelled")
 
 
-def _submit(s, specs: list[GenerationSpec]) -> list:
+def _submit(s, specs: list[GenerationSpec], limit: KeyLimit | None = None) -> list:
+    """Queue the images (all or none); a listed key's images count against its ``images`` limit until each
+    finishes, fails or is cancelled."""
+    if limit is None:
+        return _queue(s, specs)
+    held = s.limiter.reserve_images(limit, len(specs))
+    if held is not None:
+        raise ApiError(429, f"key {limit.name}: {held} images in flight; its limit is {limit.images}",
+                       kind="rate_limit_error", headers={"Retry-After": "1"})
+    try:
+        futures = _queue(s, specs)
+    except BaseException:
+        s.limiter.release_images(limit, len(specs))
+        raise
+    for future in futures:
+        future.add_done_callback(lambda _, limit=limit: s.limiter.release_images(limit))
+    return futures
+
+
+def _queue(s, specs: list[GenerationSpec]) -> list:
     try:
         return s.loop.submit(specs)
     except QueueFull as exc:
@@ -216,7 +239,7 @@ def _item(s, request: Request, result: Result, response_format: str) -> dict[str
         return {"b64_json": base64.b64encode(encode_png(result)).decode(), "seed": result.spec.seed,
                 "settings": settings}
     file_id = secrets.token_hex(16)
-    path = save_png(s.store.data_dir / "files" / f"{file_id}.png", result)
+    path = save_png(s.store.data_dir / URL_FILES / f"{file_id}.png", result)
     s.store.add_file(path, file_id, settings)
     return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed,
             "settings": settings}
@@ -228,7 +251,7 @@ async def create_batch(request: Request) -> dict:
     s = state(request)
     lines = (await request.body()).decode("utf-8", errors="replace").splitlines()
     records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, lines)
-    job_id = s.store.create_job(records)
+    job_id = s.store.create_job(records, s.engine.model_hash)
     s.jobs.wake()
     return s.store.job(job_id)
 
@@ -279,6 +302,15 @@ async def cancel_batch(job_id: str, request: Request) -> dict:
     _job_or_404(s, job_id)
     s.store.cancel(job_id)
     return s.store.job(job_id)
+
+
+@router.delete("/v1/batches/{job_id}")
+async def delete_batch(job_id: str, request: Request) -> dict:
+    """Delete a batch job and its images (cancelled first if it is still running)."""
+    s = state(request)
+    _job_or_404(s, job_id)
+    await asyncio.get_running_loop().run_in_executor(None, delete_job, s.store, job_id)
+    return {"id": job_id, "object": "batch.deleted", "deleted": True}
 
 
 def _job_or_404(s, job_id: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class ImageGenerationRequest(BaseModel):
@@ -14,21 +14,21 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int = 1
+    n: StrictInt = 1  # strict: JSON true or 1.0 is not a count
     size: str | None = None  # "WxH" or "auto"; default: the model's native size
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = None
     quality: str | None = None  # OpenAI fields accepted for client compatibility, without effect
     style: str | None = None
     # Extensions
-    seed: int | None = None  # image i of the request gets seed + i
+    seed: StrictInt | None = None  # image i of the request gets seed + i
     negative_prompt: str = ""
-    num_inference_steps: int | None = None
+    num_inference_steps: StrictInt | None = None
     guidance_scale: float | None = None
     guidance_rescale: float | None = None
     scheduler: str | None = None
     request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,80}$")  # POST /v1/images/cancel names it
-    variation_seed: int | None = None  # with variation_strength in [0, 1]: AUTOMATIC1111's subseed
+    variation_seed: StrictInt | None = None  # with variation_strength in [0, 1]: AUTOMATIC1111's subseed
     variation_strength: float | None = None
     loras: dict[str, float] = Field(default_factory=dict)  # LoRA name -> weight (names from --lora-dir)
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from ..engine import Engine
 from .config import ServerConfig
 from .jobs import JobRunner
+from .keys import KeyLimiter
 from .loop import EngineLoop
 from .metrics import Metrics
+from .retention import Janitor
 from .store import Store
 
 
@@ -22,6 +24,8 @@ class ServerState:
     store: Store
     jobs: JobRunner
     metrics: Metrics
+    janitor: Janitor
+    limiter: KeyLimiter | None  # per-key limits (--api-keys), or None
     # Images in flight by the client's request_id (an extension field), so POST /v1/images/cancel finds them
     running: dict[str, list[concurrent.futures.Future]] = field(default_factory=dict)
     running_lock: threading.Lock = field(default_factory=threading.Lock)

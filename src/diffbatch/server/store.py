@@ -8,6 +8,7 @@ write is atomic), so a job ends with no lost and no duplicated image.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -15,6 +16,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..errors import InputError
+from ..io.resume import try_lock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -24,7 +28,23 @@ CREATE TABLE IF NOT EXISTS items (
     file_id TEXT, error TEXT, seconds REAL, PRIMARY KEY (job_id, idx));
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
 """
-SETTINGS_COLUMN = "ALTER TABLE files ADD COLUMN settings TEXT"  # a store made before the history existed
+# columns added after the first release, each added to a store that lacks it
+MIGRATIONS = {("files", "settings"): "TEXT",  # the image's settings, for the history
+              ("files", "bytes"): "INTEGER",  # the file's size, for --max-data-gb
+              ("jobs", "finished"): "REAL",  # when the job completed or was cancelled, for --keep-jobs
+              ("jobs", "model_hash"): "TEXT",  # the weights' fingerprint the job's images are made with
+              ("jobs", "error"): "TEXT"}  # why the job failed as a whole
+IN_USE = "--data-dir {}: another diffbatch server is using this folder"
+URL_FILES = "files/"  # where images served by URL live (batch-job images live under batches/JOB/)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Refuse a data dir another server holds, before the model loads (the store takes the lock itself)."""
+    fd = try_lock(data_dir) if data_dir.is_dir() else -1
+    if fd is None:
+        raise InputError(IN_USE.format(data_dir), field="data_dir")
+    if fd >= 0:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -38,12 +58,16 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._folder_lock = try_lock(data_dir)  # two servers on one data dir would run each job twice
+        if self._folder_lock is None:
+            raise InputError(IN_USE.format(data_dir), field="data_dir")
         self._db = sqlite3.connect(data_dir / "diffbatch.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        if "settings" not in {row[1] for row in self._db.execute("PRAGMA table_info(files)")}:
-            self._db.execute(SETTINGS_COLUMN)
+        for (table, column), kind in MIGRATIONS.items():
+            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -53,30 +77,36 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._folder_lock is not None and self._folder_lock >= 0:
+                os.close(self._folder_lock)
+                self._folder_lock = None
 
     # Jobs ------------------------------------------------------------------------------------------------
-    def create_job(self, specs: list[dict[str, Any]]) -> str:
+    def create_job(self, specs: list[dict[str, Any]], model_hash: str = "") -> str:
+        """A job of resolved spec records, made with the weights ``model_hash`` (hub.model_fingerprint)."""
         job_id = "batch_" + uuid.uuid4().hex
         rows = [(job_id, k, json.dumps(spec), "pending") for k, spec in enumerate(specs)]
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO jobs VALUES (?, ?, 'in_progress', ?)", (job_id, time.time(), len(specs)))
+            self._db.execute("INSERT INTO jobs (id, created, status, total, model_hash) "
+                             "VALUES (?, ?, 'in_progress', ?, ?)", (job_id, time.time(), len(specs), model_hash))
             self._db.executemany("INSERT INTO items (job_id, idx, spec, status) VALUES (?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
         return job_id
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT id, created, status, total FROM jobs WHERE id = ?", (job_id,))
+        rows = self._query("SELECT id, created, status, total, model_hash, error FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             return None
-        job_id, created, status, total = rows[0]
+        job_id, created, status, total, model_hash, error = rows[0]
         counts = dict(self._query("SELECT status, COUNT(*) FROM items WHERE job_id = ? GROUP BY status", (job_id,)))
-        errors = [{"line": idx + 1, "message": error} for idx, error in self._query(
+        errors = [{"line": idx + 1, "message": message} for idx, message in self._query(
             "SELECT idx, error FROM items WHERE job_id = ? AND status = 'failed' ORDER BY idx LIMIT 100", (job_id,))]
         return {"id": job_id, "object": "batch", "created_at": int(created), "status": status,
                 "request_counts": {"total": total, "completed": counts.get("done", 0),
                                    "failed": counts.get("failed", 0), "cancelled": counts.get("cancelled", 0)},
-                "errors": errors}
+                "errors": ([{"line": None, "message": error}] if error else []) + errors,
+                "model_hash": model_hash or None}
 
     def results(self, job_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT idx, spec, file_id, seconds FROM items WHERE job_id = ? AND status = 'done' "
@@ -89,9 +119,47 @@ class Store:
             self._db.execute("BEGIN")
             self._db.execute("UPDATE items SET status = 'cancelled' WHERE job_id = ? AND status = 'pending'",
                              (job_id,))
-            self._db.execute("UPDATE jobs SET status = 'cancelled' WHERE id = ? AND status = 'in_progress'",
-                             (job_id,))
+            self._db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? AND "
+                             "status = 'in_progress'", (time.time(), job_id))
             self._db.execute("COMMIT")
+
+    def fail_other_models(self, model_hash: str, model: str) -> list[str]:
+        """Unfinished jobs made with other weights (the server restarted with another or retrained model)
+        fail rather than finish with these: a job never mixes two models. Jobs without a hash (made before
+        the fingerprint existed, or of a model without one) are left to run."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, model_hash FROM jobs WHERE status = 'in_progress' AND "
+                                    "COALESCE(model_hash, '') NOT IN ('', ?)", (model_hash,)).fetchall()
+            for job_id, theirs in rows:
+                error = (f"made with model hash {theirs}; this server runs {model} (hash {model_hash or 'unknown'}): "
+                         "the job's remaining images were not made, so it never mixes two models")
+                self._db.execute("BEGIN")
+                self._db.execute("UPDATE items SET status = 'cancelled' WHERE job_id = ? AND status = 'pending'",
+                                 (job_id,))
+                self._db.execute("UPDATE jobs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
+                                 (error, time.time(), job_id))
+                self._db.execute("COMMIT")
+        return [job_id for job_id, _ in rows]
+
+    def has_job(self, job_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM jobs WHERE id = ?", (job_id,)))
+
+    def job_ids(self) -> set[str]:
+        return {row[0] for row in self._query("SELECT id FROM jobs")}
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job, its items and its files' rows (the caller removes its folder)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM files WHERE id IN (SELECT file_id FROM items WHERE job_id = ?)", (job_id,))
+            self._db.execute("DELETE FROM items WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._db.execute("COMMIT")
+
+    def finished_jobs(self, before: float) -> list[str]:
+        """Jobs completed or cancelled before ``before`` (a store older than the ``finished`` column: created)."""
+        return [row[0] for row in self._query(
+            "SELECT id FROM jobs WHERE status != 'in_progress' AND COALESCE(finished, created) < ?", (before,))]
 
     def pending_items(self, limit: int, exclude: set[tuple[str, int]]) -> list[StoredItem]:
         """Oldest job first, in index order; ``exclude`` are items already in flight."""
@@ -110,9 +178,10 @@ class Store:
             self._db.execute("UPDATE items SET status = ?, file_id = ?, error = ?, seconds = ? "
                              "WHERE job_id = ? AND idx = ? AND status = 'pending'",
                              (status, file_id, error, seconds, item.job_id, item.index))
-            self._db.execute("UPDATE jobs SET status = 'completed' WHERE id = ? AND status = 'in_progress' AND "
+            self._db.execute("UPDATE jobs SET status = 'completed', finished = ? WHERE id = ? AND "
+                             "status = 'in_progress' AND "
                              "NOT EXISTS (SELECT 1 FROM items WHERE job_id = ? AND status = 'pending')",
-                             (item.job_id, item.job_id))
+                             (time.time(), item.job_id, item.job_id))
             self._db.execute("COMMIT")
 
     # Files -----------------------------------------------------------------------------------------------
@@ -121,10 +190,20 @@ class Store:
         ``settings``: the image's resolved spec record (and sampler, model), for the history."""
         file_id = file_id or uuid.uuid4().hex
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO files (id, path, created, settings) VALUES (?, ?, ?, ?)",
-                             (file_id, str(path.relative_to(self.data_dir)), time.time(),
-                              None if settings is None else json.dumps(settings)))
+            self._db.execute("INSERT OR REPLACE INTO files (id, path, created, settings, bytes) VALUES (?, ?, ?, ?, ?)",
+                             (file_id, path.relative_to(self.data_dir).as_posix(), time.time(),
+                              None if settings is None else json.dumps(settings), path.stat().st_size))
         return file_id
+
+    def url_files(self) -> list[tuple[str, Path, float, int]]:
+        """Images served by URL, oldest first: (id, path, created, bytes)."""
+        rows = self._query("SELECT id, path, created, bytes FROM files WHERE path LIKE ? ORDER BY created",
+                           (URL_FILES + "%",))
+        return [(file_id, self.data_dir / path, created, size or 0) for file_id, path, created, size in rows]
+
+    def delete_files(self, file_ids: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM files WHERE id = ?", [(file_id,) for file_id in file_ids])
 
     def history(self, limit: int) -> list[dict[str, Any]]:
         """Images with settings, newest first."""
