@@ -53,15 +53,14 @@ class Adapter(ABC):
         self.denoiser = next(getattr(pipe, n) for n in ("unet", "transformer") if getattr(pipe, n, None) is not None)
         torch_modules = [getattr(pipe, n, None) for n in MODEL_COMPONENTS]
         if backend == "openvino":
-            from . import openvino  # optional dependency
+            from .openvino import DENOISER_ROWS, TEXT_ROWS, VAE_IMAGES, install  # optional dependency
 
             torch_modules.remove(self.denoiser)  # converted unpatched; invariant by its fixed call shape
             # The VAE and text encoders convert on their first call, so they trace the invariance patches below
             # (exact ops); every stage runs a fixed row count.
-            self.denoiser = openvino.install(pipe, self.denoiser, self.dtype, self.device)
-            self.call_shapes = CallShapes(text=CallShape(1, openvino.TEXT_ROWS),
-                                          denoiser=CallShape(1, openvino.DENOISER_ROWS),
-                                          vae=CallShape(1, openvino.VAE_IMAGES))
+            self.denoiser = install(pipe, self.denoiser, self.dtype, self.device)
+            self.call_shapes = CallShapes(text=CallShape(1, TEXT_ROWS), denoiser=CallShape(1, DENOISER_ROWS),
+                                          vae=CallShape(1, VAE_IMAGES))
         if invariant:
             make_batch_invariant(torch_modules, self.device)
 
