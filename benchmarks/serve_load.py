@@ -44,16 +44,21 @@ def start(model: Path, policy: str, data: Path, batch: int) -> tuple[subprocess.
            "--device", "cpu", "--dtype", "float32", "--max-queue", "10000"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, wait_healthy(proc, port, 120.0)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, seconds: float) -> str:
+    """The server's base URL once /health answers; the process is killed if it does not within ``seconds``."""
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
+                return base
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"server ({policy}) did not start")
+    raise RuntimeError(f"the server on port {port} did not start")
 
 
 def workload(n: int, seed: int, steps_scale: float) -> list[dict]:

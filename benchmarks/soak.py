@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import free_port  # noqa: E402
+from serve_load import free_port, wait_healthy  # noqa: E402
 
 MIX = (("b64", 0.60), ("url", 0.15), ("disconnect", 0.12), ("batch", 0.05), ("read", 0.08))
 
@@ -45,16 +45,7 @@ def start(model: str | None, data: Path, keep_files: str) -> tuple[subprocess.Po
         cmd += ["--model", model]
     log = open(data.parent / "server.log", "wb")  # a file, never a pipe: the server must not block on it
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    return proc, wait_healthy(proc, port, 180.0)
 
 
 def body(rng: random.Random, k: int) -> dict:
