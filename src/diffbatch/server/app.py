@@ -96,8 +96,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         if not is_disk_full(exc):
             raise exc
         log.error("disk full: %s", exc)
-        return JSONResponse(ApiError(507, "the server's disk is full; nothing was stored for this request: "
-                                          "retry later", kind="server_error").body(), status_code=507)
+        return JSONResponse(ApiError(507, "the server's disk is full: this request's results could not be "
+                                          "stored; retry later", kind="server_error").body(), status_code=507)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -139,7 +139,6 @@ class LimitsAndAuth:
             return JSONResponse(ApiError(413, f"request body over {config.max_body_bytes} bytes").body(),
                                 status_code=413)
         return None
-
 
     def _key_refusal(self, request: Request) -> JSONResponse | None:
         token = _bearer(request)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
@@ -27,7 +27,7 @@ WINDOW_S = 60.0
 
 @dataclass(frozen=True)
 class KeyLimit:
-    key: str
+    key: str = field(repr=False)  # a secret: never in a repr, a log line or an error
     name: str
     rpm: int | None = None
     images: int | None = None

@@ -5,10 +5,11 @@
 - Batch jobs keep their images until the job is deleted (``DELETE /v1/batches/{id}``) or, once finished
   (completed or cancelled), for ``keep_jobs`` seconds.
 - Leftovers are removed: batch folders without a job (a job deleted while an image of it was being
-  written) and files under ``files/`` without a row, an hour after they were written (a crash between the
-  write and the row, or between the row's deletion and the unlink).
+  written), and, in the sweep at start, files under ``files/`` without a row an hour after they were
+  written (a crash between the write and the row, or between the row's deletion and the unlink).
 
-A ``Janitor`` thread sweeps at start and every ``interval`` seconds; ``sweep(store, policy, now)`` takes the
+A ``Janitor`` thread sweeps at start and every ``interval`` seconds (the database answers which files are due,
+so a sweep does not walk the folder); ``sweep(store, policy, now)`` takes the
 clock as an argument so tests run it with a fake one. The row goes first, then the file: a URL never lists a
 file that is about to go.
 """
@@ -50,22 +51,14 @@ def delete_job(store: Store, job_id: str) -> None:
     shutil.rmtree(store.data_dir / "batches" / job_id, ignore_errors=True)
 
 
-def sweep(store: Store, policy: Retention, now: float) -> Swept:
+def sweep(store: Store, policy: Retention, now: float, leftover_files: bool = True) -> Swept:
+    """One pass of the policy at time ``now``. ``leftover_files``: also look for files under ``files/``
+    without a row (a walk of the folder: the janitor does it at start, where crashes leave them)."""
     swept = Swept()
-    files = store.url_files()
-    expired = [f for f in files if policy.keep_files is not None and f[2] < now - policy.keep_files]
-    kept = [f for f in files if f not in expired]
+    if policy.keep_files is not None:
+        swept.files += _delete(store, store.url_files(created_before=now - policy.keep_files))
     if policy.max_data_bytes is not None:
-        total = sum(size for *_, size in kept)
-        while kept and total > policy.max_data_bytes:
-            oldest = kept.pop(0)
-            expired.append(oldest)
-            total -= oldest[3]
-    store.delete_files([file_id for file_id, *_ in expired])
-    for _, path, _, _ in expired:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    swept.files = len(expired)
+        swept.files += _delete(store, _over_cap(store, policy.max_data_bytes))
     if policy.keep_jobs is not None:
         for job_id in store.finished_jobs(now - policy.keep_jobs):
             delete_job(store, job_id)
@@ -75,13 +68,42 @@ def sweep(store: Store, policy: Retention, now: float) -> Swept:
         if folder.is_dir() and folder.name not in jobs:
             shutil.rmtree(folder, ignore_errors=True)
             swept.folders += 1
+    if leftover_files:
+        swept.files += _delete_unlisted(store, now)
+    return swept
+
+
+def _over_cap(store: Store, cap: int) -> list[tuple[str, Path, float, int]]:
+    """The oldest URL images whose removal brings the rest to ``cap`` bytes or under."""
+    oldest_first = store.url_files()
+    total = sum(size for *_, size in oldest_first)
+    over = []
+    for row in oldest_first:
+        if total <= cap:
+            break
+        over.append(row)
+        total -= row[3]
+    return over
+
+
+def _delete_unlisted(store: Store, now: float) -> int:
     listed = {path for _, path, _, _ in store.url_files()}
+    deleted = 0
     for path in _children(store.data_dir / URL_FILES):
         with contextlib.suppress(FileNotFoundError):
             if path not in listed and path.stat().st_mtime < now - ORPHAN_GRACE_S:
                 path.unlink()
-                swept.files += 1
-    return swept
+                deleted += 1
+    return deleted
+
+
+def _delete(store: Store, rows: list[tuple[str, Path, float, int]]) -> int:
+    """Rows first, then files: a URL never lists a file that is about to go."""
+    store.delete_files([file_id for file_id, *_ in rows])
+    for _, path, _, _ in rows:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return len(rows)
 
 
 def _children(root: Path) -> list[Path]:
@@ -106,9 +128,11 @@ class Janitor:
         self._thread.join(5.0)
 
     def _run(self) -> None:
+        first = True
         while True:
             try:
-                swept = sweep(self.store, self.policy, time.time())
+                swept = sweep(self.store, self.policy, time.time(), leftover_files=first)
+                first = False
                 if swept.files or swept.jobs or swept.folders:
                     log.info("retention: deleted %d images, %d batch jobs, %d orphan folders",
                              swept.files, swept.jobs, swept.folders)

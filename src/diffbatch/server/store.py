@@ -195,10 +195,11 @@ class Store:
                               None if settings is None else json.dumps(settings), path.stat().st_size))
         return file_id
 
-    def url_files(self) -> list[tuple[str, Path, float, int]]:
-        """Images served by URL, oldest first: (id, path, created, bytes)."""
-        rows = self._query("SELECT id, path, created, bytes FROM files WHERE path LIKE ? ORDER BY created",
-                           (URL_FILES + "%",))
+    def url_files(self, created_before: float | None = None) -> list[tuple[str, Path, float, int]]:
+        """Images served by URL (made before ``created_before``), oldest first: (id, path, created, bytes)."""
+        rows = self._query("SELECT id, path, created, bytes FROM files WHERE path LIKE ? AND created < ? "
+                           "ORDER BY created", (URL_FILES + "%", float("inf") if created_before is None
+                                                else created_before))
         return [(file_id, self.data_dir / path, created, size or 0) for file_id, path, created, size in rows]
 
     def delete_files(self, file_ids: list[str]) -> None:
