@@ -98,6 +98,21 @@ def test_finished_batch_jobs_expire_after_keep_jobs_and_leftovers_are_removed(en
         assert sweep(store, Retention(), time.time() + ORPHAN_GRACE_S / 2).files == 0 and young.exists()
 
 
+def test_the_janitor_sweeps_at_start_and_removes_what_a_crash_left(engine, tmp_path):
+    data = tmp_path / "data"
+    (data / "files").mkdir(parents=True)
+    (data / "batches" / "batch_of_a_deleted_job").mkdir(parents=True)
+    stray = data / "files" / "0123abcd.png"  # written, then the process died before its row
+    stray.write_bytes(b"\x89PNG")
+    os.utime(stray, (time.time() - 2 * ORPHAN_GRACE_S,) * 2)
+    with serve(engine, tmp_path) as client:
+        deadline = time.monotonic() + 10
+        while stray.exists() or (data / "batches" / "batch_of_a_deleted_job").exists():
+            assert time.monotonic() < deadline, "the start-up sweep did not run"
+            time.sleep(0.05)
+        assert client.get("/health").status_code == 200
+
+
 def test_delete_batch_removes_the_job_and_its_images(engine, tmp_path):
     with serve(engine, tmp_path) as client:
         job_id = finished_job(client, [{"prompt": "a", **FAST}, {"prompt": "b", **FAST}])
