@@ -73,21 +73,24 @@ class OpenVINOModule:
     the method it replaces and returning what it returns (tensors, tuples, transformers' ``ModelOutput``):
     one conversion per input signature (tensor shapes and the non-tensor arguments)."""
 
-    def __init__(self, module: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, method: str, dtype: torch.dtype, device: torch.device,
+                 weights: str | None = None) -> None:
+        """``weights``: ``weights_digest(module)`` when the caller has it already (two methods of one module)."""
         check_openvino(device, dtype)
         self.ov = import_openvino()
         self.core = self.ov.Core()
         self.module = _Method(module, method)
         self.dtype = dtype
         self.hint = PRECISIONS[dtype]
-        self.folder = cache_root() / _fingerprint(self.module, self.ov.__version__)
+        self.folder = cache_root() / _fingerprint(self.module, self.ov.__version__, weights or weights_digest(module))
         self._compiled: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
-    def install(cls, module: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> OpenVINOModule:
+    def install(cls, module: nn.Module, method: str, dtype: torch.dtype, device: torch.device,
+                weights: str | None = None) -> OpenVINOModule:
         """Route ``module.<method>`` through OpenVINO (an instance attribute over the class's method, which
         the conversion traces)."""
-        compiled = cls(module, method, dtype, device)
+        compiled = cls(module, method, dtype, device, weights)
         object.__setattr__(module, method, compiled)
         return compiled
 
@@ -137,8 +140,9 @@ def install(pipe: Any, denoiser: nn.Module, dtype: torch.dtype, device: torch.de
         encoder = getattr(pipe, name, None)
         if encoder is not None:
             OpenVINOModule.install(encoder, "forward", encoder.dtype, device)
-    OpenVINOModule.install(pipe.vae, "decode", pipe.vae.dtype, device)
-    OpenVINOModule.install(pipe.vae, "_encode", pipe.vae.dtype, device)
+    vae = weights_digest(pipe.vae)  # read once for both of its methods
+    OpenVINOModule.install(pipe.vae, "decode", pipe.vae.dtype, device, vae)
+    OpenVINOModule.install(pipe.vae, "_encode", pipe.vae.dtype, device, vae)
     return OpenVINOModule(denoiser, "forward", dtype, device)
 
 
@@ -266,25 +270,15 @@ def _decode(data: dict[str, Any]) -> Any:
 
 
 def _signature(template: Any, tensors: Sequence[torch.Tensor]) -> str:
-    text = repr((_describe(template), [tuple(t.shape) for t in tensors]))
+    """An input signature's cache key: the arguments' structure and non-tensor values (as the cached output
+    template is written) and every tensor's shape."""
+    text = json.dumps([_encode(template), [tuple(t.shape) for t in tensors]], sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _describe(template: Any) -> Any:
-    if isinstance(template, _Slot):
-        return f"<tensor {int(template)}>"
-    if isinstance(template, _Output):
-        return [template.cls.__qualname__, _describe(template.fields)]
-    if isinstance(template, dict):
-        return {k: _describe(v) for k, v in sorted(template.items())}
-    if isinstance(template, list | tuple):
-        return [_describe(v) for v in template]
-    return repr(template)
-
-
-def _fingerprint(method: _Method, openvino_version: str) -> str:
-    """The method's identity for the disk cache: its module's class, config and every weight's bytes, and the
-    versions of the libraries that shape the conversion."""
+def _fingerprint(method: _Method, openvino_version: str, weights: str) -> str:
+    """The method's identity for the disk cache: its module's class, config and weights (``weights_digest``),
+    and the versions of the libraries that shape the conversion."""
     import diffusers
     import transformers
 
@@ -293,10 +287,15 @@ def _fingerprint(method: _Method, openvino_version: str) -> str:
     module = method.module
     config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
     versions = (__version__, openvino_version, torch.__version__, diffusers.__version__, transformers.__version__)
+    text = json.dumps([versions, type(module).__qualname__, method.method, config, weights], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Every weight's name, shape, dtype and bytes."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([versions, type(module).__qualname__, method.method, config],
-                             sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())  # no copy
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()
