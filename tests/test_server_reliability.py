@@ -45,11 +45,15 @@ def url_image(client, prompt: str) -> str:
 
 def finished_job(client, lines: list[dict]) -> str:
     job = client.post("/v1/batches", content="\n".join(json.dumps(x) for x in lines)).json()
+    return wait_completed(client, job["id"])
+
+
+def wait_completed(client, job_id: str) -> str:
     deadline = time.monotonic() + 60
-    while client.get(f"/v1/batches/{job['id']}").json()["status"] != "completed":
+    while client.get(f"/v1/batches/{job_id}").json()["status"] != "completed":
         assert time.monotonic() < deadline, "the batch job did not finish"
         time.sleep(0.05)
-    return job["id"]
+    return job_id
 
 
 def disk_full(*args, **kwargs):
@@ -266,10 +270,7 @@ def test_a_job_made_with_other_weights_fails_on_restart_instead_of_mixing_models
         assert job["status"] == "failed" and job["model_hash"] == "0123456789"
         assert "0123456789" in job["errors"][0]["message"] and engine.model_hash in job["errors"][0]["message"]
         assert job["request_counts"]["completed"] == 0 and client.get(f"/v1/batches/{theirs}/results").text == ""
-        deadline = time.monotonic() + 60
-        while client.get(f"/v1/batches/{ours}").json()["status"] != "completed":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_completed(client, ours)
         made = client.post("/v1/batches", content='{"prompt": "x", "num_inference_steps": 2}').json()
         assert made["model_hash"] == engine.model_hash and len(engine.model_hash) == 10
 
