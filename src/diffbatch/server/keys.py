@@ -81,9 +81,6 @@ class KeyLimiter:
         self._requests: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._images: collections.Counter[str] = collections.Counter()
 
-    def find(self, token: str) -> KeyLimit | None:
-        return self.keys.get(token)
-
     def admit_request(self, limit: KeyLimit) -> float | None:
         """Count a request; None if within ``rpm``, else the seconds until one more is allowed."""
         if limit.rpm is None:

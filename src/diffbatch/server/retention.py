@@ -46,8 +46,7 @@ class Swept:
 
 def delete_job(store: Store, job_id: str) -> None:
     """A batch job, its rows and its images (``DELETE /v1/batches/{id}`` and expiry)."""
-    store.cancel(job_id)  # in-flight items are not recorded after this (JobRunner checks the job exists)
-    store.delete_job(job_id)
+    store.delete_job(job_id)  # one transaction; images in flight are not recorded (JobRunner checks the job)
     shutil.rmtree(store.data_dir / "batches" / job_id, ignore_errors=True)
 
 
