@@ -50,6 +50,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # uploaded init images
     max_batch_lines: int = 100_000  # lines in one /v1/batches body
+    max_job_cost: float = 1_000_000.0  # a batch job's images x steps x megapixels (30 steps of 1024x1024: 31.5k images)
     drain_seconds: float = 30.0  # on shutdown, how long running images may take to finish
     retention: Retention = Retention()  # how long images and finished batch jobs are kept (retention.py)
 

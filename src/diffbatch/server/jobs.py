@@ -15,7 +15,7 @@ import time
 from ..errors import DiffbatchError
 from ..io.writer import png_name, save_png
 from ..spec import spec_from_record
-from .loop import EngineLoop, QueueFull, ShuttingDown
+from .loop import Cancelled, EngineLoop, QueueFull, ShuttingDown
 from .store import Store, StoredItem
 
 log = logging.getLogger("diffbatch.server")
@@ -26,7 +26,9 @@ class JobRunner:
         self.store = store
         self.loop = loop
         self.inflight = inflight
-        self._running: dict[tuple[str, int], StoredItem] = {}
+        self._running: dict[tuple[str, int], concurrent.futures.Future] = {}  # (job, index) -> its image
+        self._cancelled: set[str] = set()  # jobs cancelled or deleted while this process ran
+        self._lock = threading.Lock()  # _running and _cancelled: cancel_job runs on an HTTP thread
         self._done: queue.Queue[tuple[StoredItem, concurrent.futures.Future] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._paused_until = 0.0  # monotonic: no new work before (the last store failed)
@@ -43,6 +45,15 @@ class JobRunner:
     def wake(self) -> None:
         """A job was created or cancelled: look for work now rather than at the next poll."""
         self._done.put(None)
+
+    def cancel_job(self, job_id: str) -> int:
+        """Abort the job's images in the engine (waiting ones never start, running ones stop before the next
+        step) and submit no more of them; the caller has marked the job cancelled (or deleted) in the store
+        first, so the aborted items are not recorded as failures. Returns how many were aborted."""
+        with self._lock:
+            self._cancelled.add(job_id)
+            futures = [future for (job, _), future in self._running.items() if job == job_id]
+        return self.loop.cancel(futures)
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()
@@ -72,21 +83,25 @@ class JobRunner:
             return
         free = self.inflight - len(self._running)
         for item in self.store.pending_items(free, set(self._running)) if free > 0 else []:
-            try:
-                [future] = self.loop.submit([spec_from_record(item.spec)])
-            except (QueueFull, ShuttingDown):
-                return  # retried at the next poll (or after a restart)
-            except DiffbatchError as exc:
-                self.store.finish_item(item, None, str(exc))
-                continue
-            self._running[(item.job_id, item.index)] = item
+            with self._lock:  # a job cancelled since the query above gets no new image
+                if item.job_id in self._cancelled:
+                    continue
+                try:
+                    [future] = self.loop.submit([spec_from_record(item.spec)])
+                except (QueueFull, ShuttingDown):
+                    return  # retried at the next poll (or after a restart)
+                except DiffbatchError as exc:
+                    self.store.finish_item(item, None, str(exc))
+                    continue
+                self._running[(item.job_id, item.index)] = future
             future.add_done_callback(lambda f, item=item: self._done.put((item, f)))
 
     def _record(self, item: StoredItem, future: concurrent.futures.Future) -> None:
-        self._running.pop((item.job_id, item.index), None)
+        with self._lock:
+            self._running.pop((item.job_id, item.index), None)
         exc = future.exception()
-        if isinstance(exc, ShuttingDown):
-            return  # stays pending: resumes when the server starts again
+        if isinstance(exc, ShuttingDown | Cancelled):
+            return  # stays pending: resumes when the server starts again; or its job was cancelled or deleted
         if exc is not None:
             self.store.finish_item(item, None, f"{type(exc).__name__}: {exc}")
             return
@@ -102,6 +117,6 @@ class JobRunner:
             return  # deleted while this image ran (DELETE /v1/batches/{id})
         folder = self.store.data_dir / "batches" / item.job_id
         path = save_png(folder / png_name(item.index, result.spec.seed), result)  # atomic: whole or absent
-        file_id = self.store.add_file(path, file_id=f"{item.job_id}-{item.index}")
+        file_id = self.store.add_file(path, file_id=f"{item.job_id}-{item.index}", owner=item.owner)
         self.store.finish_item(item, file_id, None, result.seconds)
 

@@ -14,6 +14,7 @@ requests. A limit left out is not enforced. ``name`` (default ``key-LINE``) is w
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,12 @@ class KeyLimit:
     name: str
     rpm: int | None = None
     images: int | None = None
+
+    @property
+    def tenant(self) -> str:
+        """Who owns this key's history, files and batch jobs in the store: a digest of the key (stable across
+        restarts and edits of the file's other fields; the key itself is never stored)."""
+        return hashlib.sha256(self.key.encode()).hexdigest()[:32]
 
 
 def load_keys(path: Path) -> dict[str, KeyLimit]:

@@ -22,6 +22,7 @@ from ..io.infotext import parse_infotext, png_parameters
 from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
 from ..spec import GenerationSpec, parse_size, spec_from_record
+from .admission import Policy
 from .keys import KeyLimit
 from .loop import Cancelled, QueueFull, ShuttingDown
 from .metrics import CONTENT_TYPE
@@ -39,6 +40,21 @@ EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "stren
 
 def state(request: Request) -> ServerState:
     return request.app.state.server
+
+
+def _key_limit(request: Request) -> KeyLimit | None:
+    """The listed key (``--api-keys``) that sent this request; None for the operator's key or a keyless server."""
+    return request.scope.get("state", {}).get("key_limit")
+
+
+def _tenant(request: Request) -> str | None:
+    """Whose work this request may see and touch: a listed key's own (its tenant id), or everything (None)."""
+    limit = _key_limit(request)
+    return None if limit is None else limit.tenant
+
+
+def _policy(s: ServerState) -> Policy:
+    return Policy.of(s.config)
 
 
 @router.get("/health")
@@ -85,8 +101,8 @@ async def generations(body: ImageGenerationRequest, request: Request) -> dict:
 async def cancel(body: CancelRequest, request: Request) -> dict:
     """Cancel the images of a generation sent with this ``request_id`` (waiting or running); it answers 409."""
     s = state(request)
-    with s.running_lock:
-        futures = list(s.running.get(body.request_id, []))
+    with s.running_lock:  # a request_id names images of this tenant only: another key cannot cancel them
+        futures = list(s.running.get((_tenant(request), body.request_id), []))
     return {"request_id": body.request_id, "cancelled": s.loop.cancel(futures)}
 
 
@@ -95,7 +111,7 @@ async def history(request: Request, limit: int = 100) -> dict:
     """The images this server stored for URL responses, newest first, with their settings (the UI's history;
     it survives restarts: the SQLite store)."""
     base = str(request.base_url).rstrip("/")
-    items = state(request).store.history(max(1, min(limit, 1000)))
+    items = state(request).store.history(max(1, min(limit, 1000)), _tenant(request))
     return {"object": "list", "data": [{**item, "url": f"{base}/files/{item.pop('file_id')}.png"} for item in items]}
 
 
@@ -107,11 +123,16 @@ async def parameters(request: Request) -> dict:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "image: a PNG file is required", "image")
-    try:
-        found = parse_infotext(png_parameters(io.BytesIO(await upload.read())))
+    data = await upload.read()
+    try:  # decoding and parsing a large text chunk takes time: off the event loop, which serves everyone
+        found = await asyncio.get_running_loop().run_in_executor(None, _infotext, data)
     except ValueError as exc:
         raise ApiError(400, f"image: {exc}", "image") from None
     return {"fields": found.fields, "model": found.model, "sampler": found.default_sampler}
+
+
+def _infotext(data: bytes):  # noqa: ANN202 - io.infotext.Infotext
+    return parse_infotext(png_parameters(io.BytesIO(data)))
 
 
 @router.post("/v1/images/edits")
@@ -124,7 +145,8 @@ async def edits(request: Request) -> dict:
     upload = form.get("image") or form.get("image[]")
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "image: an image file is required (multipart field 'image')", "image")
-    image = _read_upload(await upload.read(), s.config.max_image_pixels)
+    data = await upload.read()
+    image = await asyncio.get_running_loop().run_in_executor(None, _read_upload, data, s.config.max_image_pixels)
     fields = {k: _form_value(k, form[k]) for k in EDIT_FIELDS if k in form and k not in ("model", "n", "size")}
     response_format = fields.pop("response_format", "b64_json")
     fields.pop("user", None), fields.pop("quality", None)
@@ -139,16 +161,15 @@ async def edits(request: Request) -> dict:
 
 
 def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | None) -> list[GenerationSpec]:
-    """Check the request against the server's limits and build one spec per image (seeds ``seed + i``)."""
-    config = s.config
+    """Check what can be checked before resolving (model, count, text lengths) and build one spec per image
+    (seeds ``seed + i``); ``_submit`` checks the resolved specs against the rest of the policy."""
     if model not in (None, "", s.engine.model_name):
         raise ApiError(400, f"model: {model!r} is not served here; available: {s.engine.model_name}", "model")
-    _bound("n", n, 1, config.max_n)
-    _bound("num_inference_steps", fields.get("num_inference_steps"), 1, config.max_steps)
-    if len(fields.get("prompt") or "") > config.max_prompt_chars:
-        raise ApiError(400, f"prompt: longer than {config.max_prompt_chars} characters", "prompt")
+    policy = _policy(s)
+    policy.check_count(n)
+    policy.check_text(fields)
     if size not in (None, "", "auto"):
-        fields["width"], fields["height"] = _parse_size(size, config.max_side)
+        fields["width"], fields["height"] = _parse_size(size)
     seed = fields.pop("seed", None)
     base = secrets.randbits(31) if seed is None else seed
     try:
@@ -161,11 +182,11 @@ async def _generate(request: Request, specs: list[GenerationSpec], response_form
                     request_id: str | None = None) -> dict:
     s = state(request)
     began = time.monotonic()
-    limit = request.scope.get("state", {}).get("key_limit")
-    futures = await asyncio.get_running_loop().run_in_executor(None, _submit, s, specs, limit)
+    futures = await asyncio.get_running_loop().run_in_executor(None, _submit, s, specs, _key_limit(request))
+    running = (_tenant(request), request_id)
     if request_id:
         with s.running_lock:
-            s.running.setdefault(request_id, []).extend(futures)
+            s.running.setdefault(running, []).extend(futures)
     try:
         results = await _results_while_connected(request, s, futures)
     except Cancelled as exc:
@@ -176,9 +197,9 @@ async def _generate(request: Request, specs: list[GenerationSpec], response_form
     finally:
         if request_id:
             with s.running_lock:
-                kept = [f for f in s.running.pop(request_id, []) if f not in futures]
+                kept = [f for f in s.running.pop(running, []) if f not in futures]
                 if kept:
-                    s.running[request_id] = kept
+                    s.running[running] = kept
     s.metrics.observe_request(time.monotonic() - began, len(results))
     data = [await asyncio.get_running_loop().run_in_executor(None, _item, s, request, r, response_format)
             for r in results]
@@ -204,8 +225,9 @@ async def _results_while_connected(request: Request, s: ServerState, futures: li
 
 
 def _submit(s, specs: list[GenerationSpec], limit: KeyLimit | None = None) -> list:
-    """Queue the images (all or none); a listed key's images count against its ``images`` limit until each
-    finishes, fails or is cancelled."""
+    """Check the resolved images against the policy, then queue them (all or none); a listed key's images
+    count against its ``images`` limit until each finishes, fails or is cancelled."""
+    specs = [_resolved(s, spec) for spec in specs]
     if limit is None:
         return _queue(s, specs)
     held = s.limiter.reserve_images(limit, len(specs))
@@ -220,6 +242,16 @@ def _submit(s, specs: list[GenerationSpec], limit: KeyLimit | None = None) -> li
     for future in futures:
         future.add_done_callback(lambda _, limit=limit: s.limiter.release_images(limit))
     return futures
+
+
+def _resolved(s, spec: GenerationSpec) -> GenerationSpec:
+    try:
+        resolved = s.engine.resolve(spec)
+    except DiffbatchError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    size_from = "image" if spec.is_img2img and spec.width is None else "size"  # an edit's size: its upload's
+    _policy(s).check_resolved(resolved, size_from=size_from)
+    return resolved
 
 
 def _queue(s, specs: list[GenerationSpec]) -> list:
@@ -240,7 +272,7 @@ def _item(s, request: Request, result: Result, response_format: str) -> dict[str
                 "settings": settings}
     file_id = secrets.token_hex(16)
     path = save_png(s.store.data_dir / URL_FILES / f"{file_id}.png", result)
-    s.store.add_file(path, file_id, settings)
+    s.store.add_file(path, file_id, settings, owner=_tenant(request))
     return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed,
             "settings": settings}
 
@@ -249,17 +281,18 @@ def _item(s, request: Request, result: Result, response_format: str) -> dict[str
 @router.post("/v1/batches")
 async def create_batch(request: Request) -> dict:
     s = state(request)
-    lines = (await request.body()).decode("utf-8", errors="replace").splitlines()
-    records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, lines)
-    job_id = s.store.create_job(records, s.engine.model_hash)
+    body = await request.body()
+    records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, body)
+    job_id = s.store.create_job(records, s.engine.model_hash, owner=_tenant(request))
     s.jobs.wake()
     return s.store.job(job_id)
 
 
-def _batch_records(s, lines: list[str]) -> list[dict[str, Any]]:
-    """Validate every line (errors name it), fix every seed now: a resumed job makes the same images."""
-    records = []
-    for number, line in enumerate(lines, start=1):
+def _batch_records(s, body: bytes) -> list[dict[str, Any]]:
+    """Validate every line against the policy (errors name it), fix every seed now (a resumed job makes the
+    same images), and keep the job within its cost budget."""
+    policy, records, specs = _policy(s), [], []
+    for number, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"line {number}"
@@ -269,27 +302,34 @@ def _batch_records(s, lines: list[str]) -> list[dict[str, Any]]:
             raise ApiError(400, f"{where}: malformed JSON ({exc.msg})", "body") from None
         if isinstance(record, dict) and "image" in record:
             raise ApiError(400, f"{where}: 'image' is not accepted in batch lines; use /v1/images/edits", "image")
+        if len(records) >= s.config.max_batch_lines:
+            raise ApiError(400, f"{where}: the batch holds more than {s.config.max_batch_lines} lines, this "
+                                "server's limit", "body")
+        if isinstance(record, dict):
+            policy.check_text(record, f"{where}: ")
         try:
             spec = s.engine.resolve(spec_from_record(record, where), seed=len(records))
         except DiffbatchError as exc:
-            raise ApiError(400, str(exc), exc.field) from None
+            message = str(exc)
+            raise ApiError(400, message if message.startswith(where) else f"{where}: {message}", exc.field) from None
+        policy.check_resolved(spec, f"{where}: ")
+        specs.append(spec)
         records.append(spec.to_record())
     if not records:
         raise ApiError(400, "the batch body holds no JSON lines", "body")
-    if len(records) > s.config.max_batch_lines:
-        raise ApiError(400, f"the batch holds {len(records)} lines; the limit is {s.config.max_batch_lines}", "body")
+    policy.check_job(specs)
     return records
 
 
 @router.get("/v1/batches/{job_id}")
 async def get_batch(job_id: str, request: Request) -> dict:
-    return _job_or_404(state(request), job_id)
+    return _job_or_404(request, job_id)
 
 
 @router.get("/v1/batches/{job_id}/results")
 async def batch_results(job_id: str, request: Request) -> Response:
     s = state(request)
-    _job_or_404(s, job_id)
+    _job_or_404(request, job_id)
     base = str(request.base_url).rstrip("/")
     lines = [json.dumps({**{k: v for k, v in row.items() if k != "file_id"},
                          "url": f"{base}/files/{row['file_id']}.png"}) for row in s.store.results(job_id)]
@@ -298,23 +338,27 @@ async def batch_results(job_id: str, request: Request) -> Response:
 
 @router.post("/v1/batches/{job_id}/cancel")
 async def cancel_batch(job_id: str, request: Request) -> dict:
+    """Cancel a batch job: its pending lines never run, and its images in the engine stop before the next step."""
     s = state(request)
-    _job_or_404(s, job_id)
-    s.store.cancel(job_id)
+    _job_or_404(request, job_id)
+    s.store.cancel(job_id)  # first: the images aborted next are not recorded as failures
+    s.jobs.cancel_job(job_id)
     return s.store.job(job_id)
 
 
 @router.delete("/v1/batches/{job_id}")
 async def delete_batch(job_id: str, request: Request) -> dict:
-    """Delete a batch job and its images (cancelled first if it is still running)."""
+    """Delete a batch job and its images (its images in the engine stop before the next step)."""
     s = state(request)
-    _job_or_404(s, job_id)
+    _job_or_404(request, job_id)
     await asyncio.get_running_loop().run_in_executor(None, delete_job, s.store, job_id)
+    s.jobs.cancel_job(job_id)
     return {"id": job_id, "object": "batch.deleted", "deleted": True}
 
 
-def _job_or_404(s, job_id: str) -> dict:
-    job = s.store.job(job_id) if FILE_ID.match(job_id) else None
+def _job_or_404(request: Request, job_id: str) -> dict:
+    """The job, if it exists and this request's key may see it (another tenant's job is answered as absent)."""
+    job = state(request).store.job(job_id, _tenant(request)) if FILE_ID.match(job_id) else None
     if job is None:
         raise ApiError(404, f"no batch {job_id!r}", "batch_id", kind="not_found_error")
     return job
@@ -324,7 +368,8 @@ def _job_or_404(s, job_id: str) -> dict:
 @router.get("/files/{name}")
 async def files(name: str, request: Request) -> FileResponse:
     stem = name.removesuffix(".png")
-    path = state(request).store.file_path(stem) if name.endswith(".png") and FILE_ID.match(stem) else None
+    visible = name.endswith(".png") and FILE_ID.match(stem)
+    path = state(request).store.file_path(stem, _tenant(request)) if visible else None
     if path is None or not path.is_file():
         raise ApiError(404, f"no file {name!r}", "name", kind="not_found_error")
     return FileResponse(path, media_type="image/png")
@@ -352,15 +397,8 @@ def _form_value(key: str, value: Any) -> Any:
         raise ApiError(400, f"{key}: {value!r} is not a number", key) from None
 
 
-def _parse_size(size: str, max_side: int) -> tuple[int, int]:
+def _parse_size(size: str) -> tuple[int, int]:
     try:
-        width, height = parse_size(size)
+        return parse_size(size)
     except SpecError as exc:
         raise ApiError(400, f"size: {exc}", "size") from None
-    _bound("size", max(width, height), 8, max_side)
-    return width, height
-
-
-def _bound(name: str, value: int | None, low: int, high: int) -> None:
-    if value is not None and not low <= value <= high:
-        raise ApiError(400, f"{name}: {value} is out of range [{low}, {high}]", name)

@@ -33,7 +33,9 @@ MIGRATIONS = {("files", "settings"): "TEXT",  # the image's settings, for the hi
               ("files", "bytes"): "INTEGER",  # the file's size, for --max-data-gb
               ("jobs", "finished"): "REAL",  # when the job completed or was cancelled, for --keep-jobs
               ("jobs", "model_hash"): "TEXT",  # the weights' fingerprint the job's images are made with
-              ("jobs", "error"): "TEXT"}  # why the job failed as a whole
+              ("jobs", "error"): "TEXT",  # why the job failed as a whole
+              ("jobs", "owner"): "TEXT",  # the tenant (KeyLimit.tenant) that made it; NULL: the operator
+              ("files", "owner"): "TEXT"}  # likewise, for the history and /files
 IN_USE = "--data-dir {}: another diffbatch server is using this folder"
 URL_FILES = "files/"  # where images served by URL live (batch-job images live under batches/JOB/)
 
@@ -52,6 +54,13 @@ class StoredItem:
     job_id: str
     index: int
     spec: dict[str, Any]  # a resolved GenerationSpec record (seed fixed at submission)
+    owner: str | None = None  # the job's tenant: its images belong to it too
+
+
+# Tenancy: every read of jobs, items and files takes ``viewer``: None sees everything (the operator's key, or a
+# server without keys); a tenant (``KeyLimit.tenant``) sees only what it made. What it may not see is answered
+# exactly as what does not exist.
+VISIBLE = "(? IS NULL OR owner = ?)"
 
 
 class Store:
@@ -82,20 +91,23 @@ class Store:
                 self._folder_lock = None
 
     # Jobs ------------------------------------------------------------------------------------------------
-    def create_job(self, specs: list[dict[str, Any]], model_hash: str = "") -> str:
-        """A job of resolved spec records, made with the weights ``model_hash`` (hub.model_fingerprint)."""
+    def create_job(self, specs: list[dict[str, Any]], model_hash: str = "", owner: str | None = None) -> str:
+        """A job of resolved spec records, made with the weights ``model_hash`` (hub.model_fingerprint), owned
+        by the tenant ``owner`` (None: the operator)."""
         job_id = "batch_" + uuid.uuid4().hex
         rows = [(job_id, k, json.dumps(spec), "pending") for k, spec in enumerate(specs)]
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO jobs (id, created, status, total, model_hash) "
-                             "VALUES (?, ?, 'in_progress', ?, ?)", (job_id, time.time(), len(specs), model_hash))
+            self._db.execute("INSERT INTO jobs (id, created, status, total, model_hash, owner) "
+                             "VALUES (?, ?, 'in_progress', ?, ?, ?)",
+                             (job_id, time.time(), len(specs), model_hash, owner))
             self._db.executemany("INSERT INTO items (job_id, idx, spec, status) VALUES (?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
         return job_id
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT id, created, status, total, model_hash, error FROM jobs WHERE id = ?", (job_id,))
+    def job(self, job_id: str, viewer: str | None = None) -> dict[str, Any] | None:
+        rows = self._query("SELECT id, created, status, total, model_hash, error FROM jobs WHERE id = ? AND "
+                           + VISIBLE, (job_id, viewer, viewer))
         if not rows:
             return None
         job_id, created, status, total, model_hash, error = rows[0]
@@ -164,10 +176,10 @@ class Store:
     def pending_items(self, limit: int, exclude: set[tuple[str, int]]) -> list[StoredItem]:
         """Oldest job first, in index order; ``exclude`` are items already in flight."""
         rows = self._query(
-            "SELECT i.job_id, i.idx, i.spec FROM items i JOIN jobs j ON j.id = i.job_id "
+            "SELECT i.job_id, i.idx, i.spec, j.owner FROM items i JOIN jobs j ON j.id = i.job_id "
             "WHERE i.status = 'pending' AND j.status = 'in_progress' ORDER BY j.created, i.idx LIMIT ?",
             (limit + len(exclude),))
-        items = [StoredItem(job_id, idx, json.loads(spec)) for job_id, idx, spec in rows
+        items = [StoredItem(job_id, idx, json.loads(spec), owner) for job_id, idx, spec, owner in rows
                  if (job_id, idx) not in exclude]
         return items[:limit]
 
@@ -185,14 +197,17 @@ class Store:
             self._db.execute("COMMIT")
 
     # Files -----------------------------------------------------------------------------------------------
-    def add_file(self, path: Path, file_id: str | None = None, settings: dict[str, Any] | None = None) -> str:
+    def add_file(self, path: Path, file_id: str | None = None, settings: dict[str, Any] | None = None,
+                 owner: str | None = None) -> str:
         """Register a written file; URLs name it by this server-made id, never by a user-given path.
-        ``settings``: the image's resolved spec record (and sampler, model), for the history."""
+        ``settings``: the image's resolved spec record (and sampler, model), for the history; ``owner``: the
+        tenant whose request made it (None: the operator)."""
         file_id = file_id or uuid.uuid4().hex
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO files (id, path, created, settings, bytes) VALUES (?, ?, ?, ?, ?)",
+            self._db.execute("INSERT OR REPLACE INTO files (id, path, created, settings, bytes, owner) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
                              (file_id, path.relative_to(self.data_dir).as_posix(), time.time(),
-                              None if settings is None else json.dumps(settings), path.stat().st_size))
+                              None if settings is None else json.dumps(settings), path.stat().st_size, owner))
         return file_id
 
     def url_files(self, created_before: float | None = None) -> list[tuple[str, Path, float, int]]:
@@ -206,12 +221,12 @@ class Store:
         with self._lock:
             self._db.executemany("DELETE FROM files WHERE id = ?", [(file_id,) for file_id in file_ids])
 
-    def history(self, limit: int) -> list[dict[str, Any]]:
+    def history(self, limit: int, viewer: str | None = None) -> list[dict[str, Any]]:
         """Images with settings, newest first."""
-        rows = self._query("SELECT id, created, settings FROM files WHERE settings IS NOT NULL "
-                           "ORDER BY created DESC LIMIT ?", (limit,))
+        rows = self._query("SELECT id, created, settings FROM files WHERE settings IS NOT NULL AND " + VISIBLE
+                           + " ORDER BY created DESC LIMIT ?", (viewer, viewer, limit))
         return [{"file_id": file_id, "created": created, **json.loads(settings)} for file_id, created, settings in rows]
 
-    def file_path(self, file_id: str) -> Path | None:
-        rows = self._query("SELECT path FROM files WHERE id = ?", (file_id,))
+    def file_path(self, file_id: str, viewer: str | None = None) -> Path | None:
+        rows = self._query("SELECT path FROM files WHERE id = ? AND " + VISIBLE, (file_id, viewer, viewer))
         return self.data_dir / rows[0][0] if rows else None
