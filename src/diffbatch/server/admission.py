@@ -41,15 +41,17 @@ class Policy:
                 raise ApiError(400, f"{where}{name}: {len(value)} characters; this server's limit is "
                                     f"{self.max_prompt_chars}", name)
 
-    def check_resolved(self, spec: GenerationSpec, where: str = "", size_from: str = "size") -> None:
+    def check_resolved(self, spec: GenerationSpec, where: str = "", size_from: str | None = None) -> None:
         """After resolving: the steps and the size the image will really have. ``size_from``: the field that
-        set the size, named in the refusal (``image`` where an edit's size came from its upload)."""
+        set the size, named in the refusal (``size`` online, ``image`` where an edit's size came from its
+        upload); None: ``width`` or ``height``, whichever is over (a batch line's fields)."""
         self.check_text({"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}, where)
         bound("num_inference_steps", spec.num_inference_steps, 1, self.max_steps, where)
-        side = max(spec.width or 0, spec.height or 0)
-        if side > self.max_side:
-            raise ApiError(400, f"{where}{size_from}: {spec.width}x{spec.height} is over this server's limit of "
-                                f"{self.max_side} pixels a side", size_from)
+        width, height = spec.width or 0, spec.height or 0
+        if max(width, height) > self.max_side:
+            name = size_from or ("width" if width > self.max_side else "height")
+            raise ApiError(400, f"{where}{name}: {width}x{height} is over this server's limit of "
+                                f"{self.max_side} pixels a side", name)
 
     def check_job(self, specs: Iterable[GenerationSpec]) -> None:
         """A batch job's total cost (images x steps x megapixels) within the budget; the refusal names the

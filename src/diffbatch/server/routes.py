@@ -27,7 +27,7 @@ from .keys import KeyLimit
 from .loop import Cancelled, QueueFull, ShuttingDown
 from .metrics import CONTENT_TYPE
 from .retention import delete_job
-from .schemas import ApiError, CancelRequest, ImageGenerationRequest
+from .schemas import BATCH_BODY, EDIT_BODY, PARAMETERS_BODY, ApiError, CancelRequest, ImageGenerationRequest
 from .state import ServerState
 from .store import URL_FILES
 
@@ -115,7 +115,7 @@ async def history(request: Request, limit: int = 100) -> dict:
     return {"object": "list", "data": [{**item, "url": f"{base}/files/{item.pop('file_id')}.png"} for item in items]}
 
 
-@router.post("/v1/images/parameters")
+@router.post("/v1/images/parameters", openapi_extra=PARAMETERS_BODY)
 async def parameters(request: Request) -> dict:
     """The settings in a PNG's parameters chunk (diffbatch's or AUTOMATIC1111's), as spec fields: what
     ``generate --from`` reads, for a client that lets users drop a PNG."""
@@ -135,7 +135,7 @@ def _infotext(data: bytes):  # noqa: ANN202 - io.infotext.Infotext
     return parse_infotext(png_parameters(io.BytesIO(data)))
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", openapi_extra=EDIT_BODY)
 async def edits(request: Request) -> dict:
     s = state(request)
     form = await request.form(max_files=1, max_fields=len(EDIT_FIELDS) + 2)
@@ -278,7 +278,7 @@ def _item(s, request: Request, result: Result, response_format: str) -> dict[str
 
 
 # Batch jobs ------------------------------------------------------------------------------------------------
-@router.post("/v1/batches")
+@router.post("/v1/batches", openapi_extra=BATCH_BODY)
 async def create_batch(request: Request) -> dict:
     s = state(request)
     body = await request.body()

@@ -52,3 +52,26 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+# OpenAPI descriptions of the bodies the routes read themselves (multipart forms, JSON lines): the schema tells
+# clients (and the schemathesis run in the tests) what to send, and the routes check it as before.
+def _form(properties: dict, required: list[str]) -> dict:
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "properties": properties, "required": required,
+                   "additionalProperties": False}}}}}
+
+
+_IMAGE = {"type": "string", "format": "binary"}
+_TEXT, _INT, _NUMBER = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+EDIT_BODY = _form({"image": _IMAGE, "prompt": _TEXT, "strength": _NUMBER, "n": _INT, "size": _TEXT, "seed": _INT,
+                   "negative_prompt": _TEXT, "num_inference_steps": _INT, "guidance_scale": _NUMBER,
+                   "scheduler": _TEXT, "response_format": {"type": "string", "enum": ["b64_json", "url"]}},
+                  ["image", "prompt"])
+PARAMETERS_BODY = _form({"image": _IMAGE}, ["image"])
+BATCH_BODY = {"requestBody": {"required": True, "content": {"application/jsonl": {"schema": {
+    "type": "array", "description": "one JSON object per line, with any GenerationSpec field",
+    "items": {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
+        "prompt": _TEXT, "negative_prompt": _TEXT, "seed": _INT, "num_inference_steps": _INT,
+        "guidance_scale": _NUMBER, "width": _INT, "height": _INT, "scheduler": _TEXT,
+        "loras": {"type": "object", "additionalProperties": _NUMBER}}}}}}}}
