@@ -7,12 +7,15 @@ import io
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import uvicorn
 from PIL import Image
 
 from diffbatch import Engine, GenerationSpec
+from diffbatch.server import ServerConfig
+from diffbatch.server.connections import uvicorn_config
 
 
 def png_pixels(data: bytes) -> np.ndarray:
@@ -36,12 +39,14 @@ def free_port() -> int:
 
 class LiveServer:
     """An app served by a real uvicorn on a free loopback port, in a thread: up when constructed, down on
-    ``stop()`` or at the end of a ``with`` block."""
+    ``stop()`` or at the end of a ``with`` block. uvicorn is configured as ``serve`` configures it, with the
+    connection limits of ``config`` (default: ``serve``'s)."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001 - a FastAPI app
+    def __init__(self, app, config: ServerConfig | None = None) -> None:  # noqa: ANN001 - a FastAPI app
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        config = replace(config or ServerConfig(), host="127.0.0.1", port=port)
+        self.server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

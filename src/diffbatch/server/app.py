@@ -13,11 +13,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import Engine
 from ..errors import is_disk_full
+from .browsers import content_type_refusal, host_refusal, origin_refusal
 from .config import ServerConfig
 from .jobs import JobRunner
 from .keys import KeyLimiter, load_keys
@@ -107,10 +109,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class LimitsAndAuth:
-    """API key, per-key request rate and body-size checks, as a plain ASGI middleware: Starlette's
-    ``@app.middleware("http")`` (BaseHTTPMiddleware) hides the client's disconnect from the endpoint, which
-    must see it to drop the images of a client that went away. A request by a listed key (``--api-keys``)
-    carries its ``KeyLimit`` to the routes as ``request.state.key_limit``."""
+    """Browser checks (Host, Origin, Content-Type: browsers.py), API key, per-key request rate and body size,
+    as a plain ASGI middleware: Starlette's ``@app.middleware("http")`` (BaseHTTPMiddleware) hides the
+    client's disconnect from the endpoint, which must see it to drop the images of a client that went away. A
+    request by a listed key (``--api-keys``) carries its ``KeyLimit`` to the routes as
+    ``request.state.key_limit``."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig, limiter: KeyLimiter | None = None) -> None:
         self.app = app
@@ -121,42 +124,53 @@ class LimitsAndAuth:
         if scope["type"] == "http":
             refusal = self._refusal(Request(scope))
             if refusal is not None:
-                await refusal(scope, receive, send)
+                await JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)(
+                    scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:
+            pass  # the client went away (or timed out: connections.py) while sending its body: nobody to answer
 
-    def _refusal(self, request: Request) -> JSONResponse | None:
-        config = self.config
-        if (config.api_key or self.limiter) and request.url.path not in OPEN_PATHS:
-            refusal = self._key_refusal(request)
-            if refusal is not None:
-                return refusal
+    def _refusal(self, request: Request) -> ApiError | None:
+        """The first check the request fails, in this order: a foreign page is refused whatever key it has."""
+        headers, method, path = request.headers, request.method, request.url.path
+        host, server = headers.get("host", ""), request.scope.get("server")
+        needs_key = bool(self.config.api_key or self.limiter) and path not in OPEN_PATHS
+        return (host_refusal(host, self.config, server[0] if server else None)
+                or origin_refusal(method, headers.get("origin"), host)
+                or (self._key_refusal(request) if needs_key else None)
+                or self._length_refusal(request)
+                or content_type_refusal(method, path, headers.get("content-type", ""), _has_body(request)))
+
+    def _length_refusal(self, request: Request) -> ApiError | None:
         length = request.headers.get("content-length")
         if length is None and "chunked" in request.headers.get("transfer-encoding", ""):
-            return JSONResponse(ApiError(411, "send a Content-Length (chunked bodies are not accepted)").body(),
-                                status_code=411)
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return JSONResponse(ApiError(413, f"request body over {config.max_body_bytes} bytes").body(),
-                                status_code=413)
+            return ApiError(411, "send a Content-Length (chunked bodies are not accepted)")
+        if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
+            return ApiError(413, f"request body over {self.config.max_body_bytes} bytes")
         return None
 
-    def _key_refusal(self, request: Request) -> JSONResponse | None:
+    def _key_refusal(self, request: Request) -> ApiError | None:
         token = _bearer(request)
         if self.config.api_key and _same(token, self.config.api_key):
             return None  # the operator's key: no per-key limits
         # every listed key compared in constant time, so the answer's timing tells nothing about a key
         matches = [limit for key, limit in (self.limiter.keys.items() if self.limiter else ()) if _same(token, key)]
         if not matches:
-            return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                         kind="authentication_error").body(),
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error",
+                            headers={"WWW-Authenticate": "Bearer"})
         retry = self.limiter.admit_request(matches[0])
         if retry is not None:
-            return JSONResponse(ApiError(429, f"key {matches[0].name}: over {matches[0].rpm} requests per minute",
-                                         kind="rate_limit_error").body(),
-                                status_code=429, headers={"Retry-After": str(max(1, math.ceil(retry)))})
+            return ApiError(429, f"key {matches[0].name}: over {matches[0].rpm} requests per minute",
+                            kind="rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(retry)))})
         request.scope.setdefault("state", {})["key_limit"] = matches[0]
         return None
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length", "")
+    return length.isdigit() and int(length) > 0
 
 
 def _bearer(request: Request) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", help="diffusers pipeline folder or hub id (default: the embedded model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", type=_names, default=(), metavar="NAMES",
+                   help="host names the server answers to besides its IP addresses and localhost, comma-separated "
+                        "(*.example.com; * for any, only behind a proxy that checks Host)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env DIFFBATCH_API_KEY)")
     p.add_argument("--api-keys", type=Path, metavar="FILE",
                    help="more keys, one per line, each with optional limits: KEY rpm=60 images=16 name=alice")
@@ -39,6 +43,12 @@ def register(subparsers: Any) -> None:
                    help="cap on images served by URL; the oldest are deleted first (default: no cap)")
     p.add_argument("--keep-jobs", type=_duration, default="30d", metavar="DURATION",
                    help="how long a finished batch job and its images are kept (default 30d; or forever)")
+    p.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="a request's line and headers must arrive within it, or the connection is closed (default 10)")
+    p.add_argument("--body-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="a request's whole body must arrive within it once its headers have, or 408 (default 60)")
+    p.add_argument("--max-connections", type=_positive_int, default=500, metavar="N",
+                   help="open connections; beyond: 503 and closed (default 500)")
     p.set_defaults(func=run_serve)
 
 
@@ -59,10 +69,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host: give names separated by commas")
+    return names
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .connections import uvicorn_config
     from .keys import load_keys
     from .store import check_data_dir
 
@@ -71,14 +95,16 @@ def run_serve(args: argparse.Namespace) -> int:
     check_data_dir(args.data_dir)
 
     config = ServerConfig(
-        model=args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DIFFBATCH_API_KEY"),
-        api_keys=args.api_keys,
+        model=args.model, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
+        api_key=args.api_key or os.environ.get("DIFFBATCH_API_KEY"), api_keys=args.api_keys,
         data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend, lora_dir=args.lora_dir,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         retention=Retention(keep_files=args.keep_files, keep_jobs=args.keep_jobs,
                             max_data_bytes=None if args.max_data_gb is None else int(args.max_data_gb * 1e9)))
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=int(config.drain_seconds))
-    return 0
+    server = uvicorn.Server(uvicorn_config(create_app(config), config, log_level="info"))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1

@@ -32,6 +32,8 @@ class ServerConfig:
     model: str | None = None  # pipeline folder or hub id; None: the embedded model
     host: str = "127.0.0.1"  # loopback unless asked otherwise
     port: int = 8000
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides IP literals and localhost ("*.example.com",
+    # or "*" for any: only behind a proxy that checks Host itself); keeps DNS-rebound names out (browsers.py)
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer KEY"
     api_keys: Path | None = None  # more keys, each with its own limits (keys.py); they also need auth
     data_dir: Path = Path("diffbatch-data")  # SQLite job store and generated images
@@ -51,6 +53,10 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # uploaded init images
     max_batch_lines: int = 100_000  # lines in one /v1/batches body
     max_job_cost: float = 1_000_000.0  # a batch job's images x steps x megapixels (30 steps of 1024x1024: 31.5k images)
+    header_timeout: float = 10.0  # seconds for a request's head (line and headers) to arrive (connections.py)
+    body_timeout: float = 60.0  # seconds for a request's whole body to arrive once its head has
+    max_connections: int = 500  # open connections (half the usual 1024 open files); beyond, a new one replaces
+    # the one waiting longest for a request's head, or gets 503 when all are busy (connections.py)
     drain_seconds: float = 30.0  # on shutdown, how long running images may take to finish
     retention: Retention = Retention()  # how long images and finished batch jobs are kept (retention.py)
 
