@@ -37,6 +37,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-n", type=int, default=10)
     p.add_argument("--max-side", type=int, default=2048)
     p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-prompt-chars", type=_positive_int, default=ServerConfig.max_prompt_chars,
+                   metavar="N", help="characters in a prompt or negative prompt, every entry point (default %(default)s)")
+    p.add_argument("--max-job-cost", type=_positive_float, default=ServerConfig.max_job_cost,
+                   metavar="COST", help="a batch job's images x steps x megapixels (default %(default)s: ~31k images "
+                                        "of 1024x1024 at 30 steps)")
     p.add_argument("--keep-files", type=_duration, default="1d", metavar="DURATION",
                    help="how long images served by URL are kept: 90s, 30m, 12h, 7d or forever (default 1d)")
     p.add_argument("--max-data-gb", type=_positive_float, metavar="GB",
@@ -100,7 +105,8 @@ def run_serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend, lora_dir=args.lora_dir,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
-        max_steps=args.max_steps, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars, max_job_cost=args.max_job_cost,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         max_connections=args.max_connections,
         retention=Retention(keep_files=args.keep_files, keep_jobs=args.keep_jobs,
                             max_data_bytes=None if args.max_data_gb is None else int(args.max_data_gb * 1e9)))
