@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-side", type=int, default=2048)
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-prompt-chars", type=_positive_int, default=ServerConfig.max_prompt_chars,
-                   metavar="N", help="characters in a prompt or negative prompt, every entry point (default %(default)s)")
+                   metavar="N", help="characters in a prompt or negative prompt, anywhere (default %(default)s)")
     p.add_argument("--max-job-cost", type=_positive_float, default=ServerConfig.max_job_cost,
                    metavar="COST", help="a batch job's images x steps x megapixels (default %(default)s: ~31k images "
                                         "of 1024x1024 at 30 steps)")
