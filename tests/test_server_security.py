@@ -186,3 +186,12 @@ def test_an_upload_over_the_pixel_limit_is_refused_and_nothing_queued(engine, tm
                                data={"prompt": "x"})
         assert response.status_code == 400 and response.json()["error"]["param"] == "image"
         assert nothing_queued(client)
+
+
+def test_a_long_prompt_is_not_quoted_in_the_servers_log(engine, tmp_path, capfd):
+    # CLIP truncates past 77 tokens, and diffusers' warning about it quotes the cut text: a user's prompt
+    with serve(engine, tmp_path) as client:
+        response = client.post("/v1/images/generations",
+                               json={"prompt": "x", "negative_prompt": "secretword " * 300, **FAST})
+        assert response.status_code == 200
+    assert "secretword" not in capfd.readouterr().err

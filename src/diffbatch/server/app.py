@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..engine import Engine
 from ..errors import is_disk_full
+from ..quiet import quiet_loading
 from .browsers import content_type_refusal, host_refusal, origin_refusal
 from .config import ServerConfig
 from .jobs import JobRunner
@@ -56,6 +57,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
 
 def start_state(config: ServerConfig, engine: Engine | None, limiter: KeyLimiter | None = None) -> ServerState:
+    quiet_loading()  # diffusers' and transformers' warnings quote the user's prompt (CLIP truncation): not in logs
     engine = engine or Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                               max_batch_size=config.max_batch_size, backend=config.backend,
                                               lora_dir=config.lora_dir)
