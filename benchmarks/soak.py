@@ -11,12 +11,19 @@ Every ``--sample`` seconds: the server's RSS, open file descriptors, SQLite size
 
 Target (issue 15): RSS growth < 5% from the end of the first minute (warm-up) to the end; no responses other
 than 200, deliberate 4xx (429 when the queue is full) and the disconnects' own.
+
+``--attacks`` (issue 20) mixes in what a red team sent: PNGs with a huge parameters text, LoRA-tag prompts
+built to backtrack, a 5 MB negative prompt, batch jobs over every limit, batch jobs cancelled or deleted while
+their long images run, cross-site style posts (text/plain, a foreign Origin, a foreign Host), and clients that
+trickle their headers (slowloris). A prober reads /health every 0.2 s throughout: its slowest answer is the
+longest stall anyone saw (target: under 2 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import random
@@ -29,12 +36,28 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image, PngImagePlugin
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import free_port, wait_healthy  # noqa: E402
 
 MIX = (("b64", 0.60), ("url", 0.15), ("disconnect", 0.12), ("batch", 0.05), ("read", 0.08))
+ATTACKS = (("infotext", 0.03), ("lora-tag", 0.03), ("huge-negative", 0.02), ("over-limits", 0.03),
+           ("cancelled-job", 0.02), ("cross-site", 0.03), ("slowloris", 0.02))
+JSONL = {"Content-Type": "application/jsonl"}
+
+
+def png_with_parameters(text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    data = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(data, format="PNG", pnginfo=info)
+    return data.getvalue()
+
+
+INFOTEXT_BOMBS = (png_with_parameters("p\n" + "a" * 60000), png_with_parameters("p\n" + "a: " * 300000),
+                  png_with_parameters('Steps: "' + "\\" * 400000))
 
 
 def start(model: str | None, data: Path, keep_files: str) -> tuple[subprocess.Popen, str]:
@@ -99,6 +122,8 @@ class Traffic:
                 self.statuses[f"read:{(await self.client.get(self.base + path)).status_code}"] += 1
             elif kind == "batch":
                 await self.batch_job(k)
+            elif kind in dict(ATTACKS):
+                await self.attack(kind, k)
             else:
                 fmt = "b64_json" if kind == "b64" else "url"
                 response = await self.client.post(f"{self.base}/v1/images/generations",
@@ -113,7 +138,7 @@ class Traffic:
 
     async def batch_job(self, k: int) -> None:
         lines = "\n".join(json.dumps(body(self.rng, k * 10 + i)) for i in range(4))
-        response = await self.client.post(f"{self.base}/v1/batches", content=lines)
+        response = await self.client.post(f"{self.base}/v1/batches", content=lines, headers=JSONL)
         self.statuses[f"batch:{response.status_code}"] += 1
         if response.status_code != 200:
             return
@@ -126,7 +151,80 @@ class Traffic:
         self.statuses[f"batch-delete:{deleted.status_code}"] += 1
 
 
-async def soak(base: str, pid: int, data: Path, rate: float, minutes: float, sample_s: float) -> dict:
+    async def attack(self, kind: str, k: int) -> None:
+        """One hostile request; what came back is counted under the attack's name."""
+        if kind == "slowloris":
+            self.statuses[f"{kind}:{await slowloris(self.base)}"] += 1
+            return
+        if kind == "cancelled-job":
+            await self.cancelled_job(k)
+            return
+        response = await self.hostile_request(kind)
+        self.statuses[f"{kind}:{response.status_code}"] += 1
+
+    async def hostile_request(self, kind: str) -> httpx.Response:
+        url = f"{self.base}/v1/images/generations"
+        if kind == "infotext":
+            files = {"image": ("bomb.png", self.rng.choice(INFOTEXT_BOMBS), "image/png")}
+            return await self.client.post(f"{self.base}/v1/images/parameters", files=files)
+        if kind == "lora-tag":
+            return await self.client.post(url, json={"prompt": "<lora:" + " " * 3900 + "x", "num_inference_steps": 2})
+        if kind == "huge-negative":
+            return await self.client.post(url, json={"prompt": "x", "negative_prompt": "n" * 5_000_000})
+        if kind == "over-limits":
+            line = {"prompt": "x", "num_inference_steps": 1_000_000, "width": 4096, "height": 4096}
+            return await self.client.post(f"{self.base}/v1/batches", content=json.dumps(line), headers=JSONL)
+        headers = self.rng.choice(({"Content-Type": "text/plain"}, {**JSONL, "Origin": "http://evil.example"},
+                                   {**JSONL, "Host": "rebound.example"}))
+        return await self.client.post(f"{self.base}/v1/batches", content='{"prompt": "csrf"}', headers=headers)
+
+    async def cancelled_job(self, k: int) -> None:
+        """A job of long images, cancelled (or deleted) once it runs: the engine must be free again at once."""
+        lines = "\n".join(json.dumps({**body(self.rng, k * 10 + i), "num_inference_steps": 150}) for i in range(8))
+        response = await self.client.post(f"{self.base}/v1/batches", content=lines, headers=JSONL)
+        self.statuses[f"cancelled-job:{response.status_code}"] += 1
+        if response.status_code != 200:
+            return
+        await asyncio.sleep(1.0)
+        job = response.json()["id"]
+        if self.rng.random() < 0.5:
+            answer = await self.client.post(f"{self.base}/v1/batches/{job}/cancel")
+        else:
+            answer = await self.client.delete(f"{self.base}/v1/batches/{job}")
+        self.statuses[f"cancelled-job-{answer.request.method.lower()}:{answer.status_code}"] += 1
+
+
+async def slowloris(base: str, seconds: float = 30.0) -> str:
+    """Open a connection and send a header byte a second; how it ended: closed by the server, or still open."""
+    host, port = base.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    request = b"GET /health HTTP/1.1\r\nHost: " + host.encode() + b"\r\nX-Slow: " + b"a" * 64
+    try:
+        for byte in request[: int(seconds)]:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(1.0)
+        return "open-after-30s"
+    except (ConnectionError, OSError):
+        return "closed-by-server"
+    finally:
+        writer.close()
+
+
+async def prober(client: httpx.AsyncClient, base: str, end: float, waits: list[float]) -> None:
+    """/health every 0.2 s: how long anyone waits for the event loop."""
+    while time.monotonic() < end:
+        started = time.monotonic()
+        try:
+            await client.get(f"{base}/health", timeout=60)
+        except httpx.HTTPError:
+            pass
+        waits.append(time.monotonic() - started)
+        await asyncio.sleep(0.2)
+
+
+async def soak(base: str, pid: int, data: Path, rate: float, minutes: float, sample_s: float,
+               attacks: bool = False) -> dict:
     samples: list[dict] = []
     began = time.monotonic()
     end = began + minutes * 60
@@ -141,19 +239,25 @@ async def soak(base: str, pid: int, data: Path, rate: float, minutes: float, sam
                 await asyncio.sleep(sample_s)
 
         sampling = asyncio.create_task(sampler())
+        health: list[float] = []
+        probing = asyncio.create_task(prober(client, base, end, health))
+        mix = MIX + (ATTACKS if attacks else ())
         k = 0
         while time.monotonic() < end:
             await asyncio.sleep(arrivals.expovariate(rate))
-            kind = arrivals.choices([m for m, _ in MIX], [w for _, w in MIX])[0]
+            kind = arrivals.choices([m for m, _ in mix], [w for _, w in mix])[0]
             task = asyncio.create_task(traffic.one(kind, k))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             k += 1
         await asyncio.gather(*tasks)
         await sampling
+        await probing
         samples.append({"t_s": round(time.monotonic() - began, 1), **sample(pid, data)})
     p99 = {minute: round(float(np.percentile(v, 99)), 3) for minute, v in sorted(traffic.latencies.items())}
     return {"requests": k, "statuses": dict(sorted(traffic.statuses.items())), "p99_s_by_minute": p99,
+            "health_probe_s": {"n": len(health), "p99": round(float(np.percentile(health, 99)), 3),
+                               "max": round(max(health), 3)},
             "samples": samples}
 
 
@@ -164,6 +268,7 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.9, help="arrival rate as a fraction of capacity")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between resource samples")
     parser.add_argument("--keep-files", default="2m", help="the server's --keep-files and --keep-jobs")
+    parser.add_argument("--attacks", action="store_true", help="mix in the red team's hostile requests (issue 20)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -176,13 +281,14 @@ def main() -> None:
         # one request is one image in the mix (batch jobs are 4 images but 5% of requests): about capacity
         rate = args.load * images_per_s
         print(f"capacity {images_per_s:.2f} images/s; soaking at {rate:.2f} requests/s for {args.minutes} min")
-        found = asyncio.run(soak(base, proc.pid, work / "data", rate, args.minutes, args.sample))
+        found = asyncio.run(soak(base, proc.pid, work / "data", rate, args.minutes, args.sample, args.attacks))
     finally:
         proc.terminate()
         proc.wait(60)
     warm = next((s for s in found["samples"] if s["t_s"] >= 60), found["samples"][0])
     last = found["samples"][-1]
-    report = {"cpu": cpu_name(), "minutes": args.minutes, "capacity_images_per_s": round(images_per_s, 2),
+    report = {"cpu": cpu_name(), "minutes": args.minutes, "attacks": args.attacks,
+              "capacity_images_per_s": round(images_per_s, 2),
               "rate_requests_per_s": round(rate, 2), **found,
               "rss_growth_after_warmup": round(last["rss_mb"] / warm["rss_mb"] - 1, 4),
               "fds_warm_vs_end": [warm["fds"], last["fds"]]}
