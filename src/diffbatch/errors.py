@@ -27,7 +27,7 @@ class SpecError(DiffbatchError):
 
     def __init__(self, message: str | None = None, *, field: str | None = None, value: Any = None,
                  reason: str | None = None) -> None:
-        super().__init__(message or f"{field}={value!r} is invalid: {reason}", field)
+        super().__init__(message or f"{field}={shown(value)} is invalid: {reason}", field)
         self.value = value
         self.reason = reason
 
@@ -38,6 +38,15 @@ class InputError(DiffbatchError):
 
 class ModelLoadError(DiffbatchError):
     """A model path or hub id cannot be loaded as a supported diffusers pipeline."""
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` for a message, cut after about ``limit`` characters: a megabyte of prompt is not for people
+    (and a server would send it back)."""
+    text = repr(value[:limit]) if isinstance(value, str) else repr(value)
+    if isinstance(value, str) and len(value) > limit:
+        return f"{text}... ({len(value)} characters)"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_disk_full(exc: BaseException) -> bool:

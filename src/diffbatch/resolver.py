@@ -16,12 +16,16 @@ import diffusers
 
 from .adapters import Adapter
 from .adapters.loading import describe
-from .errors import SpecError
+from .errors import SpecError, shown
 from .io.images import init_image_size
 from .samplers import SAMPLERS, sampler_label
 from .spec import GenerationSpec, ModelDefaults
 
-LORA_TAG = re.compile(r"\s*<lora:([^:<>]+)(?::([^:<>]*))?>")  # AUTOMATIC1111's <lora:NAME:WEIGHT>
+# AUTOMATIC1111's <lora:NAME:WEIGHT>, with the blanks before it (they leave the prompt with the tag). A run of
+# blanks is tried from its first blank only (the look-behind) and no part gives back what it took: as plain
+# \s*<lora:..., every blank of a long run was a new start that scanned the rest of it (quadratic: a 150 KB prompt
+# of "<lora:" and blanks took 122 s).
+LORA_TAG = re.compile(r"(?<!\s)\s*+<lora:([^:<>]++)(?::([^:<>]*+))?+>")
 
 
 class Resolver:
@@ -87,11 +91,12 @@ class Resolver:
             try:
                 loras[name] = float(weight) if weight.strip() else 1.0
             except ValueError:
-                raise SpecError(f"prompt: <lora:{name}:{weight}> has a weight that is not a number", field="prompt",
-                                value=spec.prompt, reason="malformed <lora:NAME:WEIGHT> tag") from None
+                raise SpecError(f"prompt: the <lora:NAME:WEIGHT> tag of LoRA {shown(name)} has a weight that is not "
+                                f"a number: {shown(weight)}", field="prompt", value=spec.prompt,
+                                reason="malformed <lora:NAME:WEIGHT> tag") from None
         prompt = LORA_TAG.sub("", spec.prompt).strip()
         if "<lora:" in prompt:
-            raise SpecError(f"prompt: a malformed <lora:NAME:WEIGHT> tag in {spec.prompt!r}", field="prompt",
+            raise SpecError(f"prompt: a malformed <lora:NAME:WEIGHT> tag in {shown(spec.prompt)}", field="prompt",
                             value=spec.prompt, reason="malformed <lora:NAME:WEIGHT> tag")
         return dataclasses.replace(spec, prompt=prompt, loras=loras)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, shown
 from .samplers import SAMPLERS
 
 MIN_SIDE, MAX_SIDE = 8, 4096
@@ -207,7 +207,7 @@ def parse_size(text: str) -> tuple[int, int]:
     (width, height). Only the form is checked here; the bounds are ``check_size``'s."""
     match = SIZE.fullmatch(text)
     if match is None:
-        raise SpecError(f"size {text!r} is invalid: use WIDTHxHEIGHT, e.g. 512x512", field="size", value=text,
+        raise SpecError(f"size {shown(text)} is invalid: use WIDTHxHEIGHT, e.g. 512x512", field="size", value=text,
                         reason="use WIDTHxHEIGHT, e.g. 512x512")
     return int(match[1]), int(match[2])
 

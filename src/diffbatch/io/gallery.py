@@ -169,19 +169,30 @@ def _paste_fitted(sheet: Image.Image, image: Image.Image, x: int, y: int, cell: 
 
 def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
     """Up to ``CAPTION_LINES`` lines of at most ``width`` pixels; an ellipsis where text was cut."""
+    shown = CAPTION_LINES * width  # characters: more cannot fit (zero-width marks aside), so the rest is not measured
     lines: list[str] = []
-    words = text.split()
+    words = text[:shown].split()
     while words and len(lines) < CAPTION_LINES:
         line = words.pop(0)
         while words and font.getlength(f"{line} {words[0]}") <= width:
             line = f"{line} {words.pop(0)}"
         lines.append(line)
-    if words or (lines and font.getlength(lines[-1]) > width):
-        last = lines[-1]
-        while last and font.getlength(last + "…") > width:
-            last = last[:-1]
-        lines[-1] = last + "…"
+    if lines and (words or len(text) > shown or font.getlength(lines[-1]) > width):
+        lines[-1] = _ellipsized(lines[-1], font, width)
     return lines
+
+
+def _ellipsized(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    """The longest start of ``line`` that fits ``width`` pixels with "…" after it: a binary search, since each
+    measure costs the length measured (trimming a character at a time was quadratic)."""
+    low, high = 0, len(line)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if font.getlength(line[:middle] + "…") <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return line[:low] + "…"
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -8,19 +8,26 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from ..samplers import SAMPLERS
 from ..spec import parse_size
 from .writer import PARAMETERS_KEY
 
-# A1111's modules/infotext_utils.py re_param_code: a key, then a quoted or a plain value up to the next comma
-SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# The settings line is read as A1111's modules/infotext_utils.py re_param_code reads it,
+# \s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$) with findall: a key, then a JSON-quoted value or a plain
+# one up to the next comma. Not with that expression itself: findall retries it from every character of a long run
+# of key characters with no colon after it, each try running to the end of the run (quadratic: 60 KB of "a" took
+# 36 s). These pieces each run once over the text they match.
+KEY = re.compile(r"\w[\w \-/]*")  # a run of key characters from its first word character: no backtracking
+SPACES = re.compile(r"\s*")
+QUOTED = re.compile(r'"(?:\\.|[^\\"])++"')
 NEGATIVE = "Negative prompt:"
 LABELS = {sampler.label: name for name, sampler in SAMPLERS.items()}  # "Euler a" -> "euler_a"
 KARRAS = {"DPM++ 2M": "dpm++_2m_karras"}  # A1111 >= 1.9 writes "Sampler: DPM++ 2M, Schedule type: Karras"
@@ -63,7 +70,7 @@ def png_parameters(source: str | os.PathLike | BinaryIO) -> str:
 
 def parse_infotext(text: str) -> Infotext:
     lines = text.strip("\n").split("\n")
-    settings = _settings(lines[-1]) if len(lines) > 1 or SETTING.match(lines[-1]) else {}
+    settings = _settings(lines[-1], whole_line=len(lines) == 1)  # one line: settings only, no prompt
     if "Steps" not in settings:
         raise ValueError("its parameters have no settings line (Steps: ..., Seed: ...)")
     body = lines[:-1]
@@ -83,9 +90,13 @@ def parse_infotext(text: str) -> Infotext:
     return found
 
 
-def _settings(line: str) -> dict[str, str]:
-    found = {}
-    for key, value in SETTING.findall(line):
+def _settings(line: str, whole_line: bool = False) -> dict[str, str]:
+    """The ``Key: value`` pairs of a settings line (a later key wins); none unless the first starts the line
+    when ``whole_line``."""
+    found: dict[str, str] = {}
+    for start, key, value in _pairs(line):
+        if whole_line and not found and start != SPACES.match(line).end():
+            return {}
         value = value.strip()
         if value.startswith('"') and value.endswith('"'):
             value = json.loads(value)
@@ -93,11 +104,42 @@ def _settings(line: str) -> dict[str, str]:
     return found
 
 
+def _pairs(line: str) -> Iterator[tuple[int, str, str]]:
+    """(where the key starts, key, value) as ``re_param_code``'s findall finds them, in one pass: a key is tried
+    from the first word character of a run of key characters only, since a try from later in the run ends at
+    the same character, and fails alike."""
+    pos = 0
+    while (key := KEY.search(line, pos)) is not None:
+        start, key_end = key.span()
+        pos = key_end
+        if key_end - start >= 2 and line.startswith(":", key_end):
+            value_start = SPACES.match(line, key_end + 1).end()
+            value_end, pos = _value_end(line, value_start)
+            yield start, line[start:key_end], line[value_start:value_end]
+
+
+def _value_end(line: str, start: int) -> tuple[int, int]:
+    """Where a value starting at ``start`` ends, and where the next key may start: a JSON-quoted value when a
+    comma or the end follows its closing quote, else everything up to the next comma."""
+    quoted = QUOTED.match(line, start)
+    if quoted is not None and _ends_value(line, quoted.end()):
+        end = quoted.end()
+    else:
+        comma = line.find(",", start)
+        end = len(line) if comma < 0 else comma
+    return end, end + 1 if line.startswith(",", end) else end
+
+
+def _ends_value(line: str, pos: int) -> bool:
+    """``(?:,|$)`` at ``pos``: a comma, the end, or a newline that ends the text."""
+    return line.startswith(",", pos) or pos == len(line) or (pos == len(line) - 1 and line[pos] == "\n")
+
+
 def _number(key: str, value: str, kind: type) -> int | float:
     try:
         return kind(value)
     except ValueError:
-        raise ValueError(f"{key}: {value!r} is not a number") from None
+        raise ValueError(f"{key}: {shown(value)} is not a number") from None
 
 
 def _sampler(settings: dict[str, str], found: Infotext) -> None:
@@ -111,4 +153,4 @@ def _sampler(settings: dict[str, str], found: Infotext) -> None:
     elif label.endswith("Scheduler"):  # diffbatch writes the model's own sampler as its class name
         found.default_sampler = label
     else:
-        raise ValueError(f"sampler {label!r} is not one diffbatch has ({', '.join(LABELS)}, or the model's own)")
+        raise ValueError(f"sampler {shown(label)} is not one diffbatch has ({', '.join(LABELS)}, or the model's own)")

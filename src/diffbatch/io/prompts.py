@@ -112,6 +112,8 @@ def _parse_jsonl(name: str, text: str) -> list[_PromptLine]:
             record = json.loads(s)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:  # json's own limit: "[" * 100000 is not a traceback
+            raise InputError(f"{where}: malformed JSON line: nested too deeply") from None
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object with a 'prompt', got {type(record).__name__}")
         lines.append(_PromptLine(record, where))
