@@ -124,6 +124,7 @@ PROMPTS = {
     "many tags": "<lora:a:1> " * (MB // 11),
     "tag openings": "<lora:" * (MB // 6),
     "colons in a tag": "<lora:" + "a:" * (MB // 2),
+    "a long name": "<lora:" + "a" * MB + ">",
     "a long weight": "<lora:a:" + "1" * MB + ">",
     "a long bad weight": "<lora:a:" + "x" * MB + ">",
     "angle brackets": "<" * MB,
@@ -140,6 +141,14 @@ def test_prompts_and_their_lora_tags_are_read_in_linear_time(budget, resolver, t
     assert_linear(lambda prompt: resolver.resolve(GenerationSpec(prompt=prompt), seed=1), text, budget)
     assert_linear(lambda negative: resolver.resolve(GenerationSpec(prompt="p", negative_prompt=negative), seed=1),
                   text, budget)
+
+
+@pytest.mark.parametrize("paths", [False, True], ids=["names", "names or paths"])
+@pytest.mark.parametrize("name", ["a" * MB, "../" * (MB // 3), "é" * MB], ids=["letters", "parents", "non-ASCII"])
+def test_lora_names_are_refused_in_linear_time(budget, tmp_path, paths, name):
+    resolver = Resolver(Resolver.for_model(None).adapter, tmp_path, lora_paths=paths)
+    assert_linear(resolver.lora_path, name, budget)
+    assert_linear(lambda n: GenerationSpec(prompt="p", loras={n: 1.0}), name, budget)
 
 
 SIZES = {"blanks": " " * MB, "digits": "1" * MB, "blanks after the x": "1x" + " " * MB + "a",

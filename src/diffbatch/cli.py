@@ -306,7 +306,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
     with _quiet():
         return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                      max_batch_size=args.batch_size, lora_dir=args.lora_dir)
+                                      max_batch_size=args.batch_size, lora_dir=args.lora_dir, lora_paths=True)
 
 
 def load_resolver(args: argparse.Namespace) -> Resolver:
@@ -314,7 +314,7 @@ def load_resolver(args: argparse.Namespace) -> Resolver:
     from .resolver import Resolver
 
     with _quiet():
-        return Resolver.for_model(args.model, args.lora_dir)
+        return Resolver.for_model(args.model, args.lora_dir, lora_paths=True)
 
 
 @contextlib.contextmanager
@@ -364,7 +364,7 @@ def _execute(args: argparse.Namespace, engine: Engine | None, resolver: Resolver
             from .executors.ray import RayOptions, run_ray
 
             options = RayOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                 lora_dir=None if args.lora_dir is None else str(args.lora_dir),
+                                 lora_dir=None if args.lora_dir is None else str(args.lora_dir), lora_paths=True,
                                  batch_size=args.batch_size, address=args.ray or None, workers=args.workers)
             run_ray(options, specs, todo, writer, progress.update)
 

@@ -48,13 +48,15 @@ class EngineStats:
 
 class Engine:
     def __init__(self, adapter, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
-                 generator_device: str = "cpu", lora_dir: str | os.PathLike | None = None) -> None:
+                 generator_device: str = "cpu", lora_dir: str | os.PathLike | None = None,
+                 lora_paths: bool = False) -> None:
         """``max_batch_size``: images per denoiser call, or "auto" to size batches from memory (memory.py).
-        ``lora_dir``: where LoRA names resolve (``NAME.safetensors``); a name may also be a file's path."""
+        ``lora_dir``: the folder LoRA names are files of (``NAME.safetensors``); ``lora_paths``: a LoRA may also be
+        named by its file's path, anywhere (the local CLI; never a server: see ``Resolver``)."""
         self.adapter = adapter
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.planner = Planner(limits.denoise.cap, limits.denoise)
-        self.resolver = Resolver(adapter, lora_dir)
+        self.resolver = Resolver(adapter, lora_dir, lora_paths)
         self.loras = LoraBank(adapter.pipe, self.resolver.lora_path, adapter.invariant)
         self.runner = Runner(adapter, limits, self.resolver.make_sampler, generator_device, self.loras)
         self._ids = itertools.count()
@@ -66,14 +68,14 @@ class Engine:
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
                         generator_device: str = "cpu", batch_invariant: bool = True, backend: str = "torch",
-                        lora_dir: str | os.PathLike | None = None) -> Engine:
+                        lora_dir: str | os.PathLike | None = None, lora_paths: bool = False) -> Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
         ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
         image may then change by a few uint8 levels with its batch or the thread count. ``dtype`` None or
         "auto": the device's fastest exact dtype (loading.resolve_dtype). ``backend="openvino"``: the models
         run on OpenVINO (CPU; adapters/openvino.py states its contract)."""
         adapter = load_adapter(model, device, dtype, invariant=batch_invariant, backend=backend)
-        return cls(adapter, max_batch_size, vae_batch_size, generator_device, lora_dir)
+        return cls(adapter, max_batch_size, vae_batch_size, generator_device, lora_dir, lora_paths)
 
     @property
     def model_name(self) -> str:

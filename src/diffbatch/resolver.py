@@ -26,19 +26,25 @@ from .spec import GenerationSpec, ModelDefaults
 # \s*<lora:..., every blank of a long run was a new start that scanned the rest of it (quadratic: a 150 KB prompt
 # of "<lora:" and blanks took 122 s).
 LORA_TAG = re.compile(r"(?<!\s)\s*+<lora:([^:<>]++)(?::([^:<>]*+))?+>")
+MAX_LORA_NAME = 200  # characters: a file name, with room to spare
 
 
 class Resolver:
-    def __init__(self, adapter: Adapter, lora_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, adapter: Adapter, lora_dir: str | os.PathLike | None = None, lora_paths: bool = False) -> None:
+        """``lora_dir``: the folder LoRA names are files of. ``lora_paths``: a LoRA may also be named by its file's
+        path, anywhere (a local ``generate``, whose user owns the files; never a server, whose clients could then
+        load or probe any file)."""
         self.adapter = adapter
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
+        self.lora_paths = lora_paths
         self._prototypes: dict[str | None, Any] = {}
         self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
 
     @classmethod
-    def for_model(cls, model: str | os.PathLike | None, lora_dir: str | os.PathLike | None = None) -> Resolver:
+    def for_model(cls, model: str | os.PathLike | None, lora_dir: str | os.PathLike | None = None,
+                  lora_paths: bool = False) -> Resolver:
         """From the model's JSON files alone (``None``: the embedded model)."""
-        return cls(describe(model), lora_dir)
+        return cls(describe(model), lora_dir, lora_paths)
 
     @property
     def model_name(self) -> str:
@@ -71,14 +77,26 @@ class Resolver:
         return resolved
 
     def lora_path(self, name: str) -> Path:
-        """A LoRA's file: ``NAME.safetensors`` in the LoRA folder, or ``name`` itself when it is a file."""
+        """A LoRA's file: ``NAME.safetensors`` in the LoRA folder, NAME a file name there (no folder, no ``..``);
+        with ``lora_paths``, also ``name`` itself when it is a .safetensors file."""
+        if self.lora_paths:
+            return self._local_lora_path(name)
+        path = self.lora_dir / f"{name}.safetensors" if self.lora_dir is not None and _is_file_name(name) else None
+        if path is None or not _is_safetensors_file(path):
+            # One message, whatever the name is or points at: it shows no path and tells no one which files exist.
+            raise SpecError(f"loras: unknown LoRA {shown(name)}: not a LoRA in the LoRA folder (a LoRA is named by "
+                            "its file name there, without .safetensors)", field="loras", value=name,
+                            reason="unknown LoRA")
+        return path.resolve()  # links followed: the folder and its links are the operator's
+
+    def _local_lora_path(self, name: str) -> Path:
         candidates = [self.lora_dir / f"{name}.safetensors"] if self.lora_dir is not None else []
         candidates.append(Path(name).expanduser())
         for path in candidates:
-            if path.is_file() and path.suffix == ".safetensors":
+            if _is_safetensors_file(path):
                 return path.resolve()
         where = f"--lora-dir {self.lora_dir}" if self.lora_dir is not None else "no LoRA folder given (--lora-dir)"
-        raise SpecError(f"loras: unknown LoRA {name!r}: not a .safetensors file, and not in {where}",
+        raise SpecError(f"loras: unknown LoRA {shown(name)}: not a .safetensors file, and not in {where}",
                         field="loras", value=name, reason="unknown LoRA")
 
     @staticmethod
@@ -131,3 +149,15 @@ class Resolver:
                 sampler = SAMPLERS[name]
                 self._prototypes[name] = getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
         return copy.deepcopy(self._prototypes[name])
+
+
+def _is_file_name(name: str) -> bool:
+    """A name that can only mean a file directly in a folder: not empty or long, no separator, no ``..``, no NUL."""
+    return 0 < len(name) <= MAX_LORA_NAME and not set(name) & set("/\\\0") and ".." not in name
+
+
+def _is_safetensors_file(path: Path) -> bool:
+    try:
+        return path.suffix == ".safetensors" and path.is_file()
+    except OSError:  # a name too long for the file system, say: no such file
+        return False

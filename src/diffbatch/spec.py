@@ -50,9 +50,9 @@ class GenerationSpec:
     # noise of variation_seed); strength 0 is exactly the seed's image. Both or neither.
     variation_seed: int | None = None
     variation_strength: float | None = None
-    # LoRAs and their weights, as ((name, weight), ...) sorted by name; a mapping is accepted. Names resolve
-    # against the engine's LoRA folder (or are paths). AUTOMATIC1111's <lora:NAME:WEIGHT> tags in the prompt
-    # are taken out of it and added here at resolve time.
+    # LoRAs and their weights, as ((name, weight), ...) sorted by name; a mapping is accepted. Names are file
+    # names in the engine's LoRA folder (a local run may give paths: Resolver). AUTOMATIC1111's
+    # <lora:NAME:WEIGHT> tags in the prompt are taken out of it and added here at resolve time.
     loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

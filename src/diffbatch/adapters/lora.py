@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import SpecError, shown
 from .invariance import make_batch_invariant
 
 Loras = tuple[tuple[str, float], ...]  # a spec's LoRAs: ((name, weight), ...)
@@ -71,7 +71,8 @@ class LoraBank:
             except Exception as exc:  # noqa: BLE001 - diffusers and PEFT raise assorted errors for bad files
                 with contextlib.suppress(Exception):
                     self.pipe.delete_adapters([adapter])
-                raise SpecError(f"loras: {name!r} ({path}) cannot be loaded into this model: "
+                # The name, not the file's path: a server's clients have no business knowing its folders
+                raise SpecError(f"loras: {shown(name)} cannot be loaded into this model: "
                                 f"{type(exc).__name__}: {exc}", field="loras", value=name,
                                 reason="not a LoRA for this model") from None
             self._loaded[path] = adapter

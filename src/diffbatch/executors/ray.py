@@ -45,6 +45,7 @@ class RayOptions:
     workers: int
     backend: str = "torch"
     lora_dir: str | None = None  # as --lora-dir: on a cluster, a folder every worker sees
+    lora_paths: bool = False  # a LoRA may be named by its file's path, as in a local run (Resolver)
     model_name: str = ""  # the driver's model name, written into each PNG's parameters (as a local run does)
 
 
@@ -78,7 +79,7 @@ class EngineWorker:
         self.options = options
         self.engine = Engine.from_pretrained(options.model, device=options.device, dtype=options.dtype,
                                              max_batch_size=options.batch_size, backend=options.backend,
-                                             lora_dir=options.lora_dir)
+                                             lora_dir=options.lora_dir, lora_paths=options.lora_paths)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [WorkItem(int(i), str(s)) for i, s in zip(batch["index"], batch["spec"], strict=True)]
