@@ -24,12 +24,14 @@ pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[lor
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory) -> dict[str, Path]:
-    """A model, a LoRA folder holding ``a``, and a LoRA outside it, in ``secret/x.safetensors``."""
+    """A model, a LoRA folder holding ``a`` (and ``empty``, not a LoRA), and a LoRA outside it, in
+    ``secret/x.safetensors``."""
     root = tmp_path_factory.mktemp("lora-names")
     model = save_tiny_sd(root / "model")
     loras, secret = root / "loras", root / "secret"
     save_random_lora(StableDiffusionPipeline, model, loras / "a.safetensors", seed=1, rank=2, alpha=2.0)
     save_random_lora(StableDiffusionPipeline, model, secret / "x.safetensors", seed=2, rank=2, alpha=2.0)
+    (loras / "empty.safetensors").write_bytes(b"")  # a name in the folder, but not a LoRA
     return {"root": root, "model": model, "loras": loras, "secret": secret}
 
 
@@ -133,5 +135,8 @@ def test_the_server_refuses_paths_in_loras_and_in_tags_with_one_message(disk):
                 answers[name, str(fields)[:8]] = answer.json()["error"]["message"].replace(repr(name), "NAME")
         assert len(set(answers.values())) == 1, answers
         assert str(disk["root"]) not in next(iter(answers.values()))
+        broken = client.post("/v1/images/generations", json={**body, "loras": {"empty": 1}})
+        assert broken.status_code == 400 and "cannot be loaded" in broken.text
+        assert str(disk["root"]) not in broken.json()["error"]["message"]
         good = client.post("/v1/images/generations", json={**body, "loras": {"a": 0.5}})
         assert good.status_code == 200, good.text

@@ -71,10 +71,11 @@ class LoraBank:
             except Exception as exc:  # noqa: BLE001 - diffusers and PEFT raise assorted errors for bad files
                 with contextlib.suppress(Exception):
                     self.pipe.delete_adapters([adapter])
-                # The name, not the file's path: a server's clients have no business knowing its folders
-                raise SpecError(f"loras: {shown(name)} cannot be loaded into this model: "
-                                f"{type(exc).__name__}: {exc}", field="loras", value=name,
-                                reason="not a LoRA for this model") from None
+                # The name, not the file's path (diffusers' own message may hold it): a server's clients have no
+                # business knowing its folders
+                detail = f"{type(exc).__name__}: {exc}".replace(str(path), "the LoRA's file")
+                raise SpecError(f"loras: {shown(name)} cannot be loaded into this model: {detail}", field="loras",
+                                value=name, reason="not a LoRA for this model") from None
             self._loaded[path] = adapter
             self._patch()
         self._evict(keep={self.find(name) for name, _ in loras})
