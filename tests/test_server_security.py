@@ -195,3 +195,14 @@ def test_a_long_prompt_is_not_quoted_in_the_servers_log(engine, tmp_path, capfd)
                                json={"prompt": "x", "negative_prompt": "secretword " * 300, **FAST})
         assert response.status_code == 200
     assert "secretword" not in capfd.readouterr().err
+
+
+def test_deeply_nested_json_in_a_batch_line_or_an_edit_field_is_a_400(engine, tmp_path):
+    with serve(engine, tmp_path) as client:
+        line = client.post("/v1/batches", content="[" * 100_000, headers=JSONL)
+        assert line.status_code == 400 and line.json()["error"]["message"].startswith("line 1: ")
+        edit = client.post("/v1/images/edits", files=png_upload(32),
+                           data={"prompt": "x", "loras": "[" * 100_000})
+        assert edit.status_code == 400 and edit.json()["error"]["param"] == "loras"
+        assert len(edit.text) < 1000  # the value is not echoed back whole
+        assert client.get("/v1/batches/batch_x%0A").status_code == 404

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Res
 from PIL import Image, UnidentifiedImageError
 
 from ..engine import Result
-from ..errors import DiffbatchError, SpecError
+from ..errors import DiffbatchError, SpecError, shown
 from ..io.infotext import parse_infotext, png_parameters
 from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
@@ -32,7 +32,7 @@ from .state import ServerState
 from .store import URL_FILES
 
 router = APIRouter()
-FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # used with fullmatch
 EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "strength", "seed", "negative_prompt",
                "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality",
                "variation_seed", "variation_strength", "request_id", "loras")
@@ -154,7 +154,7 @@ async def edits(request: Request) -> dict:
         raise ApiError(400, "response_format: must be b64_json or url", "response_format")
     n = _form_value("n", form.get("n", "1"))
     request_id = fields.pop("request_id", None)
-    if request_id is not None and not FILE_ID.match(request_id):
+    if request_id is not None and not FILE_ID.fullmatch(request_id):
         raise ApiError(400, "request_id: 1 to 80 of A-Z a-z 0-9 _ -", "request_id")
     specs = _specs(s, {**fields, "image": image}, form.get("model"), n, form.get("size"))
     return await _generate(request, specs, response_format, request_id)
@@ -164,7 +164,7 @@ def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | Non
     """Check what can be checked before resolving (model, count, text lengths) and build one spec per image
     (seeds ``seed + i``); ``_submit`` checks the resolved specs against the rest of the policy."""
     if model not in (None, "", s.engine.model_name):
-        raise ApiError(400, f"model: {model!r} is not served here; available: {s.engine.model_name}", "model")
+        raise ApiError(400, f"model: {shown(model)} is not served here; available: {s.engine.model_name}", "model")
     policy = _policy(s)
     policy.check_count(n)
     policy.check_text(fields)
@@ -298,6 +298,8 @@ def _batch_records(s, body: bytes) -> list[dict[str, Any]]:
         where = f"line {number}"
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise ApiError(400, f"{where}: JSON nested too deeply", "body") from None
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"{where}: malformed JSON ({exc.msg})", "body") from None
         if isinstance(record, dict) and "image" in record:
@@ -358,7 +360,7 @@ async def delete_batch(job_id: str, request: Request) -> dict:
 
 def _job_or_404(request: Request, job_id: str) -> dict:
     """The job, if it exists and this request's key may see it (another tenant's job is answered as absent)."""
-    job = state(request).store.job(job_id, _tenant(request)) if FILE_ID.match(job_id) else None
+    job = state(request).store.job(job_id, _tenant(request)) if FILE_ID.fullmatch(job_id) else None
     if job is None:
         raise ApiError(404, f"no batch {job_id!r}", "batch_id", kind="not_found_error")
     return job
@@ -368,7 +370,7 @@ def _job_or_404(request: Request, job_id: str) -> dict:
 @router.get("/files/{name}")
 async def files(name: str, request: Request) -> FileResponse:
     stem = name.removesuffix(".png")
-    visible = name.endswith(".png") and FILE_ID.match(stem)
+    visible = name.endswith(".png") and FILE_ID.fullmatch(stem)
     path = state(request).store.file_path(stem, _tenant(request)) if visible else None
     if path is None or not path.is_file():
         raise ApiError(404, f"no file {name!r}", "name", kind="not_found_error")
@@ -393,8 +395,9 @@ def _form_value(key: str, value: Any) -> Any:
                   "guidance_rescale": float, "variation_seed": int, "variation_strength": float, "loras": json.loads}
     try:
         return converters.get(key, str)(value)
-    except ValueError:
-        raise ApiError(400, f"{key}: {value!r} is not a number", key) from None
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        what = "a JSON object of LoRA names and weights" if key == "loras" else "a number"
+        raise ApiError(400, f"{key}: {shown(value)} is not {what}", key) from None
 
 
 def _parse_size(size: str) -> tuple[int, int]:
