@@ -1,5 +1,6 @@
 """``diffbatch generate`` end to end on a tiny random pipeline: inputs, seeds, files, manifest, bad input."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from diffbatch.cli import main
+from diffbatch.io.writer import MANIFEST
 
 
 def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
@@ -105,7 +107,9 @@ def test_image_folder_pairs_with_prompts_for_img2img(
     records = sorted(manifest(out), key=lambda r: r["index"])
     assert [(r["prompt"], Path(r["image"]).name, r["strength"], r["width"]) for r in records] == [
         ("one", "a.png", 0.5, 16), ("two", "b.png", 0.5, 24)]
-    assert parameters(out / "00001-1.png").endswith(f", Denoising strength: 0.5, Init image: {inputs / 'b.png'}")
+    assert parameters(out / "00001-1.png").endswith(f", Denoising strength: 0.5, Init image: {inputs / 'b.png'}, "
+                                                    f"Init image hash: {records[1]['image_hash']}")
+    assert records[1]["image_hash"] == hashlib.sha256((inputs / "b.png").read_bytes()).hexdigest()[:10]
 
 
 # Each bad input of the issue: its arguments (TMP is the test's folder) and the name its error must give.
@@ -134,6 +138,10 @@ BAD_INPUTS: dict[str, tuple[list[str], str]] = {
     "-n 0": (["--prompt", "a", "-n", "0"], "-n 0"),
     "unknown flag": (["--prompt", "a", "--stepz", "3"], "--stepz"),
     "out is a file": (["--prompt", "a", "--out", "TMP/file"], "--out"),
+    "out inside a file": (["--prompt", "a", "--out", "TMP/file/out"], "is a file, not a folder"),
+    "manifest is a folder": (["--prompt", "a", "--out", "TMP/odd"], "manifest.jsonl is a folder"),
+    "prompts file is a folder": (["TMP/odd"], "is a directory"),
+    "init image is a folder": (["TMP/dirimage.jsonl"], "dirimage.jsonl:1: init image: 'odd' is a directory"),
     "batch size 0": (["--prompt", "a", "--batch-size", "0"], "--batch-size"),
     "workers without --ray": (["--prompt", "a", "--workers", "2"], "--workers 2 needs --ray"),
     "workers 0": (["--prompt", "a", "--ray", "--workers", "0"], "--workers 0"),
@@ -150,6 +158,8 @@ def write_bad_inputs(tmp: Path) -> None:
     (tmp / "fake.png").write_text("not a png")
     (tmp / "file").write_text("")
     (tmp / "notapipe").mkdir()
+    (tmp / "odd" / MANIFEST).mkdir(parents=True)  # an output folder whose manifest is a folder
+    (tmp / "dirimage.jsonl").write_text('{"prompt": "a", "image": "odd"}\n')
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -181,3 +191,47 @@ def test_installed_entry_point_reads_prompts_from_stdin(tmp_path: Path, tiny_sd_
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.glob("0*.png")) == ["00000-7.png", "00001-8.png"]
     assert [r["prompt"] for r in sorted(manifest(out), key=lambda r: r["index"])] == ["first", "second"]
+
+
+def test_a_read_only_output_folder_is_one_line_exit_2_before_the_model_loads(tmp_path: Path) -> None:
+    """On a real read-only file system (a read-only bind mount in a private mount namespace): root, who
+    writes through any permission bits, cannot write there either."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    python = f"HF_HUB_OFFLINE=1 '{sys.executable}' -m diffbatch"
+    script = (f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}' || exit 99\n"
+              f"{python} generate --prompt a --out '{folder}/out' --model '{tmp_path}/none' 2> '{tmp_path}/err'\n"
+              f"echo $? > '{tmp_path}/rc'\n")
+    try:
+        done = subprocess.run(["unshare", "--mount", "sh", "-c", script], timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here to mount a read-only folder")
+    if done.returncode == 99 or not (tmp_path / "rc").exists():
+        pytest.skip("this machine does not allow a read-only bind mount in a private mount namespace")
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2" and err.count("\n") == 1, err
+    assert f"--out {folder}/out: cannot write there (in {folder})" in err  # before the missing model is noticed
+
+
+def test_a_folder_that_stops_taking_files_mid_run_is_one_line_exit_1_and_resumable(
+        capsys: pytest.CaptureFixture, tmp_path: Path, model: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from diffbatch.io import writer
+
+    real, calls = writer.write_bytes_atomic, []
+
+    def refused_on_the_second_image(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(writer, "write_bytes_atomic", refused_on_the_second_image)
+    args = ["generate", "--prompt", "a", "--prompt", "b", "--size", "16x16", "--out", tmp_path / "out", *model]
+    code, err = run(capsys, *args)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("diffbatch: error: ") and "Traceback" not in err
+    assert "00001-1.png: Permission denied" in err
+    monkeypatch.setattr(writer, "write_bytes_atomic", real)
+    code, err = run(capsys, *args)
+    assert code == 0 and "skipped 1 images already written, 1 to make" in err

@@ -126,7 +126,7 @@ def test_missing_unreadable_or_absent_prompts_are_input_errors(tmp_path: Path) -
         read_job(JobSource(prompts_file=str(tmp_path / "nope.txt")))
     with pytest.raises(InputError, match="is a directory"):
         read_job(JobSource(prompts_file=str(tmp_path)))
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "bin.txt").write_bytes(b"\xc3(bad")  # invalid UTF-8 (bytes after a UTF-16 mark would decode)
     with pytest.raises(InputError, match=r"bin\.txt: not UTF-8"):
         read_job(JobSource(prompts_file=str(tmp_path / "bin.txt")))
     with pytest.raises(InputError, match="no prompts: give a PROMPTS file"):
@@ -138,7 +138,8 @@ def test_missing_unreadable_or_absent_prompts_are_input_errors(tmp_path: Path) -
 
 
 def test_load_init_image_gives_rgb_and_names_a_missing_or_unreadable_file(tmp_path: Path) -> None:
-    rgba = save_image(tmp_path / "a.png", (12, 10), "RGBA")
+    rgba = tmp_path / "a.png"
+    Image.new("RGBA", (12, 10), (9, 9, 9, 255)).save(rgba)  # opaque: a transparent one is refused (test_init_images)
     image = load_init_image(rgba)
     assert (image.mode, image.size) == ("RGB", (12, 10))
     assert load_init_image(Image.new("L", (4, 4))).mode == "RGB"

@@ -1,5 +1,6 @@
 """Outputs: PNG names, A1111 ``parameters`` chunk, atomic writes, manifest lines, progress bar."""
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -55,8 +56,8 @@ def test_write_puts_png_with_parameters_chunk_then_manifest_line(tmp_path: Path)
     with Image.open(path) as png:
         assert png.text["parameters"] == format_parameters(TXT2IMG, "Euler a", "tiny-sd")
         assert png.getpixel((0, 0)) == (255, 0, 0)
-    assert manifest(tmp_path) == [{"index": 0, "file": "00000-7.png", **TXT2IMG.to_record(),
-                                   "model": "tiny-sd", "seconds": 1.2346}]
+    assert manifest(tmp_path) == [{"index": 0, "file": "00000-7.png", **TXT2IMG.to_record(), "model": "tiny-sd",
+                                   "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "seconds": 1.2346}]
 
 
 def test_manifest_gets_one_line_per_image_in_finishing_order_and_is_appended_to(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import DiffbatchError, InputError, SpecError, is_disk_full
 from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
+from .io.images import image_hash, image_hashes
 from .io.infotext import read_infotext
 from .io.progress import Progress
 from .io.prompts import JobItem, JobSource, read_job
-from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume
+from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume, shown_names
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
 from .models import DEFAULT_MODEL
@@ -64,7 +65,8 @@ variation_seed, variation_strength, loras; a line's fields override the flags), 
 Image k of the job (0-based, in order) gets seed BASE + k unless its line sets a seed S (then its
 -n copies get S, S+1, ...). Writes DIR/{k:05d}-{seed}.png, DIR/manifest.jsonl, and a gallery
 (DIR/index.html, DIR/grid.png). Run again on the same DIR, it skips the images already written
-(a changed job is refused unless --overwrite)."""
+(a changed job is refused unless --overwrite; an image whose file is not the one its manifest line
+describes is made again). A changed init image (its content, not its name) is a changed job."""
 
 
 class UsageError(DiffbatchError):
@@ -87,11 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffbatchError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        return _fail(f"the disk is full{where} ({exc.strerror}); free space and run the same command again: "
-                     "the images written so far are kept", EXIT_FAILED)
+        if is_disk_full(exc):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            return _fail(f"the disk is full{where} ({exc.strerror}); free space and run the same command again: "
+                         "the images written so far are kept", EXIT_FAILED)
+        if exc.filename:  # a file refused mid-run (the folder removed, made read-only): the run's end, not a bug
+            return _fail(f"{exc.filename}: {exc.strerror}; the images written so far are kept, and the same "
+                         "command finishes the job once it can write there", EXIT_FAILED)
+        raise
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to finish the job (the images written so far "
                      "are kept)", EXIT_INTERRUPTED)
@@ -198,13 +203,14 @@ def run_generate(args: argparse.Namespace) -> int:
         _check_size_flag(args.size, resolver.defaults.vae_scale_factor)
     _check_default_sampler(args, resolver)
     specs = resolve_all(resolver, items)
-    model = (resolver.model_name, args.overwrite, resolver.model_hash)
-    plan_resume(args.out, specs, *model)  # a changed job: refused before any write
+    hashes = image_hashes(s.image for s in specs)  # taken once, before any image is made from the files
+    job = (resolver.model_name, args.overwrite, resolver.model_hash, hashes)
+    plan_resume(args.out, specs, *job)  # a changed job: refused before any write
     _make_out_dir(args.out)
     with lock_folder(args.out):  # planned again under the lock: another run may have written meanwhile
-        plan = plan_resume(args.out, specs, *model)
+        plan = plan_resume(args.out, specs, *job)
         _repair(args.out, plan)
-        _execute(args, engine, resolver, specs, plan.todo)
+        _execute(args, engine, resolver, specs, plan.todo, hashes)
         if not args.no_gallery:
             write_gallery(args.out)
     print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
@@ -251,6 +257,8 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     if args.prompts_file is not None:
         raise UsageError("give a PROMPTS file or --from IMAGE, not both")
     found = read_infotext(args.from_image)
+    if found.image_hash and "image" in found.fields and not args.image:
+        _check_from_image(args.from_image, found.fields["image"], found.image_hash)
     fields = {k: v for k, v in found.fields.items() if k not in ("prompt", "seed")}
     fields.update(_flag_fields(args))
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
@@ -260,6 +268,14 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     prompts = tuple(args.prompt) or (found.fields["prompt"],)
     return JobSource(prompts=prompts, image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
                      defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)})
+
+
+def _check_from_image(png: Path, image: str, recorded: str) -> None:
+    """``--from`` a PNG made from an init image: only the same content makes the same image."""
+    now = image_hash(image, f"--from {png}: its init image")
+    if now != recorded:
+        raise InputError(f"--from {png}: its init image {image!r} has changed since (Init image hash {recorded}, "
+                         f"now {now}); give --image to use a file anyway")
 
 
 def _flag_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -296,8 +312,17 @@ def _check_size_flag(size: tuple[int, int], vae_scale_factor: int) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
+    """Before the model loads: ``out`` is a folder, or can be made, and can be written to."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    folder = out
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        where = "" if folder == out else f" (in {folder})"
+        raise InputError(f"--out {out}: cannot write there{where}: permission denied or a read-only file system")
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
@@ -344,17 +369,21 @@ def _make_out_dir(out: Path) -> None:
 
 
 def _repair(out: Path, plan: ResumePlan) -> None:
-    """Repair what a killed run left (cut manifest line, temp files); say what is skipped."""
+    """Repair what a killed run left (cut manifest line, temp files); say what is skipped and what is made
+    again because its file is not the one its manifest line describes."""
     apply_resume(out, plan)
+    if plan.damaged:
+        print(f"diffbatch: made again, as they are not the files their manifest lines describe (damaged or "
+              f"replaced since written): {shown_names(plan.damaged)}", file=sys.stderr)
     if plan.done:
         print(f"diffbatch: resuming in {out}: skipped {plan.done} images already written, "
               f"{len(plan.todo)} to make", file=sys.stderr)
 
 
 def _execute(args: argparse.Namespace, engine: Engine | None, resolver: Resolver | Engine,
-             specs: list[GenerationSpec], todo: list[int]) -> None:
+             specs: list[GenerationSpec], todo: list[int], hashes: dict[str, str]) -> None:
     """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None)."""
-    writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash)
+    writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash, hashes)
     with writer, Progress(len(todo)) as progress:
         if engine is not None:
             from .executors.local import run_local

@@ -46,6 +46,7 @@ class Infotext:
     fields: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     default_sampler: str | None = None
+    image_hash: str | None = None  # A1111's "Init image hash": the init image file's fingerprint when made
 
 
 def read_infotext(path: Path) -> Infotext:
@@ -75,7 +76,7 @@ def parse_infotext(text: str) -> Infotext:
         raise ValueError("its parameters have no settings line (Steps: ..., Seed: ...)")
     body = lines[:-1]
     negative = next((i for i, line in enumerate(body) if line.startswith(NEGATIVE)), len(body))
-    found = Infotext(model=settings.get("Model"))
+    found = Infotext(model=settings.get("Model"), image_hash=settings.get("Init image hash"))
     found.fields["prompt"] = "\n".join(body[:negative])
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()

@@ -1,31 +1,45 @@
 """Resuming a job in an output folder that already holds part of it.
 
-An image counts as done when ``manifest.jsonl`` has a complete line for its index whose spec, file name and
-model equal the job's, and its PNG is complete (it ends with the IEND chunk). Everything else is made again:
-a PNG without a manifest line (the process died between the rename and the append), a manifest line whose
-PNG is gone or cut short, a manifest line cut short by a kill (repaired before anything is appended).
-A manifest line for an index of the job with a different spec means the job changed: refused, unless
-``overwrite``, which drops such lines (and their files) and makes those images again.
+An image counts as done when ``manifest.jsonl`` has a complete line for its index whose spec, file name,
+model and fingerprints (the weights' ``model_hash``, the init image content's ``image_hash``) equal the
+job's, and its PNG is the file the line describes: the SHA-256 of its bytes is the line's ``file_sha256``.
+Everything else is made again: a PNG without a manifest line (the process died between the rename and the
+append), a manifest line whose PNG is gone, cut short, damaged or replaced by another file (``damaged``:
+the caller says so), a manifest line cut short by a kill (repaired before anything is appended).
+A manifest line for an index of the job with a different spec means the job changed, and so does an image
+file (named as diffbatch names them) that no image of the job has: refused, unless ``overwrite``, which
+drops such lines and files and makes those images again, leaving the files a fresh run leaves.
+
+Lines written before a key existed: a missing spec field reads as its default; a missing fingerprint as
+unknown, which is no difference; a missing ``file_sha256`` means the PNG is kept when it decodes (every
+chunk's CRC) and its parameters name the line's prompt and seed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from ..errors import InputError
 from ..spec import GenerationSpec
-from .writer import MANIFEST, manifest_record, write_bytes_atomic
+from .images import image_hashes as init_image_hashes
+from .writer import MANIFEST, PARAMETERS_KEY, manifest_record, spec_image_hash, write_bytes_atomic
 
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # write_png_atomic's temporary files
-RUN_FIELDS = ("seconds",)  # manifest fields that describe the run, not the image: not compared
+IMAGE_FILE = re.compile(r"^[0-9]{5,}-[0-9]+\.png$")  # writer.png_name's names
+RUN_FIELDS = ("seconds", "file_sha256")  # manifest fields about the run and the file written: not compared
+FINGERPRINTS = ("model_hash", "image_hash")  # missing from a line written before they existed: unknown
+SHOWN = 5  # file names a message lists before "and N more"
 # what an unset spec field reads as in a manifest (a line written before the field existed lacks it)
 SPEC_DEFAULTS = json.loads(json.dumps({k: v for k, v in GenerationSpec(prompt="").to_record().items()
                                        if k != "prompt"}))
@@ -40,6 +54,7 @@ class ResumePlan:
     keep: list[str] = field(default_factory=list)  # manifest lines to keep (each without newline)
     rewrite: bool = False  # the manifest must be rewritten as ``keep`` (cut line, stale or duplicate lines)
     remove: list[Path] = field(default_factory=list)  # files to delete (temp files, replaced images)
+    damaged: list[str] = field(default_factory=list)  # images whose file is not the one their line describes
 
 
 @dataclass(frozen=True)
@@ -48,24 +63,43 @@ class _ManifestLine:
     record: dict[str, Any]
 
 
+class _Png(Enum):
+    """What a line's PNG is."""
+
+    SAME = "the file the line describes"
+    MISSING = "gone"
+    DAMAGED = "another file, or damaged"
+
+
 def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrite: bool = False,
-                model_hash: str = "") -> ResumePlan:
-    """Compare ``out``'s manifest with the job (resolved specs, index k = position); raise ``InputError``
-    naming the first difference when the job changed and ``overwrite`` is off. Reads; writes nothing."""
-    lines, damaged = _read_manifest(out / MANIFEST)
-    expected = [_normal(manifest_record(k, spec, model, model_hash)) for k, spec in enumerate(specs)]
+                model_hash: str = "", image_hashes: Mapping[str, str] | None = None) -> ResumePlan:
+    """Compare ``out``'s manifest and images with the job (resolved specs, index k = position; ``image_hashes``
+    from io/images.py ``image_hashes``, read here when not given); raise ``InputError`` naming the first
+    difference when the job changed and ``overwrite`` is off. Reads; writes nothing."""
+    hashes = init_image_hashes(s.image for s in specs) if image_hashes is None else image_hashes
+    expected = _normal([manifest_record(k, spec, model, model_hash, spec_image_hash(spec, hashes))
+                        for k, spec in enumerate(specs)])
+    lines, cut = _read_manifest(out / MANIFEST)
     latest: dict[int, _ManifestLine] = {}
     for line in lines:
         latest[line.record.get("index", -1)] = line  # a repeated index: the last line wins
     changed = [(k, line) for k, line in latest.items() if not _same(line.record, expected, k)]
+    listing = _listing(out)
+    foreign = _foreign_images(listing, expected)
     if changed and not overwrite:
         raise InputError(_changed_message(out, changed[0], expected, len(changed)))
+    if foreign and not overwrite:
+        raise InputError(_foreign_message(out, foreign))
+    _refuse_folders(out, listing, expected)
     stale = {k for k, _ in changed}
-    kept = {k: line for k, line in latest.items() if k not in stale and _png_complete(out, line)}
+    checked = {k: _check_png(out, line) for k, line in latest.items() if k not in stale}
+    kept = {k: latest[k] for k, png in checked.items() if png is _Png.SAME}
     plan = ResumePlan(todo=[k for k in range(len(specs)) if k not in kept], done=len(kept),
-                      keep=[kept[k].text for k in sorted(kept)])
-    plan.rewrite = damaged or len(kept) != len(lines)
-    plan.remove = _temp_files(out) + _replaced_files(out, changed, expected)
+                      keep=[kept[k].text for k in sorted(kept)],
+                      damaged=sorted(latest[k].record["file"] for k, png in checked.items() if png is _Png.DAMAGED))
+    plan.rewrite = cut or len(kept) != len(lines)
+    replaced = _replaced_files(out, changed, expected) + [out / name for name in foreign]
+    plan.remove = _temp_files(out, listing) + sorted(set(replaced))
     return plan
 
 
@@ -120,8 +154,11 @@ def _read_manifest(path: Path) -> tuple[list[_ManifestLine], bool]:
     """Complete, parseable lines; ``damaged`` when some line was cut short or unreadable."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no folder yet, or no manifest in it
         return [], False
+    except OSError as exc:  # a folder of that name, no permission
+        what = "is a folder" if path.is_dir() else f"cannot be read: {exc.strerror}"
+        raise InputError(f"--out {path.parent}: {path.name} {what}; move it away or choose another folder") from None
     lines, damaged = [], not data.endswith(b"\n") and bool(data)
     for chunk in data.split(b"\n")[:-1]:  # what follows the last newline is a line cut short (or nothing)
         line = _parse(chunk)
@@ -143,9 +180,9 @@ def _parse(chunk: bytes) -> _ManifestLine | None:
     return _ManifestLine(text, record)
 
 
-def _normal(record: dict[str, Any]) -> dict[str, Any]:
-    """As the record reads back from JSON (tuples become lists, and so on)."""
-    return json.loads(json.dumps(record, ensure_ascii=False))
+def _normal(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """As the records read back from JSON (tuples become lists, and so on); one call for all of them."""
+    return json.loads(json.dumps(records, ensure_ascii=False))
 
 
 def _same(record: dict[str, Any], expected: list[dict[str, Any]], k: int) -> bool:
@@ -153,33 +190,74 @@ def _same(record: dict[str, Any], expected: list[dict[str, Any]], k: int) -> boo
         return False  # an image the job no longer has: the job changed
     got = {key: v for key, v in record.items() if key not in RUN_FIELDS}
     # A key the line lacks was written before it existed: a spec field (variation_seed, ...) reads as its
-    # default; the weights' fingerprint as unknown, which is not a difference (a different one is).
-    missing = {key: expected[k][key] if key == "model_hash" else SPEC_DEFAULTS.get(key)
+    # default; a fingerprint as unknown, which is not a difference (a different one is).
+    missing = {key: expected[k][key] if key in FINGERPRINTS else SPEC_DEFAULTS.get(key)
                for key in expected[k] if key not in got}
     return {**missing, **got} == expected[k]
 
 
-def _png_complete(out: Path, line: _ManifestLine) -> bool:
-    """The file exists and ends with IEND (an atomic rename cannot leave half a PNG, but a copy can)."""
-    name = line.record.get("file")
+def _check_png(out: Path, line: _ManifestLine) -> _Png:
+    """Whether the line's PNG is the file it describes: the SHA-256 of its bytes (a copy of another image,
+    a flipped byte, a file cut short all differ), or for a line without one the older check."""
+    name, digest = line.record.get("file"), line.record.get("file_sha256")
     if not isinstance(name, str) or "/" in name or name.startswith("."):
-        return False
+        return _Png.MISSING
     try:
-        with open(out / name, "rb") as png:
-            png.seek(0, os.SEEK_END)
-            if png.tell() < len(PNG_END):
-                return False
-            png.seek(-len(PNG_END), os.SEEK_END)
-            return png.read() == PNG_END
+        if not isinstance(digest, str):
+            return _legacy_check(out / name, line.record)
+        with open(out / name, "rb", buffering=0) as png:  # one read of the whole file
+            same = hashlib.sha256(png.read()).hexdigest() == digest
+    except FileNotFoundError:
+        return _Png.MISSING
     except OSError:
-        return False
+        return _Png.DAMAGED
+    return _Png.SAME if same else _Png.DAMAGED
 
 
-def _temp_files(out: Path) -> list[Path]:
+def _legacy_check(path: Path, record: dict[str, Any]) -> _Png:
+    """A line written before ``file_sha256``: every chunk's CRC holds and the parameters name the line's
+    prompt and seed (as format_parameters writes them: the prompt first, the seed in the last line)."""
+    with open(path, "rb") as file:  # FileNotFoundError: the caller's MISSING
+        try:
+            with Image.open(file) as png:
+                text = png.info.get(PARAMETERS_KEY)
+                png.verify()
+        except Exception:  # noqa: BLE001 - Pillow raises assorted errors (SyntaxError, struct.error) on damage
+            return _Png.DAMAGED
+    ok = (isinstance(text, str) and text.startswith(str(record.get("prompt")))
+          and f" Seed: {record.get('seed')}," in text.rsplit("\n", 1)[-1])
+    return _Png.SAME if ok else _Png.DAMAGED
+
+
+def _listing(out: Path) -> dict[str, bool]:
+    """The folder's entries: name -> is a folder (empty when there is no folder yet)."""
+    try:
+        with os.scandir(out) as entries:
+            return {entry.name: entry.is_dir() for entry in entries}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot list the folder: {exc.strerror}") from None
+
+
+def _foreign_images(listing: dict[str, bool], expected: list[dict[str, Any]]) -> list[str]:
+    """Image files (named as diffbatch names them) that no image of the job has: another job's, or a killed
+    run's file that never got its manifest line. A fresh run would not leave them."""
+    names = {record["file"] for record in expected}
+    return sorted(n for n, is_dir in listing.items() if not is_dir and IMAGE_FILE.match(n) and n not in names)
+
+
+def _refuse_folders(out: Path, listing: dict[str, bool], expected: list[dict[str, Any]]) -> None:
+    """A folder where the job writes a file cannot be replaced by a rename: say so before any work."""
+    blocked = [r["file"] for r in expected if listing.get(r["file"])]
+    if blocked:
+        raise InputError(f"--out {out}: {shown_names(blocked)} {'is a folder' if len(blocked) == 1 else 'are folders'} "
+                         "where this job writes its images; move them away or choose another folder")
+
+
+def _temp_files(out: Path, listing: dict[str, bool]) -> list[Path]:
     """Temporary files left by a killed run (``.NAME.xxxxxxxx.tmp``)."""
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if TEMP_FILE.match(p.name))
+    return sorted(out / name for name, is_dir in listing.items() if not is_dir and TEMP_FILE.match(name))
 
 
 def _replaced_files(out: Path, changed: list[tuple[int, _ManifestLine]], expected: list[dict[str, Any]]) -> list[Path]:
@@ -200,3 +278,15 @@ def _changed_message(out: Path, first: tuple[int, _ManifestLine], expected: list
     return (f"--out {out}: holds a different job: {MANIFEST} has {what}"
             f"{f' and {count - 1} more changed' if count > 1 else ''}; "
             "give --overwrite to replace those images, or choose another folder")
+
+
+def _foreign_message(out: Path, foreign: list[str]) -> str:
+    return (f"--out {out}: holds a different job: {shown_names(foreign)}, which no image of this job has and "
+            f"{MANIFEST} does not describe (another job's, or a run killed before their lines); "
+            "give --overwrite to delete them, or choose another folder")
+
+
+def shown_names(names: list[str]) -> str:
+    """The first few of ``names`` (a message's list of files), then how many more."""
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more

@@ -1,15 +1,19 @@
 """Job outputs: ``{k:05d}-{seed}.png`` written atomically with an A1111-style ``parameters`` chunk, and
-one ``manifest.jsonl`` line per image, appended only once its PNG is in place."""
+one ``manifest.jsonl`` line per image, appended only once its PNG is in place. The line records the SHA-256
+of the PNG's bytes (``file_sha256``: resume keeps only the file it describes) and the fingerprint of the init
+image's content (``image_hash``: a changed init image is a changed job)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import threading
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -28,9 +32,10 @@ def png_name(index: int, seed: int) -> str:
 
 
 def format_parameters(spec: GenerationSpec, sampler: str, model: str,
-                      lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "") -> str:
+                      lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "", image_hash: str = "") -> str:
     """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings. LoRAs
-    are written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``."""
+    are written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``; an init
+    image's fingerprint as A1111's ``Init image hash`` (``--from`` refuses a file changed since)."""
     settings: list[tuple[str, Any]] = [
         ("Steps", spec.num_inference_steps), ("Sampler", _quote(sampler)),
         ("CFG scale", _number(spec.guidance_scale)), ("Seed", spec.seed),
@@ -41,6 +46,8 @@ def format_parameters(spec: GenerationSpec, sampler: str, model: str,
         settings.append(("Denoising strength", _number(spec.strength)))
         if isinstance(spec.image, str | os.PathLike):  # diffbatch's own key: --from finds the init image again
             settings.append(("Init image", _quote(os.fspath(spec.image))))
+            if image_hash:
+                settings.append(("Init image hash", image_hash))
     if spec.guidance_rescale:
         settings.append(("CFG rescale", _number(spec.guidance_rescale)))
     if spec.variation_seed is not None:  # AUTOMATIC1111's names for its subseed
@@ -68,18 +75,28 @@ def _number(value: float | int | None) -> str:
     return str(value)
 
 
-def manifest_record(index: int, spec: GenerationSpec, model: str, model_hash: str = "") -> dict[str, Any]:
-    """What a manifest line says about an image (the writer adds the run's ``seconds``); resume compares it,
-    the weights' fingerprint included (a retrained model at the same path is another job)."""
+def manifest_record(index: int, spec: GenerationSpec, model: str, model_hash: str = "",
+                    image_hash: str = "") -> dict[str, Any]:
+    """What a manifest line says about an image (the writer adds the PNG's ``file_sha256`` and the run's
+    ``seconds``); resume compares it, the fingerprints of the weights and of the init image's content
+    included (a retrained model at the same path, another picture at the init image's path: another job)."""
     record = {"index": index, "file": png_name(index, spec.seed), **spec.to_record(), "model": model}
-    return {**record, "model_hash": model_hash} if model_hash else record
+    return {**record, **({"model_hash": model_hash} if model_hash else {}),
+            **({"image_hash": image_hash} if image_hash else {})}
 
 
-def encode_png(result: Result) -> bytes:
+def spec_image_hash(spec: GenerationSpec, image_hashes: Mapping[str, str]) -> str:
+    """The fingerprint of ``spec``'s init image file in ``image_hashes`` (path -> hash); ``""`` without one."""
+    image = spec.image
+    return image_hashes.get(os.fspath(image), "") if isinstance(image, str | os.PathLike) else ""
+
+
+def encode_png(result: Result, image_hash: str = "") -> bytes:
     """The one PNG encoder (CLI, server, batch jobs, Ray): the image with its ``parameters`` text chunk, the
-    same bytes wherever it is encoded."""
+    same bytes wherever it is encoded (``image_hash``: the init image file's fingerprint, where known)."""
     info = PngInfo()
-    text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes, result.model_hash)
+    text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes, result.model_hash,
+                             image_hash)
     info.add_text(PARAMETERS_KEY, text)  # iTXt if needed
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=info)
@@ -121,27 +138,37 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class OutputWriter:
-    """Writes finished images into ``out_dir`` (which must exist); safe to call from any thread."""
+    """Writes finished images into ``out_dir`` (which must exist); safe to call from any thread.
+    ``image_hashes`` (init image path -> fingerprint, io/images.py ``image_hashes``) are taken before the
+    job runs, as resume compared them: a file changed during the run makes its images a changed job on the
+    next run rather than images recorded with content they were not made from."""
 
-    def __init__(self, out_dir: str | os.PathLike, model: str, model_hash: str = "") -> None:
+    def __init__(self, out_dir: str | os.PathLike, model: str, model_hash: str = "",
+                 image_hashes: Mapping[str, str] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.model = model
         self.model_hash = model_hash
+        self.image_hashes = dict(image_hashes or {})
         self._lock = threading.Lock()
         self._manifest: IO[str] | None = None
 
     def write(self, index: int, result: Result) -> Path:
         """PNG first, manifest line after: every manifest line points at a complete file. The PNG names the
         job's model as the manifest does."""
-        png = encode_png(dataclasses.replace(result, model=self.model, model_hash=self.model_hash))
+        png = encode_png(dataclasses.replace(result, model=self.model, model_hash=self.model_hash),
+                         self.image_hash(result.spec))
         return self.write_encoded(index, result.spec, png, result.seconds)
 
     def write_encoded(self, index: int, spec: GenerationSpec, png: bytes, seconds: float) -> Path:
         """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""
         path = self.out_dir / png_name(index, spec.seed)
         write_bytes_atomic(path, png)
-        self._append({**manifest_record(index, spec, self.model, self.model_hash), "seconds": round(seconds, 4)})
+        record = manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec))
+        self._append({**record, "file_sha256": hashlib.sha256(png).hexdigest(), "seconds": round(seconds, 4)})
         return path
+
+    def image_hash(self, spec: GenerationSpec) -> str:
+        return spec_image_hash(spec, self.image_hashes)
 
     def _append(self, record: dict[str, Any]) -> None:
         with self._lock:
