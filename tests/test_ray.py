@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from diffbatch.cli import main
 from diffbatch.io.writer import MANIFEST
@@ -27,8 +28,10 @@ def records(out: Path) -> list[dict]:
 @pytest.mark.ray
 def test_two_ray_workers_write_the_files_of_a_local_run_and_resume_the_same_way(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    job = tmp_path / "job.jsonl"
-    job.write_text("".join(json.dumps(line) + "\n" for line in JOB))
+    job, init = tmp_path / "job.jsonl", tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(init)  # img2img: the PNG's Init image hash comes from the driver
+    lines = [*JOB, {"prompt": "a pink ring", "image": str(init), "strength": 0.6}]
+    job.write_text("".join(json.dumps(line) + "\n" for line in lines))
     args = ["generate", str(job), "--steps", "3", "-n", "2"]
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     assert main([*args, "--out", str(local)]) == 0
@@ -41,9 +44,9 @@ def test_two_ray_workers_write_the_files_of_a_local_run_and_resume_the_same_way(
     capsys.readouterr()
 
     assert main([*args, "--out", str(on_ray), "--ray", "--workers", "2"]) == 0
-    assert "skipped 2 images already written, 6 to make" in capsys.readouterr().err
+    assert "skipped 2 images already written, 8 to make" in capsys.readouterr().err
     assert sorted(p.name for p in on_ray.iterdir()) == sorted(p.name for p in local.iterdir())
     for path in local.iterdir():
         if path.name != MANIFEST:
             assert (on_ray / path.name).read_bytes() == path.read_bytes(), path.name
-    assert records(on_ray) == records(local) and len(records(local)) == 8
+    assert records(on_ray) == records(local) and len(records(local)) == 10

@@ -55,6 +55,7 @@ class WorkItem:
 
     index: int
     spec: str
+    image_hash: str = ""  # the init image file's fingerprint, taken by the driver before the job ran
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class EngineWorker:
                                              lora_dir=options.lora_dir, lora_paths=options.lora_paths)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [WorkItem(int(i), str(s)) for i, s in zip(batch["index"], batch["spec"], strict=True)]
+        items = [WorkItem(int(i), str(s), str(h))
+                 for i, s, h in zip(batch["index"], batch["spec"], batch["image_hash"], strict=True)]
         specs = [spec_from_record(json.loads(item.spec), f"image {item.index}") for item in items]
         made = self.engine.generate(specs, resolved=True)  # resolved by the driver
         results = [self._finish(item, r) for item, r in zip(items, made, strict=True)]
@@ -93,7 +95,7 @@ class EngineWorker:
     def _finish(self, item: WorkItem, result: Result) -> WorkResult:
         # The driver's model name, as a local run writes it (a worker may see the model under another path).
         result = dataclasses.replace(result, model=self.options.model_name or result.model)
-        return WorkResult(item.index, encode_png(result), result.seconds)
+        return WorkResult(item.index, encode_png(result, item.image_hash), result.seconds)
 
 
 def run_ray(options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int], writer: OutputWriter,
@@ -105,7 +107,7 @@ def run_ray(options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence
     options = dataclasses.replace(options, model_name=writer.model)
     started = _connect(ray, options)
     try:
-        for row in _results(ray, options, specs, todo).iter_rows():
+        for row in _results(ray, options, specs, todo, writer).iter_rows():
             index = int(row["index"])
             writer.write_encoded(index, specs[index], bytes(row["png"]), float(row["seconds"]))
             on_written()
@@ -141,8 +143,10 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     return True
 
 
-def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int]) -> Any:
-    items = [WorkItem(k, json.dumps(specs[k].to_record(), ensure_ascii=False)) for k in todo]
+def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int],
+             writer: OutputWriter) -> Any:
+    items = [WorkItem(k, json.dumps(specs[k].to_record(), ensure_ascii=False), writer.image_hash(specs[k]))
+             for k in todo]
     rows = ray.data.from_items([dataclasses.asdict(item) for item in items])
     per_call = options.batch_size if options.batch_size != AUTO else ROWS_PER_CALL
     per_call = max(1, min(int(per_call), math.ceil(len(items) / options.workers)))  # every worker gets work
