@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .caching import RULE as CACHE_RULE
+from .caching import cache_ok
 from .errors import SpecError, shown
 from .samplers import SAMPLERS
 
@@ -54,6 +56,8 @@ class GenerationSpec:
     # names in the engine's LoRA folder (a local run may give paths: Resolver). AUTOMATIC1111's
     # <lora:NAME:WEIGHT> tags in the prompt are taken out of it and added here at resolve time.
     loras: tuple[tuple[str, float], ...] = ()
+    # Step caching (caching.py): off (every step computes the whole denoiser), auto, or METHOD:VALUE.
+    cache: str = "off"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", _lora_pairs(self.loras))
@@ -173,6 +177,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image": (_optional(lambda v: isinstance(v, str | os.PathLike) or (hasattr(v, "convert") and hasattr(v, "size"))),
               "must be a path or an image"),
     "loras": (_loras_ok, "must map LoRA names (no < > :) to finite weights, each name once"),
+    "cache": (cache_ok, CACHE_RULE),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
     "width": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
 }
