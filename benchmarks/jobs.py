@@ -26,13 +26,13 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from resume_check import job as resume_job  # noqa: E402
+from resume_check import time_plan, write_folder  # noqa: E402
+
 from diffbatch import Engine, GenerationSpec  # noqa: E402
 from diffbatch.executors.local import run_local  # noqa: E402
-from diffbatch.io.resume import plan_resume  # noqa: E402
-from diffbatch.io.writer import MANIFEST, OutputWriter, manifest_record  # noqa: E402
+from diffbatch.io.writer import OutputWriter  # noqa: E402
 from tiny import save_tiny_sd  # noqa: E402
-
-PNG_STUB = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64 + b"\x00\x00\x00\x00IEND\xaeB`\x82"  # passes the completeness check
 
 
 def job(n: int, size: int, steps: int) -> list[GenerationSpec]:
@@ -77,22 +77,11 @@ def same_files(a: Path, b: Path) -> bool:
 
 def resume_overhead(n: int, folder: Path) -> dict:
     """Seconds per image of ``plan_resume`` over a folder holding all ``n`` images of the job (so every
-    image is checked: manifest line parsed and compared, PNG's last bytes read)."""
-    specs = [GenerationSpec(prompt=f"a prompt of moderate length, number {k}", seed=k, num_inference_steps=30,
-                            guidance_scale=7.5, height=512, width=512, guidance_rescale=0.0) for k in range(n)]
-    folder.mkdir()
-    with open(folder / MANIFEST, "w", encoding="utf-8") as manifest:
-        for k, spec in enumerate(specs):
-            record = manifest_record(k, spec, "model")
-            (folder / record["file"]).write_bytes(PNG_STUB)
-            manifest.write(json.dumps({**record, "seconds": 0.5}) + "\n")
-    timings = []
-    for _ in range(3):
-        began = time.perf_counter()
-        plan = plan_resume(folder, specs, "model")
-        timings.append(time.perf_counter() - began)
-    assert plan.done == n and not plan.todo
-    return {"images": n, "seconds": min(timings), "us_per_image": min(timings) / n * 1e6}
+    image is checked: manifest line parsed and compared, PNG read and hashed; resume_check.py's folder)."""
+    specs = resume_job(n)
+    write_folder(folder, specs, with_hash=True)
+    seconds = time_plan(folder, specs, 3)
+    return {"images": n, "seconds": seconds, "us_per_image": seconds / n * 1e6}
 
 
 def main() -> None:
@@ -167,7 +156,7 @@ def write_markdown(record: dict) -> None:
         f"engine: {record['speedup_2_workers_vs_local']:.2f}x. Ray's files equal the local run's byte for byte: "
         f"{record['ray_files_identical_to_local']}.\n\n"
         f"Resume bookkeeping: checking a folder that holds {resume['images']} images of the job (parse and compare "
-        f"each manifest line, read each PNG's last 12 bytes) takes {resume['seconds']:.3f} s, "
+        f"each manifest line, read and hash each 64x64 PNG) takes {resume['seconds']:.3f} s, "
         f"**{resume['us_per_image']:.0f} µs per image**: next to the image itself, nothing."
     )
     replace_section("Large batch jobs (issue 6)", body)
