@@ -206,3 +206,16 @@ def test_deeply_nested_json_in_a_batch_line_or_an_edit_field_is_a_400(engine, tm
         assert edit.status_code == 400 and edit.json()["error"]["param"] == "loras"
         assert len(edit.text) < 1000  # the value is not echoed back whole
         assert client.get("/v1/batches/batch_x%0A").status_code == 404
+
+
+def test_an_uploaded_image_is_read_as_the_cli_reads_a_file(engine, tmp_path):
+    # one decoder for every init image: transparent pixels are refused, not silently dropped (io/images.py)
+    half_clear = Image.new("RGBA", (32, 32), (255, 0, 0, 255))
+    half_clear.paste((0, 0, 0, 0), (0, 0, 16, 32))
+    data = io.BytesIO()
+    half_clear.save(data, format="PNG")
+    with serve(engine, tmp_path) as client:
+        response = client.post("/v1/images/edits", files={"image": ("a.png", data.getvalue(), "image/png")},
+                               data={"prompt": "x", "strength": "0.5", **{k: str(v) for k, v in FAST.items()}})
+        assert response.status_code == 400 and "transparent" in response.json()["error"]["message"]
+        assert nothing_queued(client)

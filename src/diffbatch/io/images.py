@@ -55,14 +55,16 @@ def load_init_image(value: Any, where: str = "init image") -> Image.Image:
     path = _path(value, where)
     try:
         with Image.open(path) as image:
-            return _as_rgb(image, f"{where}: {str(path)!r}")
+            return as_rgb(image, f"{where}: {str(path)!r}")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         if isinstance(exc, InputError):
             raise
         raise _unreadable(where, path, exc) from None
 
 
-def _as_rgb(image: Image.Image, where: str) -> Image.Image:
+def as_rgb(image: Image.Image, where: str) -> Image.Image:
+    """An opened image as diffusers' ``load_image`` makes it, or ``InputError`` where that would not be faithful
+    (also the server's uploads: one decoder for every init image)."""
     _check_faithful(image, where)
     return ImageOps.exif_transpose(image).convert("RGB")  # diffusers' load_image, step for step
 

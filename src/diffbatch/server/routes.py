@@ -17,7 +17,8 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Res
 from PIL import Image, UnidentifiedImageError
 
 from ..engine import Result
-from ..errors import DiffbatchError, SpecError, shown
+from ..errors import DiffbatchError, InputError, SpecError, shown
+from ..io.images import as_rgb
 from ..io.infotext import parse_infotext, png_parameters
 from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
@@ -383,8 +384,10 @@ def _read_upload(data: bytes, max_pixels: int) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > max_pixels:
                 raise ApiError(400, f"image: {image.width}x{image.height} is over {max_pixels} pixels", "image")
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            return as_rgb(image, "image")  # as the CLI reads a file: EXIF orientation, no silent alpha drop
+    except InputError as exc:
+        raise ApiError(400, str(exc), "image") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise ApiError(400, "image: not a readable image file", "image") from None
 
 
