@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import diffusers
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
@@ -59,3 +61,15 @@ def made(spec: GenerationSpec, image: Image.Image, sampler: str = "DDIM", model:
          seconds: float = 0.1, index: int = 0) -> Result:
     """A finished image as the engine returns it, for output tests that need no model."""
     return Result(index, spec, image, np.zeros((image.height, image.width, 3), np.float32), seconds, sampler, model)
+
+
+def in_mount_namespace(script: str, marker: Path, what: str, timeout: int = 300) -> None:
+    """Run the shell ``script`` in a private mount namespace (a tmpfs or read-only mount of its own), or skip the
+    test where this machine does not allow it: no unshare(1), the script's mount failed (it exits 99), or it
+    never wrote ``marker``."""
+    try:
+        done = subprocess.run(["unshare", "--mount", "sh", "-c", script], timeout=timeout)
+    except FileNotFoundError:
+        pytest.skip(f"no unshare(1) here to {what}")
+    if done.returncode == 99 or not marker.exists():
+        pytest.skip(f"this machine does not allow to {what} in a private mount namespace")

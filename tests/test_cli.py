@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffbatch.cli import main
 from diffbatch.io.writer import MANIFEST
+from helpers import in_mount_namespace
 
 
 def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
@@ -202,12 +203,7 @@ def test_a_read_only_output_folder_is_one_line_exit_2_before_the_model_loads(tmp
     script = (f"mount --bind '{folder}' '{folder}' && mount -o remount,bind,ro '{folder}' || exit 99\n"
               f"{python} generate --prompt a --out '{folder}/out' --model '{tmp_path}/none' 2> '{tmp_path}/err'\n"
               f"echo $? > '{tmp_path}/rc'\n")
-    try:
-        done = subprocess.run(["unshare", "--mount", "sh", "-c", script], timeout=120)
-    except FileNotFoundError:
-        pytest.skip("no unshare(1) here to mount a read-only folder")
-    if done.returncode == 99 or not (tmp_path / "rc").exists():
-        pytest.skip("this machine does not allow a read-only bind mount in a private mount namespace")
+    in_mount_namespace(script, tmp_path / "rc", "mount a read-only folder", timeout=120)
     err = (tmp_path / "err").read_text()
     assert (tmp_path / "rc").read_text().strip() == "2" and err.count("\n") == 1, err
     assert f"--out {folder}/out: cannot write there (in {folder})" in err  # before the missing model is noticed

@@ -15,6 +15,7 @@ from diffbatch.cli import main
 from diffbatch.io.resume import lock_folder, plan_resume
 from diffbatch.io.writer import MANIFEST
 from diffbatch.spec import GenerationSpec
+from helpers import in_mount_namespace
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 N_IMAGES = 8  # 4 prompts x 2
@@ -110,12 +111,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_jo
               f"mount -o remount,size=4m '{disk}'\n"
               f"{python} {argv} 2> '{tmp_path}/err2'; echo $? > '{tmp_path}/rc2'\n"
               f"cp -r '{disk}/out' '{copy}'\n")
-    try:
-        done = subprocess.run(["unshare", "--mount", "sh", "-c", script], timeout=300)
-    except FileNotFoundError:
-        pytest.skip("no unshare(1) here to mount a small tmpfs")
-    if done.returncode == 99 or not (tmp_path / "rc1").exists():
-        pytest.skip("this machine does not allow mounting a tmpfs in a private mount namespace")
+    in_mount_namespace(script, tmp_path / "rc1", "mount a small tmpfs")
     err = (tmp_path / "err1").read_text()
     assert (tmp_path / "rc1").read_text().strip() == "1", err
     assert "Traceback" not in err and "diffbatch: error: the disk is full" in err.strip().splitlines()[-1]
