@@ -11,10 +11,11 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
+from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
-from .caching import cache_ok
 from .errors import SpecError, shown
 from .samplers import SAMPLERS
 
@@ -107,6 +108,85 @@ class GenerationSpec:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationSpec))
+
+
+class Kind(Enum):
+    """A field's type at the edges: each edge maps it to its own (pydantic, form converter, argparse, OpenAPI)."""
+
+    TEXT = "text"
+    INT = "integer"
+    NUMBER = "number"
+    LORAS = "loras"  # LoRA name -> weight: a JSON object (a form field holds its JSON text)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A field's AUTOMATIC1111 infotext key (io/writer.py writes ``Key: value``, io/infotext.py reads it back),
+    written only when ``when(spec)``."""
+
+    name: str
+    when: Callable[[GenerationSpec], bool] = lambda spec: True
+
+
+BODY = "body"  # Edges.http: the generations JSON body and the edits form
+EDITS = "edits"  # the edits form only
+
+
+@dataclass(frozen=True)
+class Edges:
+    """How a field enters and leaves diffbatch. The HTTP body model and form, the OpenAPI descriptions, the CLI
+    flags and the PNG's keys are built from this table (EDGES); anything else says how that edge sets it."""
+
+    kind: Kind
+    http: str = BODY  # BODY, EDITS, or how the API sets it otherwise
+    flag: str | None = None  # the ``generate`` flag; None: ``no_flag`` says how the command line sets it
+    metavar: str | None = None
+    help: str | None = None
+    no_flag: str = ""
+    key: Key | None = None  # None: not a ``Key: value`` of its own (``no_key`` says how the PNG holds it)
+    no_key: str = ""
+
+
+CACHE_HELP = ("step caching: off (default: every step computes the whole denoiser), auto (the model's recommended "
+              "method), or " + "; ".join(f"{m.name}:VALUE, {m.meaning}" for m in METHODS.values()))
+
+
+def _variation(spec: GenerationSpec) -> bool:
+    return spec.variation_seed is not None
+
+
+# In A1111's order of the keys (io/writer.py places the settings that are no field's own between them).
+EDGES: dict[str, Edges] = {
+    "prompt": Edges(Kind.TEXT, http="OpenAI's own field (server/schemas.py)",
+                    no_flag="--prompt TEXT (repeatable) or the PROMPTS file", no_key="the first lines"),
+    "negative_prompt": Edges(Kind.TEXT, flag="--negative-prompt", metavar="TEXT", no_key="its 'Negative prompt:' line"),
+    "num_inference_steps": Edges(Kind.INT, flag="--steps", metavar="N", help="inference steps (default: the model's)",
+                                 key=Key("Steps")),
+    "guidance_scale": Edges(Kind.NUMBER, flag="--guidance-scale", metavar="G", help="CFG scale; <= 1 disables CFG",
+                            key=Key("CFG scale")),
+    "seed": Edges(Kind.INT, no_flag="--seed BASE: image k of the job gets BASE + k", key=Key("Seed")),
+    "height": Edges(Kind.INT, http="size (WxH)", no_flag="--size WxH", no_key="Size (WxH)"),
+    "width": Edges(Kind.INT, http="size (WxH)", no_flag="--size WxH", no_key="Size (WxH)"),
+    "image": Edges(Kind.TEXT, http="the edits' uploaded image", no_flag="--image PATH_OR_DIR (a folder pairs images "
+                   "with prompts)", no_key="Init image (a path), Init image hash"),
+    "strength": Edges(Kind.NUMBER, http=EDITS, flag="--strength", metavar="S", help="img2img strength in (0, 1]",
+                      key=Key("Denoising strength", lambda spec: spec.is_img2img)),
+    "scheduler": Edges(Kind.TEXT, flag="--scheduler", metavar="NAME", help="sampler: " + ", ".join(SAMPLERS),
+                       no_key="Sampler (its label; a model's own sampler as its class name)"),
+    "guidance_rescale": Edges(Kind.NUMBER, flag="--guidance-rescale", metavar="R",
+                              help="CFG rescale in [0, 1] (for v-prediction models); 0: off",
+                              key=Key("CFG rescale", lambda spec: bool(spec.guidance_rescale))),
+    "variation_seed": Edges(Kind.INT, flag="--variation-seed", metavar="V",
+                            help="variation: mix in seed V's noise (A1111 subseed)",
+                            key=Key("Variation seed", _variation)),
+    "variation_strength": Edges(Kind.NUMBER, flag="--variation-strength", metavar="X",
+                                help="variation strength in [0, 1]; 0: the seed's own image",
+                                key=Key("Variation seed strength", _variation)),
+    "loras": Edges(Kind.LORAS, no_flag="<lora:NAME:WEIGHT> tags in a prompt, or a .jsonl line's loras field",
+                   no_key="<lora:NAME:WEIGHT> tags after the prompt, and Lora hashes"),
+    "cache": Edges(Kind.TEXT, flag="--cache", metavar="off|auto|METHOD:VALUE", help=CACHE_HELP,
+                   key=Key("Cache", lambda spec: spec.cache != OFF)),
+}
 
 
 def _lora_pairs(value: Any) -> Any:

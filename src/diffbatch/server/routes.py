@@ -28,15 +28,21 @@ from .keys import KeyLimit
 from .loop import Cancelled, QueueFull, ShuttingDown
 from .metrics import CONTENT_TYPE
 from .retention import delete_job
-from .schemas import BATCH_BODY, EDIT_BODY, PARAMETERS_BODY, ApiError, CancelRequest, ImageGenerationRequest
+from .schemas import (
+    BATCH_BODY,
+    EDIT_BODY,
+    EDIT_FIELDS,
+    FORM_TYPES,
+    PARAMETERS_BODY,
+    ApiError,
+    CancelRequest,
+    ImageGenerationRequest,
+)
 from .state import ServerState
 from .store import URL_FILES
 
 router = APIRouter()
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # used with fullmatch
-EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "strength", "seed", "negative_prompt",
-               "num_inference_steps", "guidance_scale", "guidance_rescale", "scheduler", "quality",
-               "variation_seed", "variation_strength", "request_id", "loras")
 
 
 def state(request: Request) -> ServerState:
@@ -394,12 +400,11 @@ def _read_upload(data: bytes, max_pixels: int) -> Image.Image:
 def _form_value(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ApiError(400, f"{key}: must be a text field", key)
-    converters = {"n": int, "seed": int, "num_inference_steps": int, "strength": float, "guidance_scale": float,
-                  "guidance_rescale": float, "variation_seed": int, "variation_strength": float, "loras": json.loads}
+    convert = FORM_TYPES.get(key, str)
     try:
-        return converters.get(key, str)(value)
+        return convert(value)
     except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
-        what = "a JSON object of LoRA names and weights" if key == "loras" else "a number"
+        what = "a JSON object of LoRA names and weights" if convert is json.loads else "a number"
         raise ApiError(400, f"{key}: {shown(value)} is not {what}", key) from None
 
 

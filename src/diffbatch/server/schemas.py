@@ -1,14 +1,25 @@
-"""HTTP request bodies (pydantic lives only here, at the edge) and OpenAI-style errors."""
+"""HTTP request bodies (pydantic lives only here, at the edge) and OpenAI-style errors. The spec's fields are
+not named here: the generations body, the edits form and the OpenAPI descriptions are built from spec.EDGES."""
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
+
+from ..spec import BODY, EDGES, EDITS, GenerationSpec, Kind
+
+REQUEST_ID = r"^[A-Za-z0-9_-]{1,80}$"
+BODY_FIELDS = tuple(name for name, edges in EDGES.items() if edges.http == BODY)  # generations JSON and edits form
+FORM_FIELDS = tuple(name for name, edges in EDGES.items() if edges.http in (BODY, EDITS))  # the edits form
+BATCH_FIELDS = tuple(name for name in EDGES if name != "image")  # a batch line has no upload: routes refuse it
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's ``POST /v1/images/generations`` body, plus diffbatch's extensions."""
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's own fields of ``POST /v1/images/generations``; ``ImageGenerationRequest`` adds the spec's."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -20,25 +31,34 @@ class ImageGenerationRequest(BaseModel):
     user: str | None = None
     quality: str | None = None  # OpenAI fields accepted for client compatibility, without effect
     style: str | None = None
-    # Extensions
-    seed: StrictInt | None = None  # image i of the request gets seed + i
-    negative_prompt: str = ""
-    num_inference_steps: StrictInt | None = None
-    guidance_scale: float | None = None
-    guidance_rescale: float | None = None
-    scheduler: str | None = None
-    request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,80}$")  # POST /v1/images/cancel names it
-    variation_seed: StrictInt | None = None  # with variation_strength in [0, 1]: AUTOMATIC1111's subseed
-    variation_strength: float | None = None
-    loras: dict[str, float] = Field(default_factory=dict)  # LoRA name -> weight (names from --lora-dir)
+    request_id: str | None = Field(None, pattern=REQUEST_ID)  # POST /v1/images/cancel names it
 
+
+_JSON_TYPES: dict[Kind, Any] = {Kind.TEXT: str, Kind.INT: StrictInt, Kind.NUMBER: float}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSpec)}
+
+
+def _body_field(name: str) -> tuple[Any, Any]:
+    """A spec field in the JSON body: its type (integers strict: JSON true or 1.0 is not a seed) and default."""
+    edges = EDGES[name]
+    if edges.kind is Kind.LORAS:  # LoRA name -> weight (names from --lora-dir)
+        return dict[str, float], Field(default_factory=dict, description=edges.help)
+    default, kind = _DEFAULTS[name], _JSON_TYPES[edges.kind]
+    return (kind | None if default is None else kind), Field(default, description=edges.help)
+
+
+ImageGenerationRequest = create_model(
+    "ImageGenerationRequest", __base__=OpenAIImageRequest,
+    __doc__="OpenAI's ``POST /v1/images/generations`` body, plus diffbatch's extensions (the spec's fields; the "
+            "seed of image i is seed + i).",
+    **{name: _body_field(name) for name in BODY_FIELDS})
 
 class CancelRequest(BaseModel):
     """``POST /v1/images/cancel``: the ``request_id`` a generation was sent with."""
 
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,80}$")
+    request_id: str = Field(pattern=REQUEST_ID)
 
 
 class ApiError(Exception):
@@ -64,14 +84,21 @@ def _form(properties: dict, required: list[str]) -> dict:
 
 _IMAGE = {"type": "string", "format": "binary"}
 _TEXT, _INT, _NUMBER = {"type": "string"}, {"type": "integer"}, {"type": "number"}
-EDIT_BODY = _form({"image": _IMAGE, "prompt": _TEXT, "strength": _NUMBER, "n": _INT, "size": _TEXT, "seed": _INT,
-                   "negative_prompt": _TEXT, "num_inference_steps": _INT, "guidance_scale": _NUMBER,
-                   "scheduler": _TEXT, "response_format": {"type": "string", "enum": ["b64_json", "url"]}},
-                  ["image", "prompt"])
+_SCHEMAS = {Kind.TEXT: _TEXT, Kind.INT: _INT, Kind.NUMBER: _NUMBER,
+            Kind.LORAS: {"type": "object", "additionalProperties": _NUMBER}}
+_FORM_SCHEMAS = {**_SCHEMAS, Kind.LORAS: _TEXT}  # a form field holds the JSON object's text
+EDIT_BODY = _form({"image": _IMAGE, "prompt": _TEXT, "n": _INT, "size": _TEXT,
+                   "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+                   **{name: _FORM_SCHEMAS[EDGES[name].kind] for name in FORM_FIELDS}}, ["image", "prompt"])
 PARAMETERS_BODY = _form({"image": _IMAGE}, ["image"])
 BATCH_BODY = {"requestBody": {"required": True, "content": {"application/jsonl": {"schema": {
     "type": "array", "description": "one JSON object per line, with any GenerationSpec field",
     "items": {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
-        "prompt": _TEXT, "negative_prompt": _TEXT, "seed": _INT, "num_inference_steps": _INT,
-        "guidance_scale": _NUMBER, "width": _INT, "height": _INT, "scheduler": _TEXT,
-        "loras": {"type": "object", "additionalProperties": _NUMBER}}}}}}}}
+        name: _SCHEMAS[EDGES[name].kind] for name in BATCH_FIELDS}}}}}}}
+
+# The edits form: OpenAI's fields, then the spec's; each value's text read as its kind.
+EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "quality", "request_id", *FORM_FIELDS)
+_FORM_TYPES: dict[Kind, Callable[[str], Any]] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float,
+                                                 Kind.LORAS: json.loads}
+FORM_TYPES: dict[str, Callable[[str], Any]] = {"n": int, **{name: _FORM_TYPES[EDGES[name].kind]
+                                                            for name in FORM_FIELDS}}
