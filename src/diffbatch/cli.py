@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,8 +28,7 @@ from .memory import AUTO, BatchSize
 from .models import DEFAULT_MODEL
 from .options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .quiet import quiet_loading
-from .samplers import SAMPLERS
-from .spec import GenerationSpec, check_field, check_size, parse_size
+from .spec import EDGES, FIELDS, GenerationSpec, Kind, check_field, check_size, parse_size
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -44,29 +44,18 @@ BACKEND_HELP = "what runs the models: torch (default) or openvino (CPU; pip inst
 DTYPE_HELP = ("auto (default): float16 on CUDA; on a CPU bfloat16 where it is native (AVX512_BF16 or AMX), "
               "else float32")
 
-# flag dest -> (flag as the user typed it, GenerationSpec field it sets)
-SPEC_FLAGS: dict[str, tuple[str, str]] = {
-    "steps": ("--steps", "num_inference_steps"),
-    "guidance_scale": ("--guidance-scale", "guidance_scale"),
-    "negative_prompt": ("--negative-prompt", "negative_prompt"),
-    "scheduler": ("--scheduler", "scheduler"),
-    "strength": ("--strength", "strength"),
-    "variation_seed": ("--variation-seed", "variation_seed"),
-    "variation_strength": ("--variation-strength", "variation_strength"),
-}
-
-GENERATE_HELP = """\
+GENERATE_HELP = f"""\
 PROMPTS is a text file (one prompt per line; blank lines and lines starting with # are skipped),
-a .jsonl file (one JSON object per line with any of the fields prompt, negative_prompt, seed,
-num_inference_steps, guidance_scale, height, width, image, strength, scheduler, guidance_rescale,
-variation_seed, variation_strength, loras; a line's fields override the flags), or - for stdin
-(read as JSON lines when its first line starts with '{'). A prompt may hold AUTOMATIC1111's
-<lora:NAME:WEIGHT> tags (NAME.safetensors in --lora-dir).
+a .jsonl file (one JSON object per line; a line's fields override the flags), or - for stdin
+(read as JSON lines when its first line starts with '{{'). A .jsonl line's fields are any of
+{textwrap.fill(", ".join(FIELDS), 100)}.
+A prompt may hold AUTOMATIC1111's <lora:NAME:WEIGHT> tags (NAME.safetensors in --lora-dir).
 Image k of the job (0-based, in order) gets seed BASE + k unless its line sets a seed S (then its
--n copies get S, S+1, ...). Writes DIR/{k:05d}-{seed}.png, DIR/manifest.jsonl, and a gallery
+-n copies get S, S+1, ...). Writes DIR/{{k:05d}}-{{seed}}.png, DIR/manifest.jsonl, and a gallery
 (DIR/index.html, DIR/grid.png). Run again on the same DIR, it skips the images already written
 (a changed job is refused unless --overwrite; an image whose file is not the one its manifest line
 describes is made again). A changed init image (its content, not its name) is a changed job."""
+FLAG_TYPES: dict[Kind, type] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float}
 
 
 class UsageError(DiffbatchError):
@@ -147,16 +136,9 @@ def register(subparsers: Subparsers) -> None:
                    help="every setting (and the model) from a PNG written by diffbatch or AUTOMATIC1111; flags "
                         "override, --prompt replaces the prompt; alone it regenerates the same file")
     p.add_argument("--vary-seed", action="store_true", help="with --from: seeds S+1, S+2, ... instead of S, ...")
-    p.add_argument("--steps", type=int, metavar="N", help="inference steps (default: the model's)")
-    p.add_argument("--guidance-scale", type=float, metavar="G", help="CFG scale; <= 1 disables CFG")
     p.add_argument("--size", type=_parse_size, metavar="WxH", help="width x height in pixels")
-    p.add_argument("--negative-prompt", metavar="TEXT")
-    p.add_argument("--scheduler", metavar="NAME", help="sampler: " + ", ".join(SAMPLERS))
     p.add_argument("--image", metavar="PATH_OR_DIR", help="init image, or a folder paired with prompts")
-    p.add_argument("--strength", type=float, metavar="S", help="img2img strength in (0, 1]")
-    p.add_argument("--variation-seed", type=int, metavar="V", help="variation: mix in seed V's noise (A1111 subseed)")
-    p.add_argument("--variation-strength", type=float, metavar="X",
-                   help="variation strength in [0, 1]; 0: the seed's own image")
+    _add_spec_flags(p)
     p.add_argument("--lora-dir", type=Path, metavar="DIR",
                    help="LoRA files (NAME.safetensors) for <lora:NAME:WEIGHT> tags and loras fields")
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
@@ -174,6 +156,23 @@ def register(subparsers: Subparsers) -> None:
     g = subparsers.add_parser("gallery", help="write index.html and grid.png for an output folder")
     g.add_argument("folder", type=Path, metavar="DIR", help="a folder written by diffbatch generate")
     g.set_defaults(func=run_gallery)
+
+
+class _SpecFlag(argparse.Action):
+    """A spec field's flag (spec.EDGES): its value goes to ``args.spec_fields`` (field -> value)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        namespace.spec_fields = {**namespace.spec_fields, self.dest: values}
+
+
+def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    """One flag for each spec field that has one, typed by its kind; ``_flag_fields`` checks the values."""
+    for name, edges in EDGES.items():
+        if edges.flag is not None:
+            p.add_argument(edges.flag, dest=name, action=_SpecFlag, type=FLAG_TYPES[edges.kind],
+                           default=argparse.SUPPRESS, metavar=edges.metavar, help=edges.help)
+    p.set_defaults(spec_fields={})
 
 
 def _parse_batch_size(text: str) -> BatchSize:
@@ -280,12 +279,9 @@ def _check_from_image(png: Path, image: str, recorded: str) -> None:
 
 def _flag_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The spec fields the flags set, each checked on its own so an error names its flag."""
-    fields: dict[str, Any] = {}
-    for dest, (flag, field) in SPEC_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            _check_flag(flag, field, value)
-            fields[field] = value
+    fields: dict[str, Any] = dict(args.spec_fields)
+    for field, value in fields.items():
+        _check_flag(EDGES[field].flag, field, value)
     if args.size is not None:
         width, height = args.size
         _check_flag("--size", "width", width, shown=f"{width}x{height}")
