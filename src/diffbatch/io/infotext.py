@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError, shown
 from ..samplers import SAMPLERS
-from ..spec import parse_size
+from ..spec import EDGES, Kind, parse_size
 from .writer import PARAMETERS_KEY
 
 # The settings line is read as A1111's modules/infotext_utils.py re_param_code reads it,
@@ -31,11 +31,8 @@ QUOTED = re.compile(r'"(?:\\.|[^\\"])++"')
 NEGATIVE = "Negative prompt:"
 LABELS = {sampler.label: name for name, sampler in SAMPLERS.items()}  # "Euler a" -> "euler_a"
 KARRAS = {"DPM++ 2M": "dpm++_2m_karras"}  # A1111 >= 1.9 writes "Sampler: DPM++ 2M, Schedule type: Karras"
-NUMBERS: dict[str, tuple[str, type]] = {
-    "Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-    "Denoising strength": ("strength", float), "CFG rescale": ("guidance_rescale", float),
-    "Variation seed": ("variation_seed", int), "Variation seed strength": ("variation_strength", float),
-}
+PARSERS: dict[Kind, type] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float}
+KEYS = {edges.key.name: (name, PARSERS[edges.kind]) for name, edges in EDGES.items() if edges.key is not None}
 
 
 @dataclass
@@ -80,9 +77,9 @@ def parse_infotext(text: str) -> Infotext:
     found.fields["prompt"] = "\n".join(body[:negative])
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()
-    for key, (name, kind) in NUMBERS.items():
+    for key, (name, kind) in KEYS.items():
         if key in settings:
-            found.fields[name] = _number(key, settings[key], kind)
+            found.fields[name] = _value(key, settings[key], kind)
     if "Size" in settings:
         found.fields["width"], found.fields["height"] = parse_size(settings["Size"])
     if "Init image" in settings:
@@ -136,7 +133,7 @@ def _ends_value(line: str, pos: int) -> bool:
     return line.startswith(",", pos) or pos == len(line) or (pos == len(line) - 1 and line[pos] == "\n")
 
 
-def _number(key: str, value: str, kind: type) -> int | float:
+def _value(key: str, value: str, kind: type) -> int | float | str:
     try:
         return kind(value)
     except ValueError:

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -21,7 +21,7 @@ from typing import IO, Any
 from PIL.PngImagePlugin import PngInfo
 
 from ..result import Result
-from ..spec import GenerationSpec
+from ..spec import EDGES, GenerationSpec, Kind
 
 MANIFEST = "manifest.jsonl"
 PARAMETERS_KEY = "parameters"  # the text chunk AUTOMATIC1111 (and tools reading its files) use
@@ -33,26 +33,14 @@ def png_name(index: int, seed: int) -> str:
 
 def format_parameters(spec: GenerationSpec, sampler: str, model: str,
                       lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "", image_hash: str = "") -> str:
-    """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings. LoRAs
-    are written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``; an init
-    image's fingerprint as A1111's ``Init image hash`` (``--from`` refuses a file changed since)."""
-    settings: list[tuple[str, Any]] = [
-        ("Steps", spec.num_inference_steps), ("Sampler", _quote(sampler)),
-        ("CFG scale", _number(spec.guidance_scale)), ("Seed", spec.seed),
-        ("Size", f"{spec.width}x{spec.height}"),
-        *([("Model hash", model_hash)] if model_hash else []), ("Model", _quote(model)),
-    ]
-    if spec.is_img2img:
-        settings.append(("Denoising strength", _number(spec.strength)))
-        if isinstance(spec.image, str | os.PathLike):  # diffbatch's own key: --from finds the init image again
-            settings.append(("Init image", _quote(os.fspath(spec.image))))
-            if image_hash:
-                settings.append(("Init image hash", image_hash))
-    if spec.guidance_rescale:
-        settings.append(("CFG rescale", _number(spec.guidance_rescale)))
-    if spec.variation_seed is not None:  # AUTOMATIC1111's names for its subseed
-        settings += [("Variation seed", spec.variation_seed),
-                     ("Variation seed strength", _number(spec.variation_strength))]
+    """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings: each
+    field's own key (spec.EDGES) and, after the key they follow, the settings that are no field's own. LoRAs are
+    written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``; an init image's
+    fingerprint as A1111's ``Init image hash`` (``--from`` refuses a file changed since)."""
+    after = _context(spec, sampler, model, model_hash, image_hash)
+    settings: list[tuple[str, Any]] = []
+    for name, key, text in _field_settings(spec):
+        settings += [(key, text), *after.get(name, [])]
     if lora_hashes:
         settings.append(("Lora hashes", json.dumps(", ".join(f"{name}: {digest}" for name, digest in lora_hashes))))
     tags = "".join(f" <lora:{name}:{_number(weight)}>" for name, weight in spec.loras)
@@ -61,6 +49,29 @@ def format_parameters(spec: GenerationSpec, sampler: str, model: str,
         lines.append(f"Negative prompt: {spec.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in settings))
     return "\n".join(lines)
+
+
+def _field_settings(spec: GenerationSpec) -> Iterator[tuple[str, str, str]]:
+    """(field, key, value as written) of each field with a key of its own, in the table's (A1111's) order."""
+    for name, edges in EDGES.items():
+        if edges.key is not None and edges.key.when(spec):
+            yield name, edges.key.name, FORMATS[edges.kind](getattr(spec, name))
+
+
+def _context(spec: GenerationSpec, sampler: str, model: str, model_hash: str,
+             image_hash: str) -> dict[str, list[tuple[str, str]]]:
+    """The settings that are no one field's own, by the field whose key they follow (A1111's order)."""
+    model_keys = [*([("Model hash", model_hash)] if model_hash else []), ("Model", _quote(model))]
+    return {"num_inference_steps": [("Sampler", _quote(sampler))],
+            "seed": [("Size", f"{spec.width}x{spec.height}"), *model_keys],
+            "strength": _init_image(spec, image_hash)}
+
+
+def _init_image(spec: GenerationSpec, image_hash: str) -> list[tuple[str, str]]:
+    """diffbatch's own key for an init image file: ``--from`` finds it again (and checks its fingerprint)."""
+    if not isinstance(spec.image, str | os.PathLike):
+        return []
+    return [("Init image", _quote(os.fspath(spec.image))), *([("Init image hash", image_hash)] if image_hash else [])]
 
 
 def _quote(text: str) -> str:
@@ -73,6 +84,9 @@ def _number(value: float | int | None) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+FORMATS: dict[Kind, Callable[[Any], str]] = {Kind.TEXT: str, Kind.INT: str, Kind.NUMBER: _number}
 
 
 def manifest_record(index: int, spec: GenerationSpec, model: str, model_hash: str = "",
