@@ -6,6 +6,7 @@ docs/ui.png (linked from the README); otherwise to the test's temporary folder."
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,21 @@ def test_generate_refine_history_and_a_wrong_key(browser, server, tiny_sd_path, 
         wrong.close()
     finally:
         again.stop()
+
+
+def test_the_cache_select_sends_the_field_only_when_on(browser, server):  # noqa: F811
+    page = open_ui(browser, server.url, KEY)
+    page.fill("#prompt", "a red circle")
+    page.fill("#n", "1")
+    page.fill("#num_inference_steps", "2")
+    assert page.eval_on_selector_all("#cache option", "os => os.map(o => o.value)") == [
+        "off", "auto", "deepcache:2", "deepcache:3", "deepcache:5"]
+    page.select_option("#cache", "deepcache:3")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#generate")
+    assert json.loads(sent.value.post_data)["cache"] == "deepcache:3"
+    page.select_option("#cache", "off")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#generate")
+    assert "cache" not in json.loads(sent.value.post_data)  # as before the field: older servers take it
+    page.close()
