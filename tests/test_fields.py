@@ -188,6 +188,15 @@ def test_a_png_with_a_bad_cache_is_refused_by_from(tmp_path, capsys):
     assert "cache=" in capsys.readouterr().err
 
 
+def test_from_a_png_made_with_a_cache_asks_for_the_same_cache(monkeypatch, tmp_path, capsys):
+    capture = Capture()
+    monkeypatch.setattr("diffbatch.cli.load_engine", lambda args: capture)
+    png = tmp_path / "made.png"
+    png.write_bytes(png_with_parameters(format_parameters(GenerationSpec(**EXAMPLES), "DDIM", "tiny")))
+    assert main(["generate", "--from", str(png), "--out", str(tmp_path / "out")]) == 2
+    assert capture.specs[0].cache == "deepcache:3" and "captured" in capsys.readouterr().err
+
+
 def test_the_parameters_endpoint_returns_the_cache_a_png_was_made_with(client):
     png = png_with_parameters(format_parameters(GenerationSpec(**EXAMPLES), "DDIM", "tiny"))
     response = client.post("/v1/images/parameters", files={"image": ("made.png", png, "image/png")})
