@@ -30,6 +30,7 @@ from .metrics import CONTENT_TYPE
 from .retention import delete_job
 from .schemas import (
     BATCH_BODY,
+    BODY_FIELDS,
     EDIT_BODY,
     EDIT_FIELDS,
     FORM_TYPES,
@@ -98,8 +99,7 @@ async def metrics(request: Request) -> PlainTextResponse:
 @router.post("/v1/images/generations")
 async def generations(body: ImageGenerationRequest, request: Request) -> dict:
     s = state(request)
-    fields = body.model_dump(exclude={"model", "n", "size", "response_format", "user", "quality", "style",
-                                      "request_id"})
+    fields = body.model_dump(include={"prompt", *BODY_FIELDS})  # the spec's fields; the rest are OpenAI's
     specs = _specs(s, fields, body.model, body.n, body.size)
     return await _generate(request, specs, body.response_format, body.request_id)
 
