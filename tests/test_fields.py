@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from diffbatch import Engine
 from diffbatch.cli import main
 from diffbatch.errors import SpecError
+from diffbatch.io.gallery import parameters_line
 from diffbatch.io.infotext import parse_infotext
 from diffbatch.io.writer import format_parameters
 from diffbatch.server import ServerConfig, create_app
@@ -209,3 +210,10 @@ def test_cli_help_explains_every_cache_method(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--cache" in help_text and "deepcache:VALUE" in help_text and "fbcache:VALUE" in help_text
 
+
+
+def test_the_gallery_caption_names_a_cache_only_when_on():
+    record = GenerationSpec(**EXAMPLES).to_record()
+    assert parameters_line(record).endswith(" · cache deepcache:3")
+    assert "cache" not in parameters_line({**record, "cache": "off"}) and "cache" not in parameters_line(
+        {k: v for k, v in record.items() if k != "cache"})

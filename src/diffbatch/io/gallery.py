@@ -85,12 +85,15 @@ def write_gallery(out: Path) -> tuple[Path, Path]:
 
 
 def parameters_line(record: dict[str, Any]) -> str:
-    """``seed 7 · 20 steps · CFG 7.5 · 512x512 · euler_a · model`` (img2img: strength and init image too)."""
+    """``seed 7 · 20 steps · CFG 7.5 · 512x512 · euler_a · model`` (img2img: strength and init image too; a step
+    cache when on)."""
     parts = [f"seed {record.get('seed')}", f"{record.get('num_inference_steps')} steps",
              f"CFG {record.get('guidance_scale')}", f"{record.get('width')}x{record.get('height')}",
              record.get("scheduler") or "default sampler", str(record.get("model", ""))]
     if record.get("image") is not None:
         parts += [f"strength {record.get('strength')}", f"init {record.get('image')}"]
+    if record.get("cache", "off") != "off":  # a line written before the field has none: off
+        parts.append(f"cache {record['cache']}")
     return " · ".join(parts)
 
 
