@@ -35,11 +35,19 @@ class Request:
     latents: Any = None  # [1, C, h, w]
     cond: dict[str, Any] = field(default_factory=dict)  # adapter conditioning for the prompt, batch dim 1
     uncond: dict[str, Any] | None = None  # same for the negative prompt; None without CFG
+    cache_every: int = 0  # step cache (DeepCache): the deep features are computed every this many steps; 0: off
+    deep: Any = None  # the deep features of its last full step, one row per denoiser row ([2 or 1, C, h, w])
     started: float = 0.0  # perf_counter at admission
 
     @property
     def uses_cfg(self) -> bool:
         return self.uncond is not None
+
+    @property
+    def reuses_deep(self) -> bool:
+        """This step runs the shallow path on the cached deep features: DeepCache's uniform schedule, a full
+        step at step 0, N, 2N, ... (adapters/step_cache.py), decided from this request's own state alone."""
+        return self.cache_every > 0 and self.deep is not None and self.step_index % self.cache_every != 0
 
     @property
     def remaining_steps(self) -> int:

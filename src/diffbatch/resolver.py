@@ -16,7 +16,6 @@ import diffusers
 
 from .adapters import Adapter
 from .adapters.loading import describe
-from .caching import OFF
 from .errors import SpecError, shown
 from .io.images import init_image_size
 from .samplers import SAMPLERS, sampler_label
@@ -73,9 +72,9 @@ class Resolver:
         if resolved.loras and self.adapter.backend != "torch":
             raise SpecError(f"loras: not supported with backend {self.adapter.backend!r} (use backend torch)",
                             field="loras", value=resolved.loras, reason="needs backend torch")
-        if resolved.cache != OFF:  # issue 21: the per-row step cache is being built; until then, refused
-            raise SpecError(f"cache={resolved.cache!r}: step caching is not available for this model yet "
-                            f"(supported: {OFF})", field="cache", value=resolved.cache, reason=f"supported: {OFF}")
+        cache = self.adapter.resolve_cache(resolved.cache)  # auto made concrete: the PNG records what ran
+        if cache != resolved.cache:
+            resolved = dataclasses.replace(resolved, cache=cache)
         self.adapter.check_spec(resolved)
         self.check_sampler(resolved)
         return resolved

@@ -103,6 +103,7 @@ class Runner:
             r.sampler = self.make_sampler(r.spec.scheduler)
             r.timesteps = self.adapter.set_timesteps(r.sampler, r.spec)
             r.num_steps = len(r.timesteps)
+            r.cache_every = self.adapter.cache_every(r.spec)
             if not r.spec.is_img2img:
                 sigma = getattr(r.sampler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale noise
                 r.latents = self.adapter.initial_noise(r.spec, r.generator) * sigma
@@ -156,14 +157,35 @@ class Runner:
 
     # 2. Denoising ----------------------------------------------------------------------------------------
     def _denoise(self, requests: list[Request]) -> None:
-        # The denoiser call is retried in halves on out-of-memory; stepping the samplers comes after, once.
+        # The denoiser calls are retried in halves on out-of-memory; stepping the samplers comes after, once.
         limits = self.limits
-        eps = limits.run_split(limits.denoise, requests[0].shape_key, requests, self._guided_noise)
-        for r, e in zip(requests, eps, strict=True):
-            self._step(r, e)
+        noise = limits.run_split(limits.denoise, requests[0].shape_key, requests, self._guided_noise)
+        for r, (eps, deep) in zip(requests, noise, strict=True):
+            if deep is not None:
+                r.deep = deep
+            self._step(r, eps)
 
-    def _guided_noise(self, requests: list[Request]) -> list[torch.Tensor]:
-        """One batched denoiser call; each request's noise prediction with its own CFG. Changes no state."""
+    def _guided_noise(self, requests: list[Request]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each request's noise prediction with its own CFG, and its new deep features where it caches them
+        (else None). The rows that compute fully (requests without a step cache, cache refreshes) run in one
+        set of calls, the rows that reuse their cached deep features (adapters/step_cache.py) in another; each
+        request's own step decides which. Changes no state."""
+        full = [r for r in requests if not r.reuses_deep]
+        short = [r for r in requests if r.reuses_deep]
+        outs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if full:
+            out, deep = self._model_rows(full, capture=any(r.cache_every for r in full))
+            outs.update(_per_request(full, out, deep))
+        if short:
+            out, _ = self._model_rows(short, deep=batch_rows([r.deep for r in short]))
+            outs.update(_per_request(short, out, None))
+        return [(_guide(r, outs[r.request_id][0]), outs[r.request_id][1]) for r in requests]
+
+    def _model_rows(self, requests: list[Request], capture: bool = False, deep: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoiser's output for the requests' rows (a guided request: uncond, then cond) in calls of the
+        device's call shape (invariance.py): the full denoiser (``capture``: and the rows' deep features too), or
+        with ``deep``, the shallow path on those features."""
         samples, timesteps, conds, loras = [], [], [], []
         for r in requests:
             t = r.timesteps[r.step_index]
@@ -175,26 +197,22 @@ class Runner:
             conds += rows
         sample, timestep = batch_rows(samples), batch_rows(timesteps)  # [N, ...], [N]
         cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
+        captured: list[torch.Tensor] = []
 
         def call(real: slice, size: int) -> torch.Tensor:  # padded to the device's call shape (invariance.py)
             rows = loras[real]
+            args = (pad_rows(sample[real], size), pad_rows(timestep[real], size),
+                    {key: pad_rows(value[real], size) for key, value in cond.items()})
             with self._lora_rows(rows + rows[-1:] * (size - len(rows))):
-                return self.adapter.denoise(pad_rows(sample[real], size), pad_rows(timestep[real], size),
-                                            {key: pad_rows(value[real], size) for key, value in cond.items()})
+                if deep is not None:
+                    return self.adapter.denoise_shallow(*args, pad_rows(deep[real], size))
+                if not capture:
+                    return self.adapter.denoise(*args)
+                with self.adapter.capture_deep(captured, real.stop - real.start):
+                    return self.adapter.denoise(*args)
 
         out = run_in_calls(self.adapter.call_shapes.denoiser, len(sample), call)  # [N, ...]
-        row, noise = 0, []
-        for r in requests:
-            if r.uses_cfg:
-                uncond, text = out[row : row + 1], out[row + 1 : row + 2]
-                eps = uncond + r.spec.guidance_scale * (text - uncond)
-                if r.spec.guidance_rescale > 0:
-                    eps = rescale_noise_cfg(eps, text, guidance_rescale=r.spec.guidance_rescale)
-            else:
-                eps = out[row : row + 1]
-            row += 2 if r.uses_cfg else 1
-            noise.append(eps)
-        return noise
+        return out, torch.cat(captured) if captured else None
 
     def _step(self, r: Request, eps: torch.Tensor) -> None:
         params = _step_params(type(r.sampler))
@@ -214,7 +232,7 @@ class Runner:
             images = limits.run_split(limits.decode, chunk[0].shape_key, chunk, self._decode_chunk)
             for r, image in zip(chunk, images, strict=True):
                 pixels[r.request_id] = image
-                r.latents = r.sampler = r.uncond = r.generator = None  # free memory early
+                r.latents = r.sampler = r.uncond = r.generator = r.deep = None  # free memory early
                 r.cond = {}
         return pixels
 
@@ -223,6 +241,28 @@ class Runner:
         images = run_in_calls(self.adapter.call_shapes.vae, len(chunk), lambda real, size: (
             self.adapter.decode(pad_rows(latents[real], size), chunk[0].spec)))
         return list(images)  # [B, H, W, 3]
+
+
+def _per_request(requests: list[Request], out: torch.Tensor, deep: torch.Tensor | None
+                 ) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Split a call's rows back into each request's (output rows, deep features to keep: only where it caches)."""
+    row = 0
+    for r in requests:
+        n = 2 if r.uses_cfg else 1
+        keep = deep[row : row + n].clone() if deep is not None and r.cache_every else None  # not a view of the batch
+        yield r.request_id, (out[row : row + n], keep)
+        row += n
+
+
+def _guide(r: Request, out: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance for one request's rows (``[uncond, cond]``, or ``[cond]`` unguided)."""
+    if not r.uses_cfg:
+        return out
+    uncond, text = out[0:1], out[1:2]
+    eps = uncond + r.spec.guidance_scale * (text - uncond)
+    if r.spec.guidance_rescale > 0:
+        eps = rescale_noise_cfg(eps, text, guidance_rescale=r.spec.guidance_rescale)
+    return eps
 
 
 def _scale_model_input(sampler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ Methods with a body are the Stable-Diffusion-style default that most families sh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -17,6 +18,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from ..caching import AUTO, METHODS, OFF, parse_cache
+from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
 from .config import PipelineConfig
 from .invariance import CallShape, CallShapes, call_shapes, make_batch_invariant
@@ -27,6 +30,8 @@ Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch
 
 class Adapter(ABC):
     family: ClassVar[str]  # e.g. "stable-diffusion"
+    cache_methods: ClassVar[tuple[str, ...]] = ()  # the step caches (caching.METHODS) this family runs
+    auto_cache: ClassVar[str] = OFF  # what ``cache: auto`` runs (benchmarks/cache.py measured it)
 
     def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True,
                  backend: str = "torch") -> None:
@@ -104,6 +109,29 @@ class Adapter(ABC):
         text-to-image); by default every spec the engine accepts is fine."""
         return None
 
+    def resolve_cache(self, cache: str) -> str:
+        """A spec's ``cache`` as it will run: ``auto`` made concrete (``off`` where this model runs no step cache),
+        the value written canonically; ``SpecError`` naming the field where this model cannot run it."""
+        if cache == AUTO:
+            return self.auto_cache if self.backend == "torch" else OFF
+        setting = parse_cache(cache)  # the spec checked its form
+        if setting is None:
+            return OFF
+        if self.backend != "torch" and self.cache_methods:
+            reason = f"not supported with backend {self.backend!r} (its denoiser runs as one compiled graph)"
+            raise SpecError(f"cache={cache!r}: {reason}; use backend torch or cache off", field="cache", value=cache,
+                            reason=reason)
+        if setting.method not in self.cache_methods:
+            reason = "supported: " + ", ".join([OFF, AUTO, *(_method_form(m) for m in self.cache_methods)])
+            raise SpecError(f"cache={cache!r}: {self.family} models do not run {setting.method} ({reason})",
+                            field="cache", value=cache, reason=reason)
+        return f"{setting.method}:{setting.value:g}"
+
+    def cache_every(self, spec: GenerationSpec) -> int:
+        """For a resolved spec: DeepCache's interval (full denoiser calls every this many steps), 0 without."""
+        setting = parse_cache(spec.cache)
+        return int(setting.value) if setting is not None and setting.method == "deepcache" else 0
+
     def uses_cfg(self, spec: GenerationSpec) -> bool:
         """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""
         return spec.guidance_scale > 1
@@ -155,9 +183,25 @@ class Adapter(ABC):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         """One batched denoiser call: ``sample [N, ...]``, per-row ``timesteps [N]``, batched ``cond``."""
 
+    def capture_deep(self, into: list[torch.Tensor], rows: int) -> contextlib.AbstractContextManager:
+        """Around ``denoise`` calls: append the deep features of their first ``rows`` rows to ``into`` (families
+        with ``deepcache`` only)."""
+        raise NotImplementedError(f"{self.family} models run no step cache")
+
+    def denoise_shallow(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                        deep: torch.Tensor) -> torch.Tensor:
+        """``denoise`` with the deep features taken from ``deep`` (``[N, ...]``, from ``capture_deep``) instead of
+        computed: the shallow path of DeepCache (step_cache.py)."""
+        raise NotImplementedError(f"{self.family} models run no step cache")
+
     @abstractmethod
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         """Batched VAE decode (all of ``spec``'s size) to float pixels in [0, 1], ``[B, H, W, 3]``."""
+
+
+def _method_form(name: str) -> str:
+    method = METHODS[name]
+    return f"{name}:VALUE ({method.low:g}-{method.high:g})"
 
 
 def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

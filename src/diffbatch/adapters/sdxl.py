@@ -139,10 +139,9 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             return None, None
         return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
 
-    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def unet_kwargs(self, cond: Cond) -> dict[str, Any]:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return self.denoiser(sample, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                              added_cond_kwargs=added, return_dict=False)[0]
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         vae = self.pipe.vae

@@ -1,0 +1,192 @@
+"""Step caching per request (issue 21): DeepCache on the UNet families, decided row by row inside one batch.
+
+The contract: a ``cache: off`` request makes the same bytes whether or not cached requests share its batch; a
+cached request makes the same bytes alone, in any mixed batch, at any batch size and joining mid-flight; the
+shallow path with fresh deep features is exactly the full UNet. A cached image's distance to the uncached image
+of the same request is measured and printed, not asserted (benchmarks/cache.py measures it at 30 steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from diffbatch import Engine, GenerationSpec, SpecError
+from diffbatch.adapters import load_adapter
+from diffbatch.adapters.invariance import make_batch_invariant
+from diffbatch.adapters.loading import describe
+from diffbatch.adapters.step_cache import capture, shallow_forward
+from diffbatch.resolver import Resolver
+from tiny_flow import save_tiny_sd3
+from tiny_sdxl import save_tiny_sdxl
+
+SIZE = 32  # 8x8 latents: a quarter of the embedded model's native size, for speed
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return load_adapter(None, "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def alone(adapter):
+    """Each spec made alone (cached by its fields), at the default thread count."""
+    engine = Engine(adapter, max_batch_size=1)
+    made: dict[GenerationSpec, np.ndarray] = {}
+
+    def make(spec: GenerationSpec) -> np.ndarray:
+        if spec not in made:
+            made[spec] = engine.generate([spec])[0].pixels
+        return made[spec]
+
+    return make
+
+
+def spec(seed: int, cache: str = "deepcache:3", steps: int = 6, guidance: float = 5.0, scheduler: str | None = None,
+         prompt: str = "a red circle") -> GenerationSpec:
+    return GenerationSpec(prompt=prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
+                          scheduler=scheduler, height=SIZE, width=SIZE, cache=cache)
+
+
+MIXED = [spec(1), spec(2, cache="off", steps=5, guidance=1.0, scheduler="euler_a", prompt="a blue star"),
+         spec(3, cache="deepcache:2", steps=7, guidance=1.0, scheduler="dpm++_2m"),
+         spec(4, cache="off", guidance=7.5, prompt="a green square"),
+         spec(5, cache="deepcache:4", steps=5, scheduler="euler_a", prompt="a pink triangle"),
+         spec(6, cache="auto", steps=4, guidance=3.0)]
+
+
+def run(engine: Engine, specs: list[GenerationSpec], join_after: int | None = None) -> list[np.ndarray]:
+    """``specs`` through ``engine``; with ``join_after``, the second half joins after that many steps."""
+    resolved = [engine.resolve(s) for s in specs]
+    split = len(specs) if join_after is None else len(specs) // 2
+    ids = [engine.admit(s) for s in resolved[:split]]
+    finished = {}
+    for _ in range(join_after or 0):
+        finished.update({r.request_id: r for r in engine.step()})
+    ids += [engine.admit(s) for s in resolved[split:]]
+    while engine.has_unfinished():
+        finished.update({r.request_id: r for r in engine.step()})
+    return [finished[i].pixels for i in ids]
+
+
+# The cut -------------------------------------------------------------------------------------------------------
+UNETS = {  # SD 1.5-like (cross-attention in the first down and last up block) and SDXL-like (added time embeddings)
+    "sd15": dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNETS))
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_shallow_path_with_fresh_deep_features_is_the_full_unet(kind, layers):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=layers, sample_size=8, in_channels=4,
+                                out_channels=4, cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+                                **UNETS[kind]).eval()
+    make_batch_invariant([unet], torch.device("cpu"))
+    sample, t = torch.randn(3, 4, 8, 8), torch.tensor([999.0, 500.0, 1.0])
+    kwargs = {"encoder_hidden_states": torch.randn(3, 5, 16)}
+    if kind == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(3, 16), "time_ids": torch.rand(3, 6) * 64}
+    deep: list[torch.Tensor] = []
+    with torch.inference_mode():
+        with capture(unet, deep, rows=3):
+            full = unet(sample, t, **kwargs, return_dict=False)[0]
+        short = shallow_forward(unet, sample, t, deep[0], **kwargs)
+    assert torch.equal(short, full)
+
+
+# The contract on the embedded model -----------------------------------------------------------------------------
+def test_an_uncached_image_is_the_same_with_cached_requests_in_its_batch(adapter, alone):
+    images = run(Engine(adapter, max_batch_size=8), MIXED)
+    for s, image in zip(MIXED, images, strict=True):
+        if s.cache == "off":
+            assert np.array_equal(image, alone(s)), s
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_a_cached_image_is_the_same_alone_and_in_any_mixed_batch(adapter, alone, batch_size):
+    images = run(Engine(adapter, max_batch_size=batch_size), MIXED, join_after=2)
+    for s, image in zip(MIXED, images, strict=True):
+        assert np.array_equal(image, alone(s)), (batch_size, s)
+
+
+def test_auto_resolves_to_the_family_setting_so_the_image_records_what_ran(adapter):
+    resolver = Resolver(adapter)
+    assert resolver.resolve(spec(1, cache="auto")).cache == adapter.auto_cache == "deepcache:3"
+    assert resolver.resolve(spec(1, cache="deepcache:05")).cache == "deepcache:5"
+    assert resolver.resolve(spec(1, cache="off")).cache == "off"
+
+
+def test_a_cached_request_skips_the_deep_unet_between_refreshes_and_stays_near_its_uncached_image(adapter, alone,
+                                                                                                monkeypatch):
+    calls = {"full": 0, "shallow": 0}
+    for name, kind in (("denoise", "full"), ("denoise_shallow", "shallow")):
+        original = getattr(adapter, name)
+
+        def counted(*args, _original=original, _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(adapter, name, counted)
+    cached = spec(7, cache="deepcache:3", steps=8, scheduler="ddim")  # deterministic: ancestral ones drift far
+    image = Engine(adapter, max_batch_size=1).generate([cached])[0].pixels
+    assert calls == {"full": 3, "shallow": 5}  # steps 0, 3, 6 compute fully
+    reference = alone(dataclasses.replace(cached, cache="off"))
+    mse = float(np.mean((image.astype(np.float64) - reference) ** 2))
+    psnr = 10 * math.log10(1 / mse) if mse else math.inf
+    print(f"deepcache:3, 8 DDIM steps, guidance 5, {SIZE}x{SIZE}: PSNR {psnr:.1f} dB against the uncached image")
+    assert np.isfinite(image).all() and mse > 0  # the cache ran (the image is not the uncached one)
+
+
+# Other families, LoRAs ------------------------------------------------------------------------------------------
+def test_sdxl_cached_images_are_the_same_alone_and_batched(tmp_path):
+    engine = Engine.from_pretrained(save_tiny_sdxl(tmp_path / "sdxl"), device="cpu", dtype="float32",
+                                    max_batch_size=4)
+    specs = [dataclasses.replace(s, height=32, width=32) for s in MIXED[:4]]
+    batched = run(engine, specs, join_after=1)
+    for s, image in zip(specs, batched, strict=True):
+        assert np.array_equal(image, engine.generate([s])[0].pixels), s
+
+
+def test_a_cached_request_with_a_lora_is_the_same_alone_and_batched(tmp_path, tiny_sd_path):
+    pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[lora]')")
+    from tiny_lora import save_random_lora  # imports PEFT
+
+    save_random_lora(StableDiffusionPipeline, tiny_sd_path, tmp_path / "a.safetensors", seed=1, rank=4, alpha=8.0)
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=4, lora_dir=tmp_path)
+    weights = (1.0, None, 0.6, None)  # a guided and an unguided cached request with a LoRA, beside plain ones
+    specs = [dataclasses.replace(s, height=32, width=32, loras={"a": w} if w else ())
+             for s, w in zip(MIXED[:4], weights, strict=True)]
+    batched = run(engine, specs, join_after=1)
+    for s, image in zip(specs, batched, strict=True):
+        assert np.array_equal(image, engine.generate([s])[0].pixels), s
+
+
+# Bad input -----------------------------------------------------------------------------------------------------
+def test_a_method_the_family_does_not_run_is_a_spec_error_naming_cache_and_listing_what_it_runs(tmp_path):
+    with pytest.raises(SpecError, match="deepcache:VALUE") as caught:
+        Resolver.for_model(None).resolve(spec(1, cache="fbcache:0.1"))
+    assert caught.value.field == "cache"
+    sd3 = Resolver.for_model(save_tiny_sd3(tmp_path / "sd3"))
+    with pytest.raises(SpecError, match="supported: off, auto$|supported: off, auto\\)") as caught:
+        sd3.resolve(dataclasses.replace(spec(1, cache="deepcache:3"), height=32, width=32))
+    assert caught.value.field == "cache"
+    assert sd3.resolve(dataclasses.replace(spec(1, cache="auto"), height=32, width=32)).cache == "off"
+
+
+def test_the_openvino_backend_refuses_a_step_cache_in_one_line():
+    adapter = describe(None)
+    adapter.backend = "openvino"  # configuration only: the refusal needs no OpenVINO
+    with pytest.raises(SpecError, match="backend 'openvino'") as caught:
+        Resolver(adapter).resolve(spec(1, cache="deepcache:3"))
+    assert caught.value.field == "cache" and "\n" not in str(caught.value)
+    assert Resolver(adapter).resolve(spec(1, cache="auto")).cache == "off"
