@@ -44,8 +44,8 @@ class Policy:
     def check_resolved(self, spec: GenerationSpec, where: str = "", size_from: str | None = None) -> None:
         """After resolving: the steps and the size the image will really have. ``size_from``: the field that
         set the size, named in the refusal (``size`` online, ``image`` where an edit's size came from its
-        upload); None: ``width`` or ``height``, whichever is over (a batch line's fields)."""
-        self.check_text({"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}, where)
+        upload); None: ``width`` or ``height``, whichever is over (a batch line's fields). The text was checked
+        before resolving (``check_text``); resolving only shortens it (LoRA tags leave the prompt)."""
         bound("num_inference_steps", spec.num_inference_steps, 1, self.max_steps, where)
         width, height = spec.width or 0, spec.height or 0
         if max(width, height) > self.max_side:

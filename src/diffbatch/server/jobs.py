@@ -87,7 +87,8 @@ class JobRunner:
                 if item.job_id in self._cancelled:
                     continue
                 try:
-                    [future] = self.loop.submit([spec_from_record(item.spec)])
+                    # resolved again: a LoRA or sampler check may fail on the model this server runs now
+                    [future] = self.loop.submit([self.loop.engine.resolve(spec_from_record(item.spec))])
                 except (QueueFull, ShuttingDown):
                     return  # retried at the next poll (or after a restart)
                 except DiffbatchError as exc:

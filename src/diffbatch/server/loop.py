@@ -65,9 +65,9 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, specs: list[GenerationSpec]) -> list[concurrent.futures.Future]:
-        """Validate all now (``SpecError``/``InputError``), then queue all or none; futures of the Results."""
-        resolved = [self.engine.resolve(spec) for spec in specs]
+    def submit(self, resolved: list[GenerationSpec]) -> list[concurrent.futures.Future]:
+        """Queue all or none of these specs, already resolved (``Engine.resolve``: checked once, by the caller, at
+        the edge); futures of the Results."""
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -148,7 +148,7 @@ class EngineLoop:
 
     def _admit(self) -> None:
         for item in self._ready():
-            try:  # resolved in submit(); admitting loads a LoRA on its first use, which may fail for this image
+            try:  # resolved before submit(); admitting loads a LoRA on its first use, which may fail for this image
                 request_id = self.engine.admit(item.spec)
             except DiffbatchError as exc:
                 item.future.set_exception(exc)

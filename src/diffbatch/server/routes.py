@@ -268,8 +268,6 @@ def _queue(s, specs: list[GenerationSpec]) -> list:
         raise ApiError(429, str(exc), kind="rate_limit_error", headers={"Retry-After": "1"}) from None
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), kind="server_error", headers={"Retry-After": "5"}) from None
-    except DiffbatchError as exc:
-        raise ApiError(400, str(exc), exc.field) from None
 
 
 def _item(s, request: Request, result: Result, response_format: str) -> dict[str, Any]:
