@@ -26,6 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from resume_check import best_of  # noqa: E402 - the benchmarks' one best-of-N timer
+
 from diffbatch import Engine, GenerationSpec  # noqa: E402
 from diffbatch.adapters.step_cache import capture, shallow_forward  # noqa: E402
 from diffbatch.hardware import cpu_features, cpu_name  # noqa: E402
@@ -81,13 +83,8 @@ def shallow_share(engine: Engine, rows: int, size: int, repeats: int = 5) -> flo
 
 
 def _best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
+    fn()  # warm-up, not timed
+    return best_of(repeats, fn)
 
 
 def main() -> None:
