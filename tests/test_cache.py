@@ -1,9 +1,12 @@
-"""Step caching per request (issue 21): DeepCache on the UNet families, decided row by row inside one batch.
+"""Step caching per request (issue 21): DeepCache on the UNet families, First-Block-Cache on the transformer
+families, decided row by row inside one batch.
 
 The contract: a ``cache: off`` request makes the same bytes whether or not cached requests share its batch; a
 cached request makes the same bytes alone, in any mixed batch, at any batch size and joining mid-flight; the
-shallow path with fresh deep features is exactly the full UNet. A cached image's distance to the uncached image
-of the same request is measured and printed, not asserted (benchmarks/cache.py measures it at 30 steps).
+shallow path with fresh deep features is exactly the full UNet, and the staged transformer that never skips is
+exactly the transformer; First-Block-Cache on a Flux image is diffusers' own hook on that image alone. A
+cached image's distance to the uncached image of the same request is measured and printed, not asserted
+(benchmarks/cache.py measures it at 30 steps).
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffbatch import Engine, GenerationSpec, SpecError
 from diffbatch.adapters import load_adapter
 from diffbatch.adapters.invariance import make_batch_invariant
-from diffbatch.adapters.loading import describe
 from diffbatch.adapters.step_cache import capture, shallow_forward
 from diffbatch.resolver import Resolver
-from tiny_flow import save_tiny_sd3
+from tiny_flow import save_tiny_flux, save_tiny_sd3
 from tiny_sdxl import save_tiny_sdxl
 
 SIZE = 32  # 8x8 latents: a quarter of the embedded model's native size, for speed
@@ -98,7 +100,7 @@ def test_the_shallow_path_with_fresh_deep_features_is_the_full_unet(kind, layers
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(3, 16), "time_ids": torch.rand(3, 6) * 64}
     deep: list[torch.Tensor] = []
     with torch.inference_mode():
-        with capture(unet, deep, rows=3):
+        with capture(unet, deep):
             full = unet(sample, t, **kwargs, return_dict=False)[0]
         short = shallow_forward(unet, sample, t, deep[0], **kwargs)
     assert torch.equal(short, full)
@@ -171,22 +173,81 @@ def test_a_cached_request_with_a_lora_is_the_same_alone_and_batched(tmp_path, ti
         assert np.array_equal(image, engine.generate([s])[0].pixels), s
 
 
+# Transformer families: First-Block-Cache ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flow_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {"sd3": save_tiny_sd3(root / "sd3"), "flux": save_tiny_flux(root / "flux")}
+
+
+def flow_specs(family: str) -> list[GenerationSpec]:
+    """Mixed: uncached and cached, thresholds that skip often, seldom and never on the tiny models, guided and
+    unguided (SD3), steps varying."""
+    negative = "blurry" if family == "sd3" else ""  # Flux refuses a negative prompt
+    return [GenerationSpec(prompt=p, negative_prompt=negative, seed=seed, num_inference_steps=steps,
+                           guidance_scale=guidance, cache=cache)
+            for p, seed, steps, guidance, cache in (("a red circle", 1, 8, 5.0, "fbcache:0.4"),
+                                                    ("a blue star", 2, 6, 1.0, "off"),
+                                                    ("a green square", 3, 7, 4.0, "fbcache:0.2"),
+                                                    ("a red circle", 4, 8, 1.0, "fbcache:0.8"),
+                                                    ("a pink triangle", 5, 5, 3.0, "fbcache:0"))]
+
+
+def count_reuses(adapter, monkeypatch) -> dict[str, int]:
+    """Counts the rows that reused their cached residual (``denoise_rest`` with ``tail``) and those that ran."""
+    counts = {"reused": 0, "computed": 0}
+    original = adapter.denoise_rest
+
+    def counted(*args, tail=None, **kwargs):
+        counts["reused" if tail is not None else "computed"] += 1
+        return original(*args, tail=tail, **kwargs)
+
+    monkeypatch.setattr(adapter, "denoise_rest", counted)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_first_block_cache_images_are_the_same_alone_and_in_any_mixed_batch(flow_paths, family, monkeypatch):
+    engine = Engine.from_pretrained(flow_paths[family], device="cpu", dtype="float32", max_batch_size=8)
+    specs = flow_specs(family)
+    counts = count_reuses(engine.adapter, monkeypatch)
+    batched = run(engine, specs, join_after=2)
+    assert counts["reused"] > 0 and counts["computed"] > 0  # the cache both skipped and refreshed
+    small = Engine.from_pretrained(flow_paths[family], device="cpu", dtype="float32", max_batch_size=2)
+    in_pairs = run(small, specs)
+    for s, image, paired in zip(specs, batched, in_pairs, strict=True):
+        alone = engine.generate([s])[0].pixels
+        assert np.array_equal(image, alone) and np.array_equal(paired, alone), s
+        if s.cache in ("off", "fbcache:0"):  # never skips: the staged forward is the forward, to the bit
+            assert np.array_equal(alone, engine.generate([dataclasses.replace(s, cache="off")])[0].pixels), s
+
+
+def test_flux_first_block_cache_is_diffusers_first_block_cache_on_the_image_alone(flow_paths, monkeypatch):
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    from tiny_flow import PipelineOracle
+
+    engine = Engine.from_pretrained(flow_paths["flux"], device="cpu", dtype="float32")
+    counts = count_reuses(engine.adapter, monkeypatch)
+    target = flow_specs("flux")[0]  # fbcache:0.4, 8 steps
+    made = engine.generate([target])[0]
+    assert counts["reused"] > 0
+    oracle = PipelineOracle(flow_paths["flux"], FluxPipeline, FluxImg2ImgPipeline)
+    apply_first_block_cache(oracle.txt2img.transformer, FirstBlockCacheConfig(threshold=0.4))
+    assert np.abs(made.pixels - oracle(made.spec)).max() <= 1e-4
+    # diffusers' hook on SD3 fails (its last block returns no text states: TypeError in first_block_cache.py), so
+    # SD3's oracle is the uncached forward above (fbcache:0) and the per-row contract.
+
+
 # Bad input -----------------------------------------------------------------------------------------------------
 def test_a_method_the_family_does_not_run_is_a_spec_error_naming_cache_and_listing_what_it_runs(tmp_path):
     with pytest.raises(SpecError, match="deepcache:VALUE") as caught:
         Resolver.for_model(None).resolve(spec(1, cache="fbcache:0.1"))
     assert caught.value.field == "cache"
     sd3 = Resolver.for_model(save_tiny_sd3(tmp_path / "sd3"))
-    with pytest.raises(SpecError, match="supported: off, auto$|supported: off, auto\\)") as caught:
+    with pytest.raises(SpecError, match=r"do not run deepcache \(supported: off, auto, fbcache:VALUE \(0-1\)\)"
+                       ) as caught:
         sd3.resolve(dataclasses.replace(spec(1, cache="deepcache:3"), height=32, width=32))
     assert caught.value.field == "cache"
-    assert sd3.resolve(dataclasses.replace(spec(1, cache="auto"), height=32, width=32)).cache == "off"
-
-
-def test_the_openvino_backend_refuses_a_step_cache_in_one_line():
-    adapter = describe(None)
-    adapter.backend = "openvino"  # configuration only: the refusal needs no OpenVINO
-    with pytest.raises(SpecError, match="backend 'openvino'") as caught:
-        Resolver(adapter).resolve(spec(1, cache="deepcache:3"))
-    assert caught.value.field == "cache" and "\n" not in str(caught.value)
-    assert Resolver(adapter).resolve(spec(1, cache="auto")).cache == "off"
+    assert sd3.resolve(dataclasses.replace(spec(1, cache="auto"), height=32, width=32)).cache == "fbcache:0.08"

@@ -57,7 +57,7 @@ class Engine:
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.planner = Planner(limits.denoise.cap, limits.denoise)
         self.resolver = Resolver(adapter, lora_dir, lora_paths)
-        self.loras = LoraBank(adapter.pipe, self.resolver.lora_path, adapter.invariant)
+        self.loras = LoraBank(adapter.pipe, self.resolver.lora_path, adapter.invariant, adapter.layers)
         self.runner = Runner(adapter, limits, self.resolver.make_sampler, generator_device, self.loras)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request may come from another thread (the server)

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from .caching import CacheSetting
 from .spec import GenerationSpec
 
 
@@ -35,8 +36,11 @@ class Request:
     latents: Any = None  # [1, C, h, w]
     cond: dict[str, Any] = field(default_factory=dict)  # adapter conditioning for the prompt, batch dim 1
     uncond: dict[str, Any] | None = None  # same for the negative prompt; None without CFG
-    cache_every: int = 0  # step cache (DeepCache): the deep features are computed every this many steps; 0: off
-    deep: Any = None  # the deep features of its last full step, one row per denoiser row ([2 or 1, C, h, w])
+    cache: CacheSetting | None = None  # its step cache (caching.py) as resolved; None: off
+    # Its own cached tensors, one row per denoiser row: "deep" (DeepCache: the deep features of its last full
+    # step), "probe" and "tail" (First-Block-Cache: its first block's residual at its last full step, and what
+    # the other blocks added then); adapters/step_cache.py
+    cached: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0  # perf_counter at admission
 
     @property
@@ -47,7 +51,15 @@ class Request:
     def reuses_deep(self) -> bool:
         """This step runs the shallow path on the cached deep features: DeepCache's uniform schedule, a full
         step at step 0, N, 2N, ... (adapters/step_cache.py), decided from this request's own state alone."""
-        return self.cache_every > 0 and self.deep is not None and self.step_index % self.cache_every != 0
+        cache = self.cache
+        return (cache is not None and cache.method == "deepcache" and "deep" in self.cached
+                and self.step_index % int(cache.value) != 0)
+
+    @property
+    def probes_first_block(self) -> bool:
+        """This request runs First-Block-Cache: every step its first block decides, from its own residual,
+        whether its other blocks run (adapters/step_cache.py)."""
+        return self.cache is not None and self.cache.method == "fbcache"
 
     @property
     def remaining_steps(self) -> int:

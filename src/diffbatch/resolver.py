@@ -69,9 +69,8 @@ class Resolver:
         resolved = self._take_lora_tags(spec).resolve(self.defaults, seed, image_size)
         for name, _ in resolved.loras:
             self.lora_path(name)
-        if resolved.loras and self.adapter.backend != "torch":
-            raise SpecError(f"loras: not supported with backend {self.adapter.backend!r} (use backend torch)",
-                            field="loras", value=resolved.loras, reason="needs backend torch")
+        if resolved.loras:
+            self.adapter.layers.require("lora", "loras", dict(resolved.loras))
         cache = self.adapter.resolve_cache(resolved.cache)  # auto made concrete: the PNG records what ran
         if cache != resolved.cache:
             resolved = dataclasses.replace(resolved, cache=cache)

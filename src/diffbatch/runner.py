@@ -22,6 +22,8 @@ from PIL import Image
 from .adapters import Adapter, Cond
 from .adapters.invariance import batch_rows, pad_rows, run_in_calls
 from .adapters.lora import LoraBank, Loras
+from .adapters.step_cache import first_block_changed
+from .caching import parse_cache
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
 from .planner import StepPlan
@@ -31,6 +33,7 @@ from .spec import GenerationSpec
 PROMPT_BATCH = 64  # texts per text-encoder call
 
 
+Cached = dict[str, torch.Tensor]  # what a request's step cache keeps from a step (Request.cached)
 PromptKey = tuple[bool, str, Loras]  # (is a negative prompt, text, LoRAs: text-encoder LoRAs change it)
 
 
@@ -103,7 +106,7 @@ class Runner:
             r.sampler = self.make_sampler(r.spec.scheduler)
             r.timesteps = self.adapter.set_timesteps(r.sampler, r.spec)
             r.num_steps = len(r.timesteps)
-            r.cache_every = self.adapter.cache_every(r.spec)
+            r.cache = parse_cache(r.spec.cache)  # resolved: off (None) or METHOD:VALUE
             if not r.spec.is_img2img:
                 sigma = getattr(r.sampler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale noise
                 r.latents = self.adapter.initial_noise(r.spec, r.generator) * sigma
@@ -157,35 +160,64 @@ class Runner:
 
     # 2. Denoising ----------------------------------------------------------------------------------------
     def _denoise(self, requests: list[Request]) -> None:
-        # The denoiser calls are retried in halves on out-of-memory; stepping the samplers comes after, once.
+        # The denoiser calls are retried in halves on out-of-memory; stepping the samplers (and keeping what the
+        # step caches keep) comes after, once.
         limits = self.limits
         noise = limits.run_split(limits.denoise, requests[0].shape_key, requests, self._guided_noise)
-        for r, (eps, deep) in zip(requests, noise, strict=True):
-            if deep is not None:
-                r.deep = deep
+        for r, (eps, cached) in zip(requests, noise, strict=True):
+            r.cached.update(cached)
             self._step(r, eps)
 
-    def _guided_noise(self, requests: list[Request]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Each request's noise prediction with its own CFG, and its new deep features where it caches them
-        (else None). The rows that compute fully (requests without a step cache, cache refreshes) run in one
-        set of calls, the rows that reuse their cached deep features (adapters/step_cache.py) in another; each
-        request's own step decides which. Changes no state."""
-        full = [r for r in requests if not r.reuses_deep]
+    def _guided_noise(self, requests: list[Request]) -> list[tuple[torch.Tensor, Cached]]:
+        """Each request's noise prediction with its own CFG, and what its step cache keeps from this step (empty
+        without one). Each request's own state puts its rows in one of three sets of calls (step_cache.py): the
+        rows that compute fully (no step cache, DeepCache refreshes), DeepCache's shallow path, and
+        First-Block-Cache. Changes no state."""
         short = [r for r in requests if r.reuses_deep]
-        outs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if full:
-            out, deep = self._model_rows(full, capture=any(r.cache_every for r in full))
-            outs.update(_per_request(full, out, deep))
+        first = [r for r in requests if r.probes_first_block]
+        full = [r for r in requests if not (r.reuses_deep or r.probes_first_block)]
+        outs: dict[int, tuple[torch.Tensor, Cached]] = {}
+        if full and any(r.cache is not None for r in full):  # DeepCache refreshes among them
+            out = self._call(full, self.adapter.denoise_keeping_deep)
+            for r, rows in _row_slices(full):
+                outs[r.request_id] = (out["out"][rows], {"deep": out["deep"][rows].clone()} if r.cache else {})
+        elif full:
+            out = self._call(full, self.adapter.denoise)
+            outs.update((r.request_id, (out[rows], {})) for r, rows in _row_slices(full))
         if short:
-            out, _ = self._model_rows(short, deep=batch_rows([r.deep for r in short]))
-            outs.update(_per_request(short, out, None))
+            out = self._call(short, self.adapter.denoise_shallow, deep=batch_rows([r.cached["deep"] for r in short]))
+            outs.update((r.request_id, (out[rows], {})) for r, rows in _row_slices(short))
+        if first:
+            outs.update(self._first_block(first))
         return [(_guide(r, outs[r.request_id][0]), outs[r.request_id][1]) for r in requests]
 
-    def _model_rows(self, requests: list[Request], capture: bool = False, deep: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The denoiser's output for the requests' rows (a guided request: uncond, then cond) in calls of the
-        device's call shape (invariance.py): the full denoiser (``capture``: and the rows' deep features too), or
-        with ``deep``, the shallow path on those features."""
+    def _first_block(self, requests: list[Request]) -> dict[int, tuple[torch.Tensor, Cached]]:
+        """First-Block-Cache: the first block on every row (one set of calls); then each request, from its own
+        rows, either runs the other blocks (with the others that do, one set of calls) or adds what they added at
+        its last full step (one set of calls)."""
+        carry = self._call(requests, self.adapter.denoise_first)
+        rows = {r.request_id: at for r, at in _row_slices(requests)}
+        changed = [first_block_changed(carry["probe"][rows[r.request_id]], r.cached.get("probe"), r.cache.value)
+                   for r in requests]
+        outs: dict[int, tuple[torch.Tensor, Cached]] = {}
+        for computes in (True, False):
+            group = [r for r, c in zip(requests, changed, strict=True) if c == computes]
+            if not group:
+                continue
+            extra = {key: batch_rows([carry[key][rows[r.request_id]] for r in group])
+                     for key in ("hidden", "text", "temb")}
+            if not computes:
+                extra["tail"] = batch_rows([r.cached["tail"] for r in group])
+            out = self._call(group, self.adapter.denoise_rest, **extra)
+            for r, at in _row_slices(group):
+                keep = {"probe": carry["probe"][rows[r.request_id]].clone(), "tail": out["tail"][at].clone()}
+                outs[r.request_id] = (out["out"][at], keep if computes else {})
+        return outs
+
+    def _call(self, requests: list[Request], model: Callable[..., Any], **extra: torch.Tensor) -> Any:
+        """``model(sample, timesteps, cond, **extra)`` on the requests' rows (a guided request: uncond, then cond)
+        in calls of the device's call shape (invariance.py), with each row's LoRAs; ``extra``: more row tensors.
+        The output (a tensor, or a dict of them), one row per row."""
         samples, timesteps, conds, loras = [], [], [], []
         for r in requests:
             t = r.timesteps[r.step_index]
@@ -197,22 +229,15 @@ class Runner:
             conds += rows
         sample, timestep = batch_rows(samples), batch_rows(timesteps)  # [N, ...], [N]
         cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
-        captured: list[torch.Tensor] = []
 
-        def call(real: slice, size: int) -> torch.Tensor:  # padded to the device's call shape (invariance.py)
+        def call(real: slice, size: int) -> Any:  # padded to the device's call shape (invariance.py)
             rows = loras[real]
-            args = (pad_rows(sample[real], size), pad_rows(timestep[real], size),
-                    {key: pad_rows(value[real], size) for key, value in cond.items()})
             with self._lora_rows(rows + rows[-1:] * (size - len(rows))):
-                if deep is not None:
-                    return self.adapter.denoise_shallow(*args, pad_rows(deep[real], size))
-                if not capture:
-                    return self.adapter.denoise(*args)
-                with self.adapter.capture_deep(captured, real.stop - real.start):
-                    return self.adapter.denoise(*args)
+                return model(pad_rows(sample[real], size), pad_rows(timestep[real], size),
+                             {key: pad_rows(value[real], size) for key, value in cond.items()},
+                             **{key: pad_rows(value[real], size) for key, value in extra.items()})
 
-        out = run_in_calls(self.adapter.call_shapes.denoiser, len(sample), call)  # [N, ...]
-        return out, torch.cat(captured) if captured else None
+        return run_in_calls(self.adapter.call_shapes.denoiser, len(sample), call)
 
     def _step(self, r: Request, eps: torch.Tensor) -> None:
         params = _step_params(type(r.sampler))
@@ -232,8 +257,8 @@ class Runner:
             images = limits.run_split(limits.decode, chunk[0].shape_key, chunk, self._decode_chunk)
             for r, image in zip(chunk, images, strict=True):
                 pixels[r.request_id] = image
-                r.latents = r.sampler = r.uncond = r.generator = r.deep = None  # free memory early
-                r.cond = {}
+                r.latents = r.sampler = r.uncond = r.generator = None  # free memory early
+                r.cond, r.cached = {}, {}
         return pixels
 
     def _decode_chunk(self, chunk: list[Request]) -> list[np.ndarray]:
@@ -243,14 +268,12 @@ class Runner:
         return list(images)  # [B, H, W, 3]
 
 
-def _per_request(requests: list[Request], out: torch.Tensor, deep: torch.Tensor | None
-                 ) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]]:
-    """Split a call's rows back into each request's (output rows, deep features to keep: only where it caches)."""
+def _row_slices(requests: list[Request]) -> Iterator[tuple[Request, slice]]:
+    """Each request with its rows in a call's batch (``_call``'s order: 2 rows for a guided request, else 1)."""
     row = 0
     for r in requests:
         n = 2 if r.uses_cfg else 1
-        keep = deep[row : row + n].clone() if deep is not None and r.cache_every else None  # not a view of the batch
-        yield r.request_id, (out[row : row + n], keep)
+        yield r, slice(row, row + n)
         row += n
 
 

@@ -7,7 +7,6 @@ Methods with a body are the Stable-Diffusion-style default that most families sh
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
 from .config import PipelineConfig
 from .invariance import CallShape, CallShapes, call_shapes, make_batch_invariant
+from .layers import LayerStack
 
 MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch dimension first
@@ -53,21 +53,24 @@ class Adapter(ABC):
         # its batch or the thread count (invariance.py).
         self.call_shapes: CallShapes = call_shapes(self.device, invariant)
         self.denoiser: Any = None  # the UNet or transformer: what ``denoise`` calls
+        self.layers = LayerStack(backend)  # what changes how model calls run, in order (layers.py)
         if pipe is None:
             return
         self.denoiser = next(getattr(pipe, n) for n in ("unet", "transformer") if getattr(pipe, n, None) is not None)
         torch_modules = [getattr(pipe, n, None) for n in MODEL_COMPONENTS]
         if backend == "openvino":
-            from .openvino import DENOISER_ROWS, TEXT_ROWS, VAE_IMAGES, install  # optional dependency
-
             torch_modules.remove(self.denoiser)  # converted unpatched; invariant by its fixed call shape
-            # The VAE and text encoders convert on their first call, so they trace the invariance patches below
-            # (exact ops); every stage runs a fixed row count.
-            self.denoiser = install(pipe, self.denoiser, self.dtype, self.device)
-            self.call_shapes = CallShapes(text=CallShape(1, TEXT_ROWS), denoiser=CallShape(1, DENOISER_ROWS),
-                                          vae=CallShape(1, VAE_IMAGES))
+        self.layers.install("backend", self._install_openvino if backend == "openvino" else lambda: None)
         if invariant:
-            make_batch_invariant(torch_modules, self.device)
+            self.layers.install("invariance", lambda: make_batch_invariant(torch_modules, self.device))
+
+    def _install_openvino(self) -> None:
+        """The OpenVINO backend (layers.py, layer 1): every stage runs a fixed row count."""
+        from .openvino import DENOISER_ROWS, TEXT_ROWS, VAE_IMAGES, install  # optional dependency
+
+        self.denoiser = install(self.pipe, self.denoiser, self.dtype, self.device)
+        self.call_shapes = CallShapes(text=CallShape(1, TEXT_ROWS), denoiser=CallShape(1, DENOISER_ROWS),
+                                      vae=CallShape(1, VAE_IMAGES))
 
     # Loading and defaults ------------------------------------------------------------------------------
     @classmethod
@@ -113,24 +116,17 @@ class Adapter(ABC):
         """A spec's ``cache`` as it will run: ``auto`` made concrete (``off`` where this model runs no step cache),
         the value written canonically; ``SpecError`` naming the field where this model cannot run it."""
         if cache == AUTO:
-            return self.auto_cache if self.backend == "torch" else OFF
+            return self.auto_cache if self.layers.supports("step-cache") else OFF
         setting = parse_cache(cache)  # the spec checked its form
         if setting is None:
             return OFF
-        if self.backend != "torch" and self.cache_methods:
-            reason = f"not supported with backend {self.backend!r} (its denoiser runs as one compiled graph)"
-            raise SpecError(f"cache={cache!r}: {reason}; use backend torch or cache off", field="cache", value=cache,
-                            reason=reason)
+        if self.cache_methods:
+            self.layers.require("step-cache", "cache", cache, instead="cache off")
         if setting.method not in self.cache_methods:
             reason = "supported: " + ", ".join([OFF, AUTO, *(_method_form(m) for m in self.cache_methods)])
             raise SpecError(f"cache={cache!r}: {self.family} models do not run {setting.method} ({reason})",
                             field="cache", value=cache, reason=reason)
         return f"{setting.method}:{setting.value:g}"
-
-    def cache_every(self, spec: GenerationSpec) -> int:
-        """For a resolved spec: DeepCache's interval (full denoiser calls every this many steps), 0 without."""
-        setting = parse_cache(spec.cache)
-        return int(setting.value) if setting is not None and setting.method == "deepcache" else 0
 
     def uses_cfg(self, spec: GenerationSpec) -> bool:
         """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""
@@ -183,16 +179,29 @@ class Adapter(ABC):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         """One batched denoiser call: ``sample [N, ...]``, per-row ``timesteps [N]``, batched ``cond``."""
 
-    def capture_deep(self, into: list[torch.Tensor], rows: int) -> contextlib.AbstractContextManager:
-        """Around ``denoise`` calls: append the deep features of their first ``rows`` rows to ``into`` (families
-        with ``deepcache`` only)."""
-        raise NotImplementedError(f"{self.family} models run no step cache")
+    # Step caches (step_cache.py), for the families that run them; every call takes padded rows and returns
+    # one row per input row, so the runner calls them in the device's call shapes like ``denoise``.
+    def denoise_keeping_deep(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond
+                             ) -> dict[str, torch.Tensor]:
+        """DeepCache's full step: ``denoise``'s output (``out``) and the rows' deep features (``deep``)."""
+        raise NotImplementedError(f"{self.family} models run no DeepCache")
 
     def denoise_shallow(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
                         deep: torch.Tensor) -> torch.Tensor:
-        """``denoise`` with the deep features taken from ``deep`` (``[N, ...]``, from ``capture_deep``) instead of
-        computed: the shallow path of DeepCache (step_cache.py)."""
-        raise NotImplementedError(f"{self.family} models run no step cache")
+        """``denoise`` with the deep features taken from ``deep`` (from ``denoise_keeping_deep``) instead of
+        computed: DeepCache's shallow path."""
+        raise NotImplementedError(f"{self.family} models run no DeepCache")
+
+    def denoise_first(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
+        """First-Block-Cache's first stage: the carry into ``denoise_rest`` and the first block's residual
+        (``probe``); flow_match.py."""
+        raise NotImplementedError(f"{self.family} models run no First-Block-Cache")
+
+    def denoise_rest(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond, hidden: torch.Tensor,
+                     text: torch.Tensor, temb: torch.Tensor, tail: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """First-Block-Cache's second stage: the output (``out``) and the other blocks' residual (``tail``)."""
+        raise NotImplementedError(f"{self.family} models run no First-Block-Cache")
 
     @abstractmethod
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:

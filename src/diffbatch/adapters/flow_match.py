@@ -15,11 +15,17 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..errors import SpecError
 from ..spec import GenerationSpec
-from .base import Adapter
+from .base import Adapter, Cond
 
 
 class FlowMatchAdapter(Adapter):
-    """Base of the SD3 and Flux adapters; a family supplies its schedule (``schedule_kwargs``)."""
+    """Base of the SD3 and Flux adapters; a family supplies its schedule (``schedule_kwargs``) and its forward in
+    stages (``embed``, ``blocks``, ``block_kwargs``, ``finish``) for First-Block-Cache."""
+
+    cache_methods = ("fbcache",)
+    # ParaAttention's recommended First-Block-Cache threshold for FLUX.1-dev (about 1.5-2x there); not measured
+    # here: no SD3 or Flux weights on this machine (README, "Step caching").
+    auto_cache = "fbcache:0.08"
 
     def check_spec(self, spec: GenerationSpec) -> None:
         if spec.scheduler is not None:
@@ -51,6 +57,51 @@ class FlowMatchAdapter(Adapter):
                            timesteps: torch.Tensor, spec: GenerationSpec) -> torch.Tensor:
         """Flow matching mixes noise in linearly (``scale_noise``) where SD samplers ``add_noise``."""
         return sampler.scale_noise(latents, timesteps[:1], self.noise(tuple(latents.shape), generator, spec))
+
+    # Model calls in stages (First-Block-Cache, step_cache.py) ------------------------------------------------
+    @abstractmethod
+    def embed(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward up to its first block: ``(hidden [N, S, D], text [N, L, D], temb [N, D])``."""
+
+    @abstractmethod
+    def blocks(self) -> list[Any]:
+        """The transformer blocks in forward order; each maps ``(hidden, text, temb, **block_kwargs)`` to
+        ``(text, hidden)``."""
+
+    def block_kwargs(self, cond: Cond) -> dict[str, Any]:
+        """What every block takes besides ``hidden``, ``text`` and ``temb`` (Flux: the rotary embedding)."""
+        return {}
+
+    @abstractmethod
+    def finish(self, hidden: torch.Tensor, temb: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The forward after its last block: output norm, projection (SD3: unpatchify to ``sample``'s size)."""
+
+    def denoise_first(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
+        """Stage 1: the embeddings and the first block, with its residual (``probe``)."""
+        hidden, text, temb = self.embed(sample, timesteps, cond)
+        text_out, first = self._run(self.blocks()[:1], hidden, text, temb, cond)
+        text = text if text_out is None else text_out  # None: the first block is the last (SD3's has no text out)
+        return {"hidden": first, "text": text, "temb": temb, "probe": first - hidden}
+
+    def denoise_rest(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond, hidden: torch.Tensor,
+                     text: torch.Tensor, temb: torch.Tensor, tail: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Stage 2 from stage 1's carry: the other blocks (``tail`` None) or, reused, ``hidden + tail``; the
+        output and what the other blocks added (``tail``). Stage 1 then 2 runs the forward's own operations."""
+        if tail is None:
+            _, last = self._run(self.blocks()[1:], hidden, text, temb, cond)
+            tail = last - hidden
+        else:
+            last = hidden + tail
+        return {"out": self.finish(last, temb, sample), "tail": tail}
+
+    def _run(self, blocks: list[Any], hidden: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, cond: Cond
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = self.block_kwargs(cond)
+        for block in blocks:
+            text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, **kwargs)
+        return text, hidden
 
     # VAE -------------------------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

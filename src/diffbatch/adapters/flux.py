@@ -104,12 +104,35 @@ class FluxAdapter(FlowMatchAdapter):
 
     # Model calls -----------------------------------------------------------------------------------------
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        text = cond["encoder_hidden_states"]  # [N, L, D]
-        txt_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype)  # as encode_prompt: zeros
         return self.denoiser(
             hidden_states=sample, timestep=timesteps.to(sample.dtype) / 1000, guidance=cond.get("guidance"),
-            pooled_projections=cond["pooled_projections"], encoder_hidden_states=text, txt_ids=txt_ids,
-            img_ids=cond["img_ids"][0], return_dict=False)[0]
+            pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+            txt_ids=self._txt_ids(cond), img_ids=cond["img_ids"][0], return_dict=False)[0]
+
+    def _txt_ids(self, cond: Cond) -> torch.Tensor:
+        text = cond["encoder_hidden_states"]  # [N, L, D]
+        return torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype)  # as encode_prompt: zeros
+
+    def embed(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.denoiser  # FluxTransformer2DModel.forward (diffusers 0.42), up to its blocks
+        hidden = model.x_embedder(sample)
+        timestep = (timesteps.to(sample.dtype) / 1000).to(hidden.dtype) * 1000  # as ``denoise`` then the forward
+        guidance = cond.get("guidance")
+        pooled = cond["pooled_projections"]
+        temb = (model.time_text_embed(timestep, pooled) if guidance is None
+                else model.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled))
+        return hidden, model.context_embedder(cond["encoder_hidden_states"]), temb
+
+    def blocks(self) -> list[Any]:
+        return [*self.denoiser.transformer_blocks, *self.denoiser.single_transformer_blocks]
+
+    def block_kwargs(self, cond: Cond) -> dict[str, Any]:
+        ids = torch.cat((self._txt_ids(cond), cond["img_ids"][0]), dim=0)
+        return {"image_rotary_emb": self.denoiser.pos_embed(ids)}
+
+    def finish(self, hidden: torch.Tensor, temb: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.proj_out(self.denoiser.norm_out(hidden, temb))
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         unpacked = self.pipe._unpack_latents(latents, spec.height, spec.width, self.vae_scale_factor)

@@ -209,10 +209,16 @@ def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def run_in_calls(shape: CallShape, rows: int, call: Callable[[slice, int], Any]) -> Any:
     """``call(real_rows, size)`` for each call of ``shape`` over ``rows`` rows; each returns at least the
-    real rows first (tensor, array or list); their concatenation, exactly ``rows`` long."""
-    outs = [call(real, size)[: real.stop - real.start] for real, size in shape.calls(rows)]
+    real rows first (tensor, array, list, or a dict of tensors); their concatenation, exactly ``rows`` long."""
+    outs = [_first_rows(call(real, size), real.stop - real.start) for real, size in shape.calls(rows)]
     if len(outs) == 1:
         return outs[0]
+    if isinstance(outs[0], dict):
+        return {key: torch.cat([out[key] for out in outs]) for key in outs[0]}
     if isinstance(outs[0], list):
         return [item for out in outs for item in out]
     return np.concatenate(outs) if isinstance(outs[0], np.ndarray) else torch.cat(outs)
+
+
+def _first_rows(out: Any, rows: int) -> Any:
+    return {key: value[:rows] for key, value in out.items()} if isinstance(out, dict) else out[:rows]

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import SpecError, shown
 from .invariance import make_batch_invariant
+from .layers import LayerStack
 
 Loras = tuple[tuple[str, float], ...]  # a spec's LoRAs: ((name, weight), ...)
 # The running call's rows (LoraBank.rows sets it around a model call)
@@ -47,8 +48,10 @@ def file_hash(path: str | os.PathLike) -> str:
 class LoraBank:
     """The LoRAs loaded into one pipeline, by path; at most ``capacity``, least recently used dropped."""
 
-    def __init__(self, pipe: Any, find: Callable[[str], Path], invariant: bool, capacity: int = 16) -> None:
+    def __init__(self, pipe: Any, find: Callable[[str], Path], invariant: bool, layers: LayerStack,
+                 capacity: int = 16) -> None:
         self.pipe = pipe
+        self.layers = layers  # the pipeline's model-call layers: the LoRA rows are layer 3 (layers.py)
         self._find = find  # a LoRA name -> its file (Resolver.lora_path: file-system checks)
         self._paths: dict[str, Path] = {}  # found once per name: rows() runs for every model call
         self.invariant = invariant
@@ -77,7 +80,7 @@ class LoraBank:
                 raise SpecError(f"loras: {shown(name)} cannot be loaded into this model: {detail}", field="loras",
                                 value=name, reason="not a LoRA for this model") from None
             self._loaded[path] = adapter
-            self._patch()
+            self.layers.install("lora", self._patch)
         self._evict(keep={self.find(name) for name, _ in loras})
 
     def _evict(self, keep: set[Path]) -> None:

@@ -69,5 +69,23 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.denoiser(hidden_states=sample, timestep=timesteps, **cond, return_dict=False)[0]
 
+    def embed(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.denoiser  # SD3Transformer2DModel.forward (diffusers 0.42), up to its blocks
+        hidden = model.pos_embed(sample).contiguous()  # [N, S, D]
+        temb = model.time_text_embed(timesteps, cond["pooled_projections"])
+        return hidden, model.context_embedder(cond["encoder_hidden_states"]), temb
+
+    def blocks(self) -> list[Any]:
+        return list(self.denoiser.transformer_blocks)
+
+    def finish(self, hidden: torch.Tensor, temb: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        model = self.denoiser  # the forward after its blocks: norm, projection, unpatchify
+        hidden = model.proj_out(model.norm_out(hidden, temb))
+        p, channels = model.config.patch_size, model.out_channels
+        h, w = sample.shape[-2] // p, sample.shape[-1] // p
+        hidden = torch.einsum("nhwpqc->nchpwq", hidden.reshape(shape=(hidden.shape[0], h, w, p, p, channels)))
+        return hidden.reshape(shape=(hidden.shape[0], channels, h * p, w * p))
+
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         return self.decode_latents(latents)

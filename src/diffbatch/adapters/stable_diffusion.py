@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -57,8 +56,12 @@ class StableDiffusionAdapter(Adapter):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.denoiser(sample, timesteps, **self.unet_kwargs(cond), return_dict=False)[0]
 
-    def capture_deep(self, into: list[torch.Tensor], rows: int) -> contextlib.AbstractContextManager:
-        return step_cache.capture(self.denoiser, into, rows)
+    def denoise_keeping_deep(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond
+                             ) -> dict[str, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        with step_cache.capture(self.denoiser, captured):
+            out = self.denoise(sample, timesteps, cond)
+        return {"out": out, "deep": captured[0]}
 
     def denoise_shallow(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
                         deep: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""DeepCache per row (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858) on a
+"""Step caches per row: two ways to skip most of the denoiser on some steps, each decided by one request from
+its own state, so a row's result never depends on another row.
+
+**DeepCache** (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858) on a
 ``UNet2DConditionModel``: the UNet's deep features change slowly between denoising steps, so a request computes
 them every N steps (a full call) and in between runs only the shallow path around them.
 
@@ -16,6 +19,16 @@ down block and last up block are 2.6% and 8.7% of a forward).
 Rows stay independent: the full call is the UNet's own forward, observed (``capture``), never changed; the
 shallow call runs the same (batch-invariant) modules as the full one, and with fresh features gives exactly
 the full call's output. Each row carries its own cached features, so a row's result never depends on another's.
+
+**First-Block-Cache** (ParaAttention's, as diffusers' ``FirstBlockCacheConfig`` runs it) on the transformer
+families (SD3, Flux): every step runs the embeddings and the first transformer block; when the first block's
+residual (its output minus its input) changed, relative to the one of the request's last full step, by less than
+the threshold, the other blocks are skipped and what they added at that full step is added instead. diffusers
+decides once per batch (a mean over all rows, one ``.item()``); here each request decides over its own rows
+(``first_block_changed``), which is exactly diffusers' decision for that request run alone, so diffusers' own
+hook on a one-image pipeline is the oracle (tests/test_cache.py). The stages are the family's forward cut in
+two (``FlowMatchAdapter.denoise_first`` / ``denoise_rest``): the rows whose first block changed run the other
+blocks in one call, the rest add their cached residual in another.
 """
 
 from __future__ import annotations
@@ -28,13 +41,12 @@ import torch
 
 
 @contextlib.contextmanager
-def capture(unet: Any, into: list[torch.Tensor], rows: int) -> Iterator[None]:
-    """Append to ``into`` the deep features (``[rows, C, h, w]``) of the first ``rows`` rows of each UNet call made
-    inside: the input of the last up block, read by a hook that changes nothing."""
+def capture(unet: Any, into: list[torch.Tensor]) -> Iterator[None]:
+    """Append to ``into`` the deep features (``[N, C, h, w]``) of each UNet call made inside: the input of the
+    last up block, read by a hook that changes nothing."""
 
     def keep(module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        into.append(hidden[:rows])
+        into.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
     handle = unet.up_blocks[-1].register_forward_pre_hook(keep, with_kwargs=True)
     try:
@@ -80,3 +92,14 @@ def _attention_kwargs(block: Any, encoder_hidden_states: torch.Tensor) -> dict[s
         return {}
     return {"encoder_hidden_states": encoder_hidden_states, "attention_mask": None, "cross_attention_kwargs": None,
             "encoder_attention_mask": None}
+
+
+def first_block_changed(probe: torch.Tensor, previous: torch.Tensor | None, threshold: float) -> bool:
+    """First-Block-Cache's decision for one request (its rows, ``[n, ...]``): whether its first block's residual
+    ``probe`` moved, since ``previous`` (the one at its last full step), by more than ``threshold`` relative —
+    diffusers' ``_should_compute_remaining_blocks``. The means run in float64, so the reduction order (thread
+    count) would have to land a ratio within ~1e-15 of the threshold to flip a decision."""
+    if previous is None:
+        return True
+    moved = (probe.double() - previous.double()).abs().mean()
+    return bool((moved / previous.double().abs().mean()).item() > threshold)
