@@ -11,7 +11,7 @@ import pytest
 from PIL.PngImagePlugin import PngInfo
 
 from diffbatch.cli import main
-from diffbatch.io.infotext import parse_infotext
+from diffbatch.io.infotext import parse_infotext, png_parameters
 from helpers import noise_image
 
 A1111 = ("a castle on a hill\nwith a moat\nNegative prompt: ugly, blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule "
@@ -39,7 +39,8 @@ def only_png(out: Path) -> Path:
 
 @pytest.mark.parametrize("extra", [["--scheduler", "euler_a", "--negative-prompt", "blurry, dark"],
                                    [],  # the model's own sampler, written as its class name
-                                   ["--variation-seed", "8", "--variation-strength", "0.4", "--guidance-scale", "3"]])
+                                   ["--variation-seed", "8", "--variation-strength", "0.4", "--guidance-scale", "3"],
+                                   ["--cache", "auto", "--steps", "5"]])  # the PNG says what auto ran
 def test_text_to_image_png_regenerates_byte_for_byte(capsys, tmp_path, tiny_sd_path, extra):
     first = tmp_path / "first"
     code, err = run(capsys, "generate", "--prompt", 'a "red": circle, big', "--out", first, "--model", tiny_sd_path,
@@ -50,6 +51,8 @@ def test_text_to_image_png_regenerates_byte_for_byte(capsys, tmp_path, tiny_sd_p
     assert code == 0, err
     assert only_png(again).name == "00000-42.png"
     assert only_png(again).read_bytes() == (first / "00002-42.png").read_bytes()
+    if "--cache" in extra:  # auto as it ran (the embedded family's setting), so --from needs no model to know
+        assert "Cache: deepcache:" in png_parameters(first / "00002-42.png")
 
 
 def test_image_to_image_png_finds_its_init_image_and_regenerates(capsys, tmp_path, tiny_sd_path):

@@ -16,7 +16,8 @@ from diffbatch.io.writer import MANIFEST
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[ray]')")
 
 JOB = [{"prompt": "a red circle"}, {"prompt": "a blue square", "guidance_scale": 1.0},
-       {"prompt": "a green star", "height": 32, "scheduler": "euler_a"}, {"prompt": "a yellow triangle", "seed": 9}]
+       {"prompt": "a green star", "height": 32, "scheduler": "euler_a"}, {"prompt": "a yellow triangle", "seed": 9},
+       {"prompt": "a purple square", "cache": "deepcache:2", "num_inference_steps": 5}]  # a step cache on Ray too
 
 
 def records(out: Path) -> list[dict]:
@@ -44,9 +45,9 @@ def test_two_ray_workers_write_the_files_of_a_local_run_and_resume_the_same_way(
     capsys.readouterr()
 
     assert main([*args, "--out", str(on_ray), "--ray", "--workers", "2"]) == 0
-    assert "skipped 2 images already written, 8 to make" in capsys.readouterr().err
+    assert "skipped 2 images already written, 10 to make" in capsys.readouterr().err
     assert sorted(p.name for p in on_ray.iterdir()) == sorted(p.name for p in local.iterdir())
     for path in local.iterdir():
         if path.name != MANIFEST:
             assert (on_ray / path.name).read_bytes() == path.read_bytes(), path.name
-    assert records(on_ray) == records(local) and len(records(local)) == 10
+    assert records(on_ray) == records(local) and len(records(local)) == 12

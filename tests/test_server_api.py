@@ -72,7 +72,8 @@ def test_edit_is_image_to_image_and_equals_offline(client, reference, tmp_path):
 
 def test_many_simultaneous_requests_with_different_parameters_all_match_offline(client, reference):
     requests = [{"prompt": f"p{i}", "seed": i, "num_inference_steps": 2 + i % 3, "guidance_scale": float(i % 3) * 3,
-                 "scheduler": ("euler_a", "ddim", None)[i % 3]} for i in range(8)]
+                 "scheduler": ("euler_a", "ddim", None)[i % 3], "cache": ("off", "deepcache:2", "auto", "off")[i % 4]}
+                for i in range(8)]  # cached and uncached requests share the engine's calls
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda r: client.post("/v1/images/generations", json=r), requests))
     for request, response in zip(requests, responses, strict=True):

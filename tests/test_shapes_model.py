@@ -73,3 +73,24 @@ def test_eval_shapes_is_a_diffbatch_subcommand_from_the_shapes_distribution(tmp_
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["settings"]["prompts"] == 2 and len(report["records"]) == 2
     assert (tmp_path / "eval" / "grid.png").is_file() and "background" in capsys.readouterr().out
+
+
+def test_eval_shapes_scores_a_step_cache_and_refuses_a_bad_one_before_loading(tmp_path, capsys, monkeypatch):
+    from diffbatch_shapes.evaluation import cli
+
+    from diffbatch.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    assert main(["eval-shapes", "--seeds", "1", "--steps", "4", "--prompts", str(prompts), "--cache", "auto",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["settings"]["cache"] == "auto"
+    assert "cache=auto" in capsys.readouterr().out
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(cli, "engine_generate_fn", no_model)
+    assert main(["eval-shapes", "--prompts", str(prompts), "--cache", "deepcache:99"]) == 2
+    err = capsys.readouterr().err
+    assert "cache" in err and "deepcache:VALUE (2-10)" in err and len(err.strip().splitlines()) == 1

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffbatch.caching import RULE as CACHE_RULE
+from diffbatch.caching import cache_ok
+from diffbatch.errors import SpecError
 from diffbatch.io.gallery import contact_sheet
 from diffbatch.options import DTYPE_NAMES
 
@@ -28,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="inference steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, metavar="G", help="CFG scale (default: the model's)")
     p.add_argument("--scheduler", metavar="NAME", help="sampler name, e.g. euler_a (default: the model's)")
+    p.add_argument("--cache", default="off", metavar="SETTING",
+                   help="step cache of every image: off (default), auto or METHOD:VALUE, e.g. deepcache:3")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="engine max batch size")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
@@ -39,13 +44,15 @@ def register(subparsers) -> None:
 
 def run_eval_shapes(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table; exit 0 (the scores are the output, not a pass/fail)."""
+    if not cache_ok(args.cache):  # before the model loads
+        raise SpecError(field="cache", value=args.cache, reason=CACHE_RULE)
     prompts = _read_prompts(args.prompts) if args.prompts else list(EVAL_PROMPTS)
     generate = engine_generate_fn(args.model, args.steps, args.guidance_scale, args.scheduler, args.batch_size,
-                                  args.device, args.dtype)
+                                  args.device, args.dtype, args.cache)
     result, images = evaluate(generate, prompts, range(args.seeds))
     settings = {"model": args.model or "default", "dtype": args.dtype, "steps": args.steps,
                 "guidance_scale": args.guidance_scale,
-                "scheduler": args.scheduler, "seeds": args.seeds, "prompts": len(prompts)}
+                "scheduler": args.scheduler, "cache": args.cache, "seeds": args.seeds, "prompts": len(prompts)}
     print(format_table(result, settings))
     if args.out:
         write_outputs(args.out, result, images, settings)
@@ -53,16 +60,16 @@ def run_eval_shapes(args: argparse.Namespace) -> int:
 
 
 def engine_generate_fn(model: str | None, steps: int | None, guidance: float | None, scheduler: str | None,
-                       batch_size: int, device: str = "cpu", dtype: str = "float32"):
+                       batch_size: int, device: str = "cpu", dtype: str = "float32", cache: str = "off"):
     """A ``generate_fn`` over diffbatch's Engine (seeds drawn on the CPU, so any device draws the same
-    noise)."""
+    noise); every image with the step cache ``cache``."""
     from diffbatch import Engine, GenerationSpec
 
     engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=batch_size)
 
     def generate(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         specs = [GenerationSpec(prompt=p, seed=s, num_inference_steps=steps, guidance_scale=guidance,
-                                scheduler=scheduler) for p, s in zip(prompts, seeds, strict=True)]
+                                scheduler=scheduler, cache=cache) for p, s in zip(prompts, seeds, strict=True)]
         return [r.image for r in engine.generate(specs)]
 
     return generate
