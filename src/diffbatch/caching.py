@@ -23,8 +23,9 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
-    Method("deepcache", int, 2, 10, "UNet families: compute the deep UNet features every VALUE steps (2-10), "
-                                    "reuse them in between (DeepCache, Ma et al. 2023)"),
+    Method("deepcache", int, 2, 10, "UNet families: compute the deep UNet features every VALUE steps (2-10) and "
+                                    "on the first fifth and last tenth of steps, reuse them in between (DeepCache, "
+                                    "Ma et al. 2023)"),
     Method("fbcache", float, 0.0, 1.0, "transformer families: skip the other blocks while the first block's "
                                        "residual changes by less than VALUE (0-1) relative (First-Block-Cache)"),
 )}

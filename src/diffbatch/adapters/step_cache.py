@@ -3,7 +3,10 @@ its own state, so a row's result never depends on another row.
 
 **DeepCache** (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free", arXiv:2312.00858) on a
 ``UNet2DConditionModel``: the UNet's deep features change slowly between denoising steps, so a request computes
-them every N steps (a full call) and in between runs only the shallow path around them.
+them every N steps (a full call) and in between runs only the shallow path around them. Unlike the DeepCache
+package's uniform schedule, the first fifth and the last tenth of a request's steps are all full
+(``Request.reuses_deep``): early steps set the layout and late ones the detail, and with an ancestral sampler a
+uniform schedule lands on another image (13 dB PSNR against the uncached one at N=3, 30 steps; 32 dB so).
 
 The cut: the deep features are the input of the last up block (everything between the first down block and the
 last up block, upsampled). The shallow path is the time embedding, ``conv_in``, the first down block, the last up
