@@ -106,7 +106,7 @@ def test_the_cache_select_sends_the_field_only_when_on(browser, server):  # noqa
     page.fill("#n", "1")
     page.fill("#num_inference_steps", "2")
     assert page.eval_on_selector_all("#cache option", "os => os.map(o => o.value)") == [
-        "off", "auto", "deepcache:2", "deepcache:3", "deepcache:5"]
+        "off", "auto", "deepcache:2", "deepcache:3", "deepcache:5", "fbcache:0.05", "fbcache:0.1"]
     page.select_option("#cache", "deepcache:3")
     with page.expect_request("**/v1/images/generations") as sent:
         page.click("#generate")

@@ -71,7 +71,7 @@ class Resolver:
             self.lora_path(name)
         if resolved.loras:
             self.adapter.layers.require("lora", "loras", dict(resolved.loras))
-        cache = self.adapter.resolve_cache(resolved.cache)  # auto made concrete: the PNG records what ran
+        cache = self.adapter.resolve_cache(resolved)  # auto made concrete: the PNG records what ran
         if cache != resolved.cache:
             resolved = dataclasses.replace(resolved, cache=cache)
         self.adapter.check_spec(resolved)

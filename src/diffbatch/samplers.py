@@ -36,3 +36,10 @@ def sampler_label(name: str | None, default_class: str) -> str:
     if name is None:
         return default_class
     return SAMPLERS[name].label
+
+
+def is_stochastic(class_name: str, config: dict[str, Any] | None = None) -> bool:
+    """Whether a diffusers scheduler draws fresh noise at every step: the ancestral and SDE ones (by class name,
+    or a DPM-Solver configured with an SDE ``algorithm_type``)."""
+    algorithm = str((config or {}).get("algorithm_type", ""))
+    return "Ancestral" in class_name or "SDE" in class_name or "sde" in algorithm

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..caching import AUTO, METHODS, OFF, parse_cache
 from ..errors import SpecError
+from ..samplers import SAMPLERS, is_stochastic
 from ..spec import GenerationSpec, ModelDefaults
 from .config import PipelineConfig
 from .invariance import CallShape, CallShapes, call_shapes, make_batch_invariant
@@ -31,7 +32,10 @@ Cond = dict[str, torch.Tensor]  # denoiser conditioning, every tensor with batch
 class Adapter(ABC):
     family: ClassVar[str]  # e.g. "stable-diffusion"
     cache_methods: ClassVar[tuple[str, ...]] = ()  # the step caches (caching.METHODS) this family runs
-    auto_cache: ClassVar[str] = OFF  # what ``cache: auto`` runs (benchmarks/cache.py measured it)
+    # What ``cache: auto`` runs with a deterministic sampler, and with a stochastic one (ancestral, SDE: small
+    # changes move more of the image, so it computes more often); benchmarks/cache.py measured them
+    auto_cache: ClassVar[str] = OFF
+    auto_cache_stochastic: ClassVar[str] = OFF
 
     def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True,
                  backend: str = "torch") -> None:
@@ -112,11 +116,15 @@ class Adapter(ABC):
         text-to-image); by default every spec the engine accepts is fine."""
         return None
 
-    def resolve_cache(self, cache: str) -> str:
-        """A spec's ``cache`` as it will run: ``auto`` made concrete (``off`` where this model runs no step cache),
-        the value written canonically; ``SpecError`` naming the field where this model cannot run it."""
+    def resolve_cache(self, spec: GenerationSpec) -> str:
+        """A resolved spec's ``cache`` as it will run: ``auto`` made concrete for its sampler (``off`` where this
+        model runs no step cache), the value written canonically; ``SpecError`` naming the field where this model
+        cannot run it."""
+        cache = spec.cache
         if cache == AUTO:
-            return self.auto_cache if self.layers.supports("step-cache") else OFF
+            if not self.layers.supports("step-cache"):
+                return OFF
+            return self.auto_cache_stochastic if self.stochastic_sampler(spec) else self.auto_cache
         setting = parse_cache(cache)  # the spec checked its form
         if setting is None:
             return OFF
@@ -127,6 +135,12 @@ class Adapter(ABC):
             raise SpecError(f"cache={cache!r}: {self.family} models do not run {setting.method} ({reason})",
                             field="cache", value=cache, reason=reason)
         return f"{setting.method}:{setting.value:g}"
+
+    def stochastic_sampler(self, spec: GenerationSpec) -> bool:
+        """Whether the spec's sampler draws fresh noise every step (ancestral and SDE samplers)."""
+        if spec.scheduler is not None:
+            return is_stochastic(SAMPLERS[spec.scheduler].class_name)
+        return is_stochastic(self.default_scheduler_class.__name__, self.scheduler_config)
 
     def uses_cfg(self, spec: GenerationSpec) -> bool:
         """Classifier-free guidance only where it changes something (as diffusers: guidance > 1)."""

@@ -25,7 +25,7 @@ class FlowMatchAdapter(Adapter):
     cache_methods = ("fbcache",)
     # ParaAttention's recommended First-Block-Cache threshold for FLUX.1-dev (about 1.5-2x there); not measured
     # here: no SD3 or Flux weights on this machine (README, "Step caching").
-    auto_cache = "fbcache:0.08"
+    auto_cache = auto_cache_stochastic = "fbcache:0.08"
 
     def check_spec(self, spec: GenerationSpec) -> None:
         if spec.scheduler is not None:
