@@ -44,6 +44,7 @@ from diffbatch.samplers import SAMPLERS  # noqa: E402
 PROMPTS = ("a red circle", "a blue star on a white background", "a small green square at the top", "a pink triangle",
            "a yellow circle on a black background", "a purple square")
 SETTINGS = ("off", "deepcache:2", "deepcache:3", "deepcache:5", "auto", "mixed", "off (again)")
+ANCHOR = "mixed, grouped: diffusers + DeepCache"
 
 
 def workload(setting: str, images: int, steps: int, size: int, scheduler: str | None = None) -> list[GenerationSpec]:
@@ -135,8 +136,8 @@ def measure(model: str | None, args: argparse.Namespace) -> dict:
     results["mixed"]["cache"] = f"half {results['mixed']['cache']}, half off"
     anchor = anchor_mixed(engine, workload("mixed", args.images, args.steps, args.size, args.scheduler), args.repeats)
     if anchor is not None:
-        results["mixed, grouped: diffusers + DeepCache"] = anchor
-        results["mixed"]["vs_anchor"] = round(results["mixed"]["images_per_s"] / anchor["images_per_s"], 2)
+        results[ANCHOR], pixels[ANCHOR] = anchor
+        results["mixed"]["vs_anchor"] = round(results["mixed"]["images_per_s"] / anchor[0]["images_per_s"], 2)
     contract(engine, results, pixels, args)
     if model is None:  # quality means something only with trained weights
         quality(engine, results, pixels, args)
@@ -152,9 +153,10 @@ def measure(model: str | None, args: argparse.Namespace) -> dict:
             "results": results}
 
 
-def anchor_mixed(engine: Engine, specs: list[GenerationSpec], repeats: int) -> dict | None:
+def anchor_mixed(engine: Engine, specs: list[GenerationSpec], repeats: int) -> tuple[dict, np.ndarray] | None:
     """The mixed requests as diffusers runs them: one list batch per group of equal settings (steps, guidance,
-    sampler, cache), the DeepCache package's helper (uniform interval, its default branch) on the cached groups."""
+    sampler, cache), the DeepCache package's helper (uniform interval, its default branch) on the cached groups;
+    the timing and the images (in the specs' order)."""
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:
@@ -170,6 +172,8 @@ def anchor_mixed(engine: Engine, specs: list[GenerationSpec], repeats: int) -> d
     for s in resolved:
         groups.setdefault((s.cache, s.num_inference_steps, s.guidance_scale, s.scheduler), []).append(s)
 
+    made: dict[int, np.ndarray] = {}
+
     def run() -> None:
         for (cache, steps, guidance, scheduler), group in groups.items():
             pipe.scheduler = engine.resolver.make_sampler(scheduler)
@@ -177,9 +181,10 @@ def anchor_mixed(engine: Engine, specs: list[GenerationSpec], repeats: int) -> d
                 helper.set_params(cache_interval=int(cache.split(":")[1]), cache_branch_id=0)
                 helper.enable()
             try:
-                pipe(prompt=[s.prompt for s in group], num_inference_steps=steps, guidance_scale=guidance,
-                     height=group[0].height, width=group[0].width, output_type="np",
-                     generator=[torch.Generator("cpu").manual_seed(s.seed) for s in group])
+                images = pipe(prompt=[s.prompt for s in group], num_inference_steps=steps, guidance_scale=guidance,
+                              height=group[0].height, width=group[0].width, output_type="np",
+                              generator=[torch.Generator("cpu").manual_seed(s.seed) for s in group]).images
+                made.update((id(s), image) for s, image in zip(group, images, strict=True))
             finally:
                 if cache != "off":
                     helper.disable()
@@ -187,8 +192,9 @@ def anchor_mixed(engine: Engine, specs: list[GenerationSpec], repeats: int) -> d
     with _plain_modules(pipe):
         run()  # warm-up
         seconds = best_of(repeats, run)
-    return {"cache": f"{len(groups)} list batches", "seconds": round(seconds, 2),
-            "images_per_s": round(len(specs) / seconds, 3)}
+    return ({"cache": f"{len(groups)} list batches, DeepCache package (uniform) on the cached ones",
+             "seconds": round(seconds, 2), "images_per_s": round(len(specs) / seconds, 3)},
+            np.stack([made[id(s)] for s in resolved]))
 
 
 @contextlib.contextmanager
@@ -230,9 +236,10 @@ def quality(engine: Engine, results: dict, pixels: dict, args: argparse.Namespac
     cached = [k for k, s in enumerate(mixed_specs) if s.cache != "off"]
     plain = np.stack([r.pixels for r in engine.generate([dataclasses.replace(mixed_specs[k], cache="off")
                                                           for k in cached])])
-    pairs = list(zip(pixels["mixed"][cached], plain, strict=True))
-    results["mixed"]["mean_psnr_db"] = round(float(np.mean([psnr(a, b) for a, b in pairs])), 1)
-    results["mixed"]["mean_ssim"] = round(float(np.mean([ssim(a, b) for a, b in pairs])), 3)
+    for setting in ("mixed", ANCHOR) if ANCHOR in pixels else ("mixed",):
+        pairs = list(zip(pixels[setting][cached], plain, strict=True))
+        results[setting]["mean_psnr_db"] = round(float(np.mean([psnr(a, b) for a, b in pairs])), 1)
+        results[setting]["mean_ssim"] = round(float(np.mean([ssim(a, b) for a, b in pairs])), 3)
     if args.eval_seeds:
         from diffbatch_shapes.evaluation.shapes import evaluate
 
@@ -280,24 +287,37 @@ def _box(x: np.ndarray, w: int) -> np.ndarray:
 def write_markdown(record: dict) -> None:
     from results_md import replace_section, table
 
-    rows = [[name, r["cache"], f"{r['seconds']:.1f}", f"{r['images_per_s']:.3f}", f"**{r['ratio_vs_off']:.2f}x**",
-             f"{r['mean_psnr_db']:.1f}" if "mean_psnr_db" in r else "-"] for name, r in record["results"].items()]
+    def cells(r: dict) -> list[str]:
+        score = r.get("eval_shapes")
+        return [r["cache"], f"{r['seconds']:.1f}", f"{r['images_per_s']:.3f}", f"**{r['ratio_vs_off']:.2f}x**",
+                f"{r['mean_psnr_db']:.1f}" if "mean_psnr_db" in r else "-",
+                f"{r['mean_ssim']:.3f}" if "mean_ssim" in r else "-",
+                " / ".join(f"{100 * score[k]:.0f}" for k in ("background", "colour", "shape", "position"))
+                if score else "-"]
+
+    rows = [[name, *cells(r)] for name, r in record["results"].items()]
     mixed = record["results"]["mixed"]
-    flag = f" --scheduler {record['scheduler']}" if record["scheduler"] in SAMPLERS else ""
-    body = (f"`python benchmarks/cache.py --images {record['images']} --steps {record['steps']}{flag}` on "
+    flags = "" if record["model"] == "embedded shapes" else " --model sd15"
+    flags += f" --scheduler {record['scheduler']}" if record["scheduler"] in SAMPLERS else ""
+    anchor = (f" The mixed batch ran **{mixed['vs_anchor']:.2f}x** the images/s of the anchor (the same requests "
+              "through diffusers' pipeline, one list batch per equal setting, the DeepCache package's uniform "
+              "schedule and shorter default branch on the cached ones)." if "vs_anchor" in mixed else "")
+    body = (f"`python benchmarks/cache.py --images {record['images']} --steps {record['steps']}{flags}` on "
             f"{record['cpu']}, torch {record['torch']}, {record['threads']} thread(s) (the default), "
-            f"{record['dtype']}, embedded model at {record['size']}x{record['size']}, {record['steps']} steps of "
+            f"{record['dtype']}, {record['model']} at {record['size']}x{record['size']}, {record['steps']} steps of "
             f"{record['scheduler']}, max batch {record['batch_size']} images, "
-            f"{record['images']} images a setting, one engine, best of {record['repeats']}. PSNR: mean over the cached "
-            "images against the same requests uncached (pixels in [0, 1]). Mixed: every other request cached "
-            "(auto), steps and guidance varying; its uncached images were "
+            f"{record['images']} images a setting, one engine, best of {record['repeats']}. PSNR and SSIM: means over "
+            "the cached images against the same requests uncached (pixels in [0, 1]); eval-shapes: accuracy in % "
+            "(background / colour / shape / position) of the 24 prompts x seeds at that setting. Mixed: every "
+            "other request cached (auto), steps and guidance varying; its uncached images were "
             f"{'byte-identical' if mixed['uncached_identical'] else 'NOT identical'} to the same requests run "
-            f"without cached company. The shallow path (adapters/step_cache.py) took {record['shallow_share']:.0%} "
-            f"of a full UNet forward at {2 * record['batch_size']} rows. Load average during the run: "
-            f"{', '.join(f'{x:.1f}' for x in record['load_average'])} (other processes ran on the machine).\n\n"
-            + table(["setting", "ran as", "seconds", "images/s", "vs off", "PSNR dB"], rows))
+            f"without cached company.{anchor} The shallow path (adapters/step_cache.py) took "
+            f"{record['shallow_share']:.0%} of a full UNet forward at {record['shallow_rows']} rows. Load average "
+            f"at the end: {', '.join(f'{x:.1f}' for x in record['load_average'])}.\n\n"
+            + table(["setting", "ran as", "seconds", "images/s", "vs off", "PSNR dB", "SSIM", "eval-shapes %"], rows))
+    model = "shapes model" if record["model"] == "embedded shapes" else "SD-1.5 architecture"
     suffix = f", {record['scheduler']}" if record["scheduler"] in SAMPLERS else ""
-    replace_section(f"Step caching per request: shapes model{suffix} (issue 21)", body)
+    replace_section(f"Step caching per request: {model}{suffix} (issue 21)", body)
 
 
 if __name__ == "__main__":
