@@ -52,9 +52,8 @@ def test_a_layer_is_never_installed_over_one_above_it():
 
 @pytest.mark.parametrize(("field", "value"), [("loras", {"a": 1.0}), ("cache", "deepcache:3")])
 def test_a_backend_without_a_layer_refuses_the_request_in_one_line(field, value):
-    adapter = describe(None)  # configuration only: the refusal needs no OpenVINO
-    adapter.backend, adapter.layers = "openvino", LayerStack("openvino")
-    resolver = Resolver(adapter)
+    # configuration only, as the --ray driver resolves (Resolver.for_model): the refusal needs no OpenVINO
+    resolver = Resolver(describe(None, backend="openvino"))
     resolver.lora_path = Path  # every LoRA name found: the refusal under test comes after the file lookup
     with pytest.raises(SpecError, match=f"^{field}=.*not supported with backend 'openvino'.*use backend torch"
                        ) as caught:

@@ -335,7 +335,7 @@ def load_resolver(args: argparse.Namespace) -> Resolver:
     from .resolver import Resolver
 
     with _quiet():
-        return Resolver.for_model(args.model, args.lora_dir, lora_paths=True)
+        return Resolver.for_model(args.model, args.lora_dir, lora_paths=True, backend=args.backend)
 
 
 @contextlib.contextmanager

@@ -42,9 +42,9 @@ class Resolver:
 
     @classmethod
     def for_model(cls, model: str | os.PathLike | None, lora_dir: str | os.PathLike | None = None,
-                  lora_paths: bool = False) -> Resolver:
-        """From the model's JSON files alone (``None``: the embedded model)."""
-        return cls(describe(model), lora_dir, lora_paths)
+                  lora_paths: bool = False, backend: str = "torch") -> Resolver:
+        """From the model's JSON files alone (``None``: the embedded model), for the models run by ``backend``."""
+        return cls(describe(model, backend), lora_dir, lora_paths)
 
     @property
     def model_name(self) -> str:

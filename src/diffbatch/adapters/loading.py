@@ -118,11 +118,12 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Non
         check_openvino(device, dtype)
 
 
-def describe(model: str | os.PathLike | None) -> Adapter:
-    """A configuration-only adapter for ``model``: it resolves and checks specs exactly as the loaded model's
-    would, from the JSON files alone (no weights read, nothing but JSON downloaded), and makes no images."""
+def describe(model: str | os.PathLike | None, backend: str = "torch") -> Adapter:
+    """A configuration-only adapter for ``model``: it resolves and checks specs exactly as the model loaded on
+    ``backend`` would, from the JSON files alone (no weights read, nothing but JSON downloaded), and makes no
+    images."""
     model, cls = _find(model)
-    adapter = cls(PipelineConfig.read(model), _display_name(model))
+    adapter = cls(PipelineConfig.read(model), _display_name(model), backend=backend)
     adapter.fingerprint = model_fingerprint(model)
     return adapter
 
