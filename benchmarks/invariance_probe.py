@@ -67,12 +67,36 @@ def _rows_equal(fn, idx, reference, threads: int, n: int) -> bool:
                for start in range(0, len(idx) - n + 1, n))
 
 
+def fixed_row_gemms(shapes=((320, 1280), (1280, 1280), (1280, 320), (768, 768), (32, 128)), tries: int = 3) -> bool:
+    """Whether a GEMM of exactly ``LINEAR_ROWS`` rows (how invariance.py runs ``[N, C]`` linears) gives a row the
+    same bits at every position in the call, beside any other rows or zero padding, at 1-4 threads (float32 and
+    bfloat16)."""
+    from diffbatch.adapters.invariance import LINEAR_ROWS
+
+    torch.manual_seed(0)
+    for dtype, (cin, cout) in ((d, s) for d in (torch.float32, torch.bfloat16) for s in shapes):
+        weight, bias, row = torch.randn(cout, cin, dtype=dtype), torch.randn(cout, dtype=dtype), torch.randn(cin)
+        seen = set()
+        for threads, position, k in ((t, p, k) for t in THREADS for p in range(LINEAR_ROWS) for k in range(tries)):
+            torch.set_num_threads(threads)
+            x = torch.randn(LINEAR_ROWS, cin, dtype=dtype)
+            x[position] = row.to(dtype)
+            if k % 2:
+                x[position + 1 :] = 0  # zero padding after it, else other rows
+            seen.add(torch.nn.functional.linear(x, weight, bias)[position].float().numpy().tobytes())
+        if len(seen) != 1:
+            return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("shapes", "sd15"), default="shapes")
     args = parser.parse_args()
     default_threads = torch.get_num_threads()
     print(f"{cpu_model()}, torch {torch.__version__}, default threads {default_threads}")
+    verdict = "every row identical" if fixed_row_gemms() else "ROWS DIFFER: the [N, C] linears are not exact"
+    print(f"fixed-row GEMMs (invariance.py's LINEAR_ROWS) {verdict}")
     with tempfile.TemporaryDirectory() as tmp:
         model = None if args.model == "shapes" else str(save_sd15_random(Path(tmp) / "sd15"))
         for invariant in (False, True):

@@ -36,7 +36,7 @@ def test_an_engine_installs_its_layers_in_order_and_a_lora_calls_the_invariant_k
     for layer in layers:  # layer 3 on top of layer 2: the row-wise LoRA forward, its base and A/B invariant
         assert layer.forward.__func__ is lora._rowwise_forward
         inner = [layer.base_layer, *layer.lora_A.values(), *layer.lora_B.values()]
-        assert all(m.forward.__func__ is invariance._rowwise_linear for m in inner if type(m).__name__ == "Linear")
+        assert all(m.forward.__func__ is invariance._bucketed_linear for m in inner if type(m).__name__ == "Linear")
 
 
 def test_a_layer_is_never_installed_over_one_above_it():
