@@ -197,9 +197,8 @@ def _pointwise_conv_as_gemm(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     weight = self.weight.view(self.out_channels, c)
     x3 = x.contiguous().reshape(n, c, h * w)
-    if weight.dtype == torch.float32:  # matmul's folded path: one mm over all images' pixels
-        out = torch.mm(x3.transpose(1, 2).reshape(n * h * w, c), weight.t()).view(n, h * w, self.out_channels)
-        out = out.transpose(1, 2)
+    if weight.dtype == torch.float32:  # a batched GEMM: the output comes out NCHW, with no transposes to copy
+        out = torch.bmm(weight.expand(n, self.out_channels, c), x3)  # [N, O, H*W]
     else:  # bfloat16: the converted weight never required grad, so matmul ran a batched GEMM
         out = torch.bmm(weight.float().expand(n, self.out_channels, c), x3.float())  # [N, O, H*W]
     if self.bias is not None:
