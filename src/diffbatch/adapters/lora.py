@@ -181,10 +181,16 @@ def _rowwise_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> t
         lora_a, lora_b, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
         if index is None:  # every row uses it
             delta = lora_b(lora_a(dropout(self._cast_input_dtype(x, lora_a.weight.dtype))))
-            result = result + delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
+            scaled = delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
+            # In place where the dtypes agree (the same one addition; ``result`` is this call's own tensor):
+            # an out-of-place add copied the whole output once per LoRA and layer (issue 22)
+            result = result.add_(scaled) if scaled.dtype == result.dtype else result + scaled
             continue
         xs = self._cast_input_dtype(x.index_select(0, take), lora_a.weight.dtype)
         delta = lora_b(lora_a(dropout(xs)))[: len(index)]
         scaled = delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
-        result = result.index_copy(0, index, result.index_select(0, index) + scaled)
+        if scaled.dtype == result.dtype:
+            result.index_add_(0, index, scaled)
+        else:
+            result = result.index_copy(0, index, result.index_select(0, index) + scaled)
     return result.to(dtype)
