@@ -192,7 +192,8 @@ def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--model", choices=("tiny", "shapes", "sd15"), default="tiny",
+                        help="tiny random SD, the embedded shapes model, or the SD-1.5 architecture (random weights)")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the 10/20/30 step counts")
@@ -210,7 +211,7 @@ def main() -> None:
         return run_loras(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.model
-        model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
+        model = model_folder(args.model, folder)
         results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats, args.workloads,
                       args.invariance)
     record = {"model": args.model, "workloads": args.workloads, "images": args.images, "batch_size": args.batch_size,
@@ -227,13 +228,22 @@ def main() -> None:
     print(json.dumps(record, indent=2))
 
 
+def model_folder(name: str, folder: Path) -> Path:
+    """The benchmark's model: written into ``folder`` (tiny, sd15), or the embedded model's own folder."""
+    if name == "shapes":
+        from diffbatch.adapters.loading import default_model
+
+        return Path(default_model())
+    return save_tiny_sd(folder) if name == "tiny" else save_sd15_random(folder)
+
+
 def run_loras(args: argparse.Namespace) -> None:
     import lora_workload
 
     steps = max(1, round(20 * args.steps_scale))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.model
-        model = save_tiny_sd(folder) if args.model == "tiny" else save_sd15_random(folder)
+        model = model_folder(args.model, folder)
         loras = lora_workload.make_loras(model, Path(tmp) / "loras")
         results = lora_workload.run(model, loras, args.images, args.batch_size, steps, args.repeats)
     record = {"model": args.model, "workload": "loras", "images": args.images, "batch_size": args.batch_size,
