@@ -191,16 +191,13 @@ def _contiguous_group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _pointwise_conv_as_gemm(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    # Accumulated and biased in float32, rounded once: bit for bit what oneDNN's bfloat16 convolution gives.
-    # The GEMM is spelled out: torch.matmul picks between these two by whether the weight requires grad
-    # (its "fold"), and loading a LoRA turns that off on every base weight, which moved bits (measured).
+    # One batched GEMM per image, accumulated and biased in float32, rounded once: bit for bit what oneDNN's
+    # bfloat16 convolution gives, and in float32 an NCHW output with no transposes to copy. The GEMM is spelled
+    # out: torch.matmul picks its kernel by whether the weight requires grad (its "fold"), and loading a LoRA
+    # turns that off on every base weight, which moved bits (measured).
     n, c, h, w = x.shape
-    weight = self.weight.view(self.out_channels, c)
-    x3 = x.contiguous().reshape(n, c, h * w)
-    if weight.dtype == torch.float32:  # a batched GEMM: the output comes out NCHW, with no transposes to copy
-        out = torch.bmm(weight.expand(n, self.out_channels, c), x3)  # [N, O, H*W]
-    else:  # bfloat16: the converted weight never required grad, so matmul ran a batched GEMM
-        out = torch.bmm(weight.float().expand(n, self.out_channels, c), x3.float())  # [N, O, H*W]
+    weight = self.weight.view(self.out_channels, c).float()  # float32 weights and inputs: ``float()`` is a no-op
+    out = torch.bmm(weight.expand(n, self.out_channels, c), x.contiguous().reshape(n, c, h * w).float())
     if self.bias is not None:
         out = out + self.bias.float()[:, None]
     return out.to(x.dtype).view(n, self.out_channels, h, w)
