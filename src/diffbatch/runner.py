@@ -209,9 +209,10 @@ class Runner:
             if not computes:
                 extra["tail"] = batch_rows([r.cached["tail"] for r in group])
             out = self._call(group, self.adapter.denoise_rest, **extra)
-            for r, at in _row_slices(group):
-                keep = {"probe": carry["probe"][rows[r.request_id]].clone(), "tail": out["tail"][at].clone()}
-                outs[r.request_id] = (out["out"][at], keep if computes else {})
+            for r, at in _row_slices(group):  # a full step keeps its probe and tail (copies, not views of the batch)
+                keep = ({"probe": carry["probe"][rows[r.request_id]].clone(), "tail": out["tail"][at].clone()}
+                        if computes else {})
+                outs[r.request_id] = (out["out"][at], keep)
         return outs
 
     def _call(self, requests: list[Request], model: Callable[..., Any], **extra: torch.Tensor) -> Any:
