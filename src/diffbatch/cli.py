@@ -28,7 +28,7 @@ from .memory import AUTO, BatchSize
 from .models import DEFAULT_MODEL
 from .options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .quiet import quiet_loading
-from .spec import EDGES, FIELDS, GenerationSpec, Kind, check_field, check_size, parse_size
+from .spec import EDGES, FIELDS, PARSE, GenerationSpec, check_field, check_size, parse_size
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -55,7 +55,6 @@ Image k of the job (0-based, in order) gets seed BASE + k unless its line sets a
 (DIR/index.html, DIR/grid.png). Run again on the same DIR, it skips the images already written
 (a changed job is refused unless --overwrite; an image whose file is not the one its manifest line
 describes is made again). A changed init image (its content, not its name) is a changed job."""
-FLAG_TYPES: dict[Kind, type] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float}
 
 
 class UsageError(DiffbatchError):
@@ -170,7 +169,7 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     """One flag for each spec field that has one, typed by its kind; ``_flag_fields`` checks the values."""
     for name, edges in EDGES.items():
         if edges.flag is not None:
-            p.add_argument(edges.flag, dest=name, action=_SpecFlag, type=FLAG_TYPES[edges.kind],
+            p.add_argument(edges.flag, dest=name, action=_SpecFlag, type=PARSE[edges.kind],
                            default=argparse.SUPPRESS, metavar=edges.metavar, help=edges.help)
     p.set_defaults(spec_fields={})
 

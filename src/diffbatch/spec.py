@@ -6,6 +6,7 @@ Validated once, at the edge (CLI parser, HTTP schema, Python API); the engine on
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -117,6 +118,11 @@ class Kind(Enum):
     INT = "integer"
     NUMBER = "number"
     LORAS = "loras"  # LoRA name -> weight: a JSON object (a form field holds its JSON text)
+
+
+# A value of each kind read from text (a CLI flag, a PNG infotext value, an edits-form field)
+PARSE: dict[Kind, Callable[[str], Any]] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float,
+                                           Kind.LORAS: json.loads}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError, shown
 from ..samplers import SAMPLERS
-from ..spec import EDGES, Kind, parse_size
+from ..spec import EDGES, PARSE, parse_size
 from .writer import PARAMETERS_KEY
 
 # The settings line is read as A1111's modules/infotext_utils.py re_param_code reads it,
@@ -31,8 +31,7 @@ QUOTED = re.compile(r'"(?:\\.|[^\\"])++"')
 NEGATIVE = "Negative prompt:"
 LABELS = {sampler.label: name for name, sampler in SAMPLERS.items()}  # "Euler a" -> "euler_a"
 KARRAS = {"DPM++ 2M": "dpm++_2m_karras"}  # A1111 >= 1.9 writes "Sampler: DPM++ 2M, Schedule type: Karras"
-PARSERS: dict[Kind, type] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float}
-KEYS = {edges.key.name: (name, PARSERS[edges.kind]) for name, edges in EDGES.items() if edges.key is not None}
+KEYS = {edges.key.name: (name, PARSE[edges.kind]) for name, edges in EDGES.items() if edges.key is not None}
 
 
 @dataclass

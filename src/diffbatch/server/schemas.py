@@ -4,13 +4,12 @@ not named here: the generations body, the edits form and the OpenAPI description
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 
-from ..spec import BODY, EDGES, EDITS, GenerationSpec, Kind
+from ..spec import BODY, EDGES, EDITS, PARSE, GenerationSpec, Kind
 
 REQUEST_ID = r"^[A-Za-z0-9_-]{1,80}$"
 BODY_FIELDS = tuple(name for name, edges in EDGES.items() if edges.http == BODY)  # generations JSON and edits form
@@ -98,7 +97,4 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"application/jsonl":
 
 # The edits form: OpenAI's fields, then the spec's; each value's text read as its kind.
 EDIT_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "quality", "request_id", *FORM_FIELDS)
-_FORM_TYPES: dict[Kind, Callable[[str], Any]] = {Kind.TEXT: str, Kind.INT: int, Kind.NUMBER: float,
-                                                 Kind.LORAS: json.loads}
-FORM_TYPES: dict[str, Callable[[str], Any]] = {"n": int, **{name: _FORM_TYPES[EDGES[name].kind]
-                                                            for name in FORM_FIELDS}}
+FORM_TYPES: dict[str, Callable[[str], Any]] = {"n": int, **{name: PARSE[EDGES[name].kind] for name in FORM_FIELDS}}
