@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from diffbatch import Engine, GenerationSpec  # noqa: E402
 from diffbatch import runner as runner_module  # noqa: E402
 from diffbatch.hardware import cpu_features, cpu_name  # noqa: E402
+from diffbatch.runner import _step_params  # noqa: E402 - the runner's own reading of step()'s parameters
 
 SAMPLERS = ("ddim", "euler_a", "dpm++_2m")
 
@@ -68,8 +69,9 @@ def aten_ops(sampler_name: str, engine: Engine) -> int:
     latents, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     generator = torch.Generator().manual_seed(0)
     t = sampler.timesteps[5]
-    sampler._step_index = 5 if hasattr(sampler, "_step_index") else None
-    kwargs = {"generator": generator} if "generator" in sampler.step.__code__.co_varnames else {}
+    if hasattr(sampler, "_step_index"):
+        sampler._step_index = 5  # mid-schedule, as the runner's requests are
+    kwargs = {"generator": generator} if "generator" in _step_params(type(sampler)) else {}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         sampler.step(eps, t, latents, **kwargs, return_dict=False)
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
