@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import DiffbatchError, InputError, SpecError, is_disk_full
+from .io.dynamic import parse_dynamic
 from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
 from .io.images import image_hash, image_hashes
 from .io.infotext import read_infotext
 from .io.progress import Progress
-from .io.prompts import JobItem, JobSource, read_job
+from .io.prompts import AUTHORED_LIMIT, JobItem, JobSource, describe_job, read_job
 from .io.resume import ResumePlan, apply_resume, lock_folder, plan_resume, shown_names
+from .io.sweep import parse_sweep
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
 from .models import DEFAULT_MODEL
@@ -138,6 +140,18 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--size", type=_parse_size, metavar="WxH", help="width x height in pixels")
     p.add_argument("--image", metavar="PATH_OR_DIR", help="init image, or a folder paired with prompts")
     _add_spec_flags(p)
+    p.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...",
+                   help="a sweep axis (up to 3: X, Y, Z): every image once per value, e.g. guidance=5,7.5,10, "
+                        "steps=10-30 (+10), sampler=euler_a,ddim, size=512x512,768x512, lora:NAME=0,0.5,1, "
+                        "prompt=red,blue (Prompt S/R); the cells share their image's seed; grids in xyz*.png")
+    p.add_argument("--dynamic", nargs="?", const="combinatorial", metavar="combinatorial|random:N",
+                   help="prompts are templates ({red|blue}, __wildcard__): every variant (default), or N random "
+                        "draws per prompt seeded by --seed")
+    p.add_argument("--wildcards", metavar="DIR", help="__NAME__ in a dynamic prompt reads DIR/NAME.txt")
+    p.add_argument("--yes", action="store_true",
+                   help=f"run a sweep or dynamic job of more than {AUTHORED_LIMIT} images")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the job's size, sweep cells and prompts without loading the model or writing")
     p.add_argument("--lora-dir", type=Path, metavar="DIR",
                    help="LoRA files (NAME.safetensors) for <lora:NAME:WEIGHT> tags and loras fields")
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
@@ -195,6 +209,9 @@ def run_generate(args: argparse.Namespace) -> int:
     source = _job_source(args)
     _check_out_dir(args.out)
     items = read_job(source)
+    if args.dry_run:
+        print(describe_job(items, source))
+        return 0
     engine = load_engine(args) if args.ray is None else None
     resolver = engine.resolver if engine is not None else load_resolver(args)
     if args.size is not None:
@@ -208,7 +225,8 @@ def run_generate(args: argparse.Namespace) -> int:
     with lock_folder(args.out):  # planned again under the lock: another run may have written meanwhile
         plan = plan_resume(args.out, specs, *job)
         _repair(args.out, plan)
-        _execute(args, engine, resolver, specs, plan.todo, hashes)
+        notes = {item.index: item.notes for item in items if item.notes}
+        _execute(args, engine, resolver, specs, plan.todo, hashes, notes)
         if not args.no_gallery:
             write_gallery(args.out)
     print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
@@ -246,7 +264,17 @@ def _job_source(args: argparse.Namespace) -> JobSource:
         raise UsageError("--vary-seed needs --from IMAGE (it varies that image's seed)")
     return JobSource(prompts_file=args.prompts_file, prompts=tuple(args.prompt), image=args.image,
                      images_per_prompt=args.images_per_prompt, base_seed=args.seed or 0,
-                     defaults=_flag_fields(args))
+                     defaults=_flag_fields(args), **_authoring(args))
+
+
+def _authoring(args: argparse.Namespace) -> dict[str, Any]:
+    """The JobSource fields of ``--sweep``, ``--dynamic``, ``--wildcards`` and ``--yes``."""
+    if args.wildcards is not None and args.dynamic is None:
+        raise UsageError("--wildcards needs --dynamic (wildcards are part of dynamic prompts)")
+    if args.wildcards is not None and not Path(args.wildcards).is_dir():
+        raise InputError(f"--wildcards {args.wildcards}: not a folder")
+    dynamic = None if args.dynamic is None else parse_dynamic(args.dynamic, args.wildcards)
+    return {"sweep": parse_sweep(args.sweep), "dynamic": dynamic, "limit": None if args.yes else AUTHORED_LIMIT}
 
 
 def _from_source(args: argparse.Namespace) -> JobSource:
@@ -265,7 +293,8 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     seed = args.seed if args.seed is not None else found.fields.get("seed", 0) + int(args.vary_seed)
     prompts = tuple(args.prompt) or (found.fields["prompt"],)
     return JobSource(prompts=prompts, image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
-                     defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)})
+                     defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)},
+                     **_authoring(args))
 
 
 def _check_from_image(png: Path, image: str, recorded: str) -> None:
@@ -376,9 +405,10 @@ def _repair(out: Path, plan: ResumePlan) -> None:
 
 
 def _execute(args: argparse.Namespace, engine: Engine | None, resolver: Resolver | Engine,
-             specs: list[GenerationSpec], todo: list[int], hashes: dict[str, str]) -> None:
+             specs: list[GenerationSpec], todo: list[int], hashes: dict[str, str],
+             notes: dict[int, dict[str, Any]]) -> None:
     """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None)."""
-    writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash, hashes)
+    writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash, hashes, notes)
     with writer, Progress(len(todo)) as progress:
         if engine is not None:
             from .executors.local import run_local

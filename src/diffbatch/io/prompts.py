@@ -1,7 +1,9 @@
 """Reading a job: prompts from a text file, a JSON-lines file, stdin or ``--prompt`` flags, as specs.
 
 Seed convention (DESIGN.md): image k of the job (0-based, in order) gets ``base_seed + k`` unless its
-line sets ``seed``, so any image can be regenerated alone.
+line sets ``seed``, so any image can be regenerated alone. With a sweep (io/sweep.py), k counts the images of
+the prompts, and every cell of one of them shares its seed (a sweep compares settings on the same noise).
+A dynamic prompt (io/dynamic.py) is a line per prompt it expands to.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from typing import Any, TextIO
 
 from ..errors import InputError, SpecError
 from ..spec import GenerationSpec, spec_from_record
+from .dynamic import Dynamic, expand
 from .images import list_images
+from .sweep import Cell, Sweep
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 STDIN = "-"
 # Text a prompts file may be in: UTF-8 (with or without a byte-order mark), or UTF-16/32 with one (what
 # Windows editors and PowerShell write). UTF-32's marks come first: UTF-32-LE's begins with UTF-16-LE's.
+AUTHORED_LIMIT = 1000  # images a sweep or dynamic prompts may make a job without --yes
 BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
@@ -35,15 +40,20 @@ class JobSource:
     images_per_prompt: int = 1  # -n
     base_seed: int = 0  # --seed: image k gets base_seed + k
     defaults: dict[str, Any] = field(default_factory=dict)  # spec fields from flags; a jsonl line overrides
+    sweep: Sweep | None = None  # --sweep: every image once per cell
+    dynamic: Dynamic | None = None  # --dynamic: each prompt a template
+    limit: int | None = AUTHORED_LIMIT  # most images a sweep or dynamic prompts may make (None: --yes)
 
 
 @dataclass(frozen=True)
 class JobItem:
-    """One image of the job: its position, its spec (seed assigned) and the input it came from."""
+    """One image of the job: its position, its spec (seed assigned) and the input it came from; ``notes``: what
+    the job's authoring says of it (its dynamic prompt's ``template``, its ``sweep`` cell), kept in the manifest."""
 
     index: int
     spec: GenerationSpec
     where: str  # e.g. "prompts.jsonl:3" or "--prompt #1": named in any later error about this image
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,16 +168,47 @@ def _pair_images(lines: list[_PromptLine], images: list[Path], source: str) -> l
 
 
 def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
-    """``images_per_prompt`` images per line; a line's own seed S gives its copies S, S+1, ..."""
+    """``images_per_prompt`` images per line (per prompt of a dynamic line), each once per sweep cell; a line's
+    own seed S gives its copies S, S+1, ..."""
+    variants = _variants(lines, source)
+    cells: list[Cell | None] = list(source.sweep.cells()) if source.sweep else [None]
+    total = len(variants) * source.images_per_prompt * len(cells)
+    if (source.sweep or source.dynamic) and source.limit is not None and total > source.limit:
+        shown = f"more than {source.limit}" if len(variants) > source.limit else str(total)
+        raise InputError(f"the job holds {shown} images (prompts x -n x sweep cells), over the limit of "
+                         f"{source.limit} for sweeps and dynamic prompts: give --yes to run it")
     items: list[JobItem] = []
-    for line in lines:
+    image = 0  # the images of the prompts, before the sweep: the k of the seed convention
+    for line, template in variants:
         fields = _merge(source.defaults, line.fields)
         for copy in range(source.images_per_prompt):
-            k = len(items)
-            seed = _seed(fields.get("seed"), source.base_seed + k, copy)
-            spec = spec_from_record({**fields, "seed": seed}, line.where)
-            items.append(JobItem(k, spec, line.where))
+            for cell in cells:
+                swept = source.sweep.apply(fields, cell, line.where) if source.sweep and cell else fields
+                seed = _seed(swept.get("seed"), source.base_seed + image, copy)
+                spec = spec_from_record({**swept, "seed": seed}, line.where)
+                notes = {**({"template": template} if template is not None else {}),
+                         **({"sweep": {"image": image, **cell.record()}} if cell else {})}
+                items.append(JobItem(len(items), spec, line.where, notes))
+            image += 1
     return items
+
+
+def _variants(lines: list[_PromptLine], source: JobSource) -> list[tuple[_PromptLine, str | None]]:
+    """Each line, or with dynamic prompts each prompt its template expands to (with the template)."""
+    if source.dynamic is None:
+        return [(line, None) for line in lines]
+    found: list[tuple[_PromptLine, str | None]] = []
+    for n, line in enumerate(lines):
+        template = line.fields.get("prompt")
+        if not isinstance(template, str):
+            found.append((line, None))  # not text: left for the spec to reject with the line's name
+            continue
+        room = None if source.limit is None else max(0, source.limit - len(found))
+        for prompt in expand(template, source.dynamic, source.base_seed + n, room, line.where):
+            found.append((_PromptLine({**line.fields, "prompt": prompt}, line.where), template))
+        if source.limit is not None and len(found) > source.limit:
+            break  # already over: _expand refuses the job
+    return found
 
 
 def _merge(defaults: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -184,3 +225,16 @@ def _seed(own: Any, job_seed: int, copy: int) -> Any:
     if isinstance(own, int) and not isinstance(own, bool):
         return own + copy
     return own  # not an integer: left for the spec to reject with the line's name
+
+
+def describe_job(items: list[JobItem], source: JobSource, shown: int = 20) -> str:
+    """What ``generate --dry-run`` prints: the job's size, its sweep axes and its prompts (the first ``shown``)."""
+    cells = source.sweep.size if source.sweep else 1
+    lines = [f"{len(items)} images" + (f": {len(items) // cells} images of the prompts x {cells} sweep cells"
+                                       if source.sweep else "")]
+    if source.sweep:
+        lines += source.sweep.describe()
+    prompts = list(dict.fromkeys(item.spec.prompt for item in items))
+    lines.append(f"{len(prompts)} distinct prompts" + (f" (the first {shown}):" if len(prompts) > shown else ":"))
+    lines += [f"  {p}" for p in prompts[:shown]]
+    return "\n".join(lines)

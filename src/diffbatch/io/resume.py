@@ -33,11 +33,13 @@ from PIL import Image
 from ..errors import InputError
 from ..spec import GenerationSpec
 from .images import image_hashes as init_image_hashes
-from .writer import MANIFEST, PARAMETERS_KEY, manifest_record, spec_image_hash, write_bytes_atomic
+from .writer import MANIFEST, NOTES, PARAMETERS_KEY, manifest_record, spec_image_hash, write_bytes_atomic
 
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # write_png_atomic's temporary files
 IMAGE_FILE = re.compile(r"^[0-9]{5,}-[0-9]+\.png$")  # writer.png_name's names
-RUN_FIELDS = ("seconds", "file_sha256")  # manifest fields about the run and the file written: not compared
+# Manifest fields about the run and the file written, and the authoring's notes (a template, a sweep cell: the
+# spec is what the image is): not compared
+RUN_FIELDS = ("seconds", "file_sha256", *NOTES)
 FINGERPRINTS = ("model_hash", "image_hash")  # missing from a line written before they existed: unknown
 SHOWN = 5  # file names a message lists before "and N more"
 # what an unset spec field reads as in a manifest (a line written before the field existed lacks it)

@@ -24,6 +24,7 @@ from ..result import Result
 from ..spec import EDGES, GenerationSpec, Kind
 
 MANIFEST = "manifest.jsonl"
+NOTES = ("template", "sweep")  # what the job's authoring says of an image (io/prompts.py JobItem.notes)
 PARAMETERS_KEY = "parameters"  # the text chunk AUTOMATIC1111 (and tools reading its files) use
 
 
@@ -158,11 +159,13 @@ class OutputWriter:
     next run rather than images recorded with content they were not made from."""
 
     def __init__(self, out_dir: str | os.PathLike, model: str, model_hash: str = "",
-                 image_hashes: Mapping[str, str] | None = None) -> None:
+                 image_hashes: Mapping[str, str] | None = None, notes: Mapping[int, dict[str, Any]] | None = None
+                 ) -> None:
         self.out_dir = Path(out_dir)
         self.model = model
         self.model_hash = model_hash
         self.image_hashes = dict(image_hashes or {})
+        self.notes = notes or {}  # job index -> its NOTES (a dynamic prompt's template, a sweep cell)
         self._lock = threading.Lock()
         self._manifest: IO[str] | None = None
 
@@ -177,7 +180,8 @@ class OutputWriter:
         """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""
         path = self.out_dir / png_name(index, spec.seed)
         write_bytes_atomic(path, png)
-        record = manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec))
+        record = {**manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec)),
+                  **self.notes.get(index, {})}
         self._append({**record, "file_sha256": hashlib.sha256(png).hexdigest(), "seconds": round(seconds, 4)})
         return path
 
