@@ -7,13 +7,15 @@ library verbosity) before paying for, or printing from, those imports.
 from typing import TYPE_CHECKING, Any
 
 from .errors import DiffbatchError, InputError, ModelLoadError, SpecError
+from .io.dynamic import expand_prompts
+from .io.sweep import sweep
 from .spec import GenerationSpec, ModelDefaults
 
 if TYPE_CHECKING:
     from .engine import Engine, Result
 
 __all__ = ["DiffbatchError", "Engine", "GenerationSpec", "InputError", "ModelDefaults", "ModelLoadError",
-           "Result", "SpecError"]
+           "Result", "SpecError", "expand_prompts", "sweep"]
 __version__ = "0.1.0"
 
 

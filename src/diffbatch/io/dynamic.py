@@ -101,3 +101,9 @@ def _unknown_wildcards(where: str, folder: str | None) -> Iterator[None]:
         name = handler.names[0]
         place = f"no {name}.txt in --wildcards {folder}" if folder else "no --wildcards folder given"
         raise InputError(f"{where}: unknown wildcard __{name}__ ({place})")
+
+
+def expand_prompts(template: str, mode: str = COMBINATORIAL, seed: int = 0, wildcards: str | None = None) -> list[str]:
+    """The library's dynamic prompts: the prompts ``template`` expands to (``mode``: combinatorial or random:N,
+    ``seed``: the random draws'), every one of them (no job-size limit here)."""
+    return expand(template, parse_dynamic(mode, wildcards), seed, None, "template")

@@ -21,6 +21,7 @@ Torch-free: a job's cells are planned (and ``--dry-run`` prints them) without lo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import math
 import re
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..errors import SpecError
 from ..samplers import SAMPLERS
-from ..spec import EDGES, Kind, check_field, parse_size
+from ..spec import EDGES, GenerationSpec, Kind, check_field, parse_size
 
 AXIS_NAMES = ("X", "Y", "Z")
 MAX_VALUES = 1000  # values on one axis (a range such as seed=1-1000000 is refused before it is listed)
@@ -253,3 +254,13 @@ def _replace_prompt(fields: dict[str, Any], find: str, replace: str, text: str, 
     if negative:
         changed["negative_prompt"] = negative.replace(find, replace)
     return changed
+
+
+def sweep(spec: GenerationSpec, *axes: str) -> list[GenerationSpec]:
+    """The library's sweep: ``spec`` once per cell of ``axes`` (``"guidance=5,7.5"``, ...), X fastest; every
+    other field, the seed included, as in ``spec``. Pass the list to ``Engine.generate``: one mixed batch."""
+    plan = parse_sweep(list(axes))
+    if plan is None:
+        return [spec]
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    return [GenerationSpec(**plan.apply(fields, cell, "sweep")) for cell in plan.cells()]
