@@ -89,6 +89,27 @@ def fixed_row_gemms(shapes=((320, 1280), (1280, 1280), (1280, 320), (768, 768), 
     return True
 
 
+def lora_bmms(shapes=((4096, 320, 8, 320), (64, 1280, 16, 1280), (77, 768, 8, 768), (1, 1280, 64, 1280))) -> bool:
+    """Whether the fused LoRA rows' batched GEMMs (lora.py: ``x_i @ A_i @ B_i`` for every row i in one pair of
+    bmm calls) give a row the same bits at any batch count (2-9) and position, at 1-4 threads (float32 and
+    bfloat16); shapes are (tokens, in, rank bucket, out)."""
+    torch.manual_seed(0)
+    for dtype, (tokens, cin, rank, cout) in ((d, s) for d in (torch.float32, torch.bfloat16) for s in shapes):
+        rows = 9
+        x = torch.randn(rows, tokens, cin, dtype=dtype)
+        down, up = torch.randn(rows, cin, rank, dtype=dtype), torch.randn(rows, rank, cout, dtype=dtype)
+        seen: dict[int, bytes] = {}
+        for threads, n in ((t, n) for t in THREADS for n in (2, 3, 5, 8, 9)):
+            torch.set_num_threads(threads)
+            for start in range(0, rows - n + 1, n):
+                out = torch.bmm(torch.bmm(x[start : start + n], down[start : start + n]), up[start : start + n])
+                for i in range(n):
+                    bits = out[i].float().numpy().tobytes()
+                    if seen.setdefault(start + i, bits) != bits:
+                        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("shapes", "sd15"), default="shapes")
@@ -97,6 +118,8 @@ def main() -> None:
     print(f"{cpu_model()}, torch {torch.__version__}, default threads {default_threads}")
     verdict = "every row identical" if fixed_row_gemms() else "ROWS DIFFER: the [N, C] linears are not exact"
     print(f"fixed-row GEMMs (invariance.py's LINEAR_ROWS) {verdict}")
+    verdict = "every row identical" if lora_bmms() else "ROWS DIFFER: the fused LoRA rows are not exact"
+    print(f"fused LoRA rows' batched GEMMs (lora.py) {verdict}")
     with tempfile.TemporaryDirectory() as tmp:
         model = None if args.model == "shapes" else str(save_sd15_random(Path(tmp) / "sd15"))
         for invariant in (False, True):

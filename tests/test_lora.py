@@ -67,7 +67,12 @@ MIXED = [GenerationSpec(prompt="a red circle", seed=1, num_inference_steps=STEPS
          GenerationSpec(prompt="a green square <lora:b>", seed=4, num_inference_steps=STEPS)]
 
 
-def test_a_mixed_batch_equals_diffusers_per_image_and_each_image_alone(sd):
+@pytest.mark.parametrize("form", ["fused", "per_adapter"])
+def test_a_mixed_batch_equals_diffusers_per_image_and_each_image_alone(sd, form, monkeypatch):
+    # fused: each row's LoRAs in one pair of batched GEMMs per rank bucket; per_adapter: rank sums too large
+    # for any bucket (no bucket here), each LoRA on its rows
+    if form == "per_adapter":
+        monkeypatch.setattr("diffbatch.adapters.lora.FUSED_RANKS", ())
     model, loras = sd
     engine = Engine.from_pretrained(model, device="cpu", dtype="float32", lora_dir=loras, max_batch_size=8)
     batched = engine.generate(MIXED)
