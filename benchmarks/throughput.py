@@ -2,7 +2,8 @@
 
 Strategies: (a) diffusers called once per image; (b) diffusers with list batches of identical parameters (the
 best a diffusers user can do, chunked at the same max batch size); (c) diffbatch's step-level engine.
-Workloads: uniform (every image the same parameters) and mixed (steps, guidance, img2img strength vary).
+Workloads: uniform (every image the same parameters), mixed (steps, guidance, img2img strength vary) and img2img
+(every image img2img at one strength).
 Models: a tiny random SD pipeline, and the SD-1.5 UNet/VAE/CLIP architecture with random weights (no download).
 
     python benchmarks/throughput.py --model tiny --images 48
@@ -72,7 +73,9 @@ def workloads(n: int, size: int, steps_scale: float) -> dict[str, list[Generatio
                             guidance_scale=g, image=init if s else None, strength=s)
              for k, (st, g, s) in zip(range(n), combos, strict=False)]
     rng.shuffle(mixed)  # arrival order should not favour any strategy
-    return {"uniform": uniform, "mixed": mixed}
+    img2img = [GenerationSpec(prompt=f"prompt {k}", seed=k, num_inference_steps=steps[1], guidance_scale=7.5,
+                              image=init, strength=0.6) for k in range(n)]
+    return {"uniform": uniform, "mixed": mixed, "img2img": img2img}
 
 
 def at_least_one_step(steps: int, strength: float | None) -> int:
@@ -111,6 +114,7 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
+DEFAULT_WORKLOADS = ("uniform", "mixed", "img2img")
 FIXED_ROWS = 16  # the fixed-shape alternative: rows per denoiser call (8 images with CFG), as on CUDA
 
 
@@ -198,7 +202,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale the 10/20/30 step counts")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--workloads", nargs="+", choices=("uniform", "mixed", "loras"), default=["uniform", "mixed"],
+    parser.add_argument("--workloads", nargs="+", choices=(*DEFAULT_WORKLOADS, "loras"),
+                        default=list(DEFAULT_WORKLOADS),
                         help="loras: 5 LoRAs over the images, diffbatch mixed vs diffusers grouped (alone)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--invariance", action="store_true",
@@ -218,7 +223,7 @@ def main() -> None:
               "steps_scale": args.steps_scale, "repeats": args.repeats, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": cpu_model(), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if len(args.workloads) == 2 else "-" + args.workloads[0]) + ("-invariance" if args.invariance else "")
+    suffix = ("" if len(args.workloads) > 1 else "-" + args.workloads[0]) + ("-invariance" if args.invariance else "")
     path = args.out / f"throughput-{args.model}{suffix}.json"
     path.write_text(json.dumps(record, indent=2))
     if args.invariance:
@@ -321,11 +326,13 @@ def write_markdown(record: dict) -> None:
     steps = [max(1, round(s * record["steps_scale"])) for s in (10, 20, 30)]
     body = (f"`python benchmarks/throughput.py --model {record['model']} --images {record['images']} "
             f"--steps-scale {record['steps_scale']} --repeats {record['repeats']}` "
-            f"(torch {record['torch']}, {record['threads']} thread(s), max batch {record['batch_size']} images, "
+            f"on {record['cpu']} (torch {record['torch']}, {record['threads']} thread(s), "
+            f"max batch {record['batch_size']} images, "
             f"float32, best of {record['repeats']}). Mixed workload: steps in {steps}, guidance in {{1, 5, 7.5}}, "
-            "half the images img2img with strength in {0.3, 0.6, 0.9}; uniform: every image the same parameters.\n\n"
+            "half the images img2img with strength in {0.3, 0.6, 0.9}; uniform: every image the same parameters; "
+            f"img2img: every image img2img at strength 0.6, {steps[1]} steps.\n\n"
             + table(["workload", "strategy", "seconds", "images/s"], rows))
-    which = "" if len(record.get("workloads", [])) != 1 else f", {record['workloads'][0]} workload"
+    which = "" if len(record.get("workloads", [])) > 1 else f", {record['workloads'][0]} workload"
     replace_section(f"Throughput: {record['model']} model{which} (issue 2)", body)
 
 
