@@ -251,3 +251,11 @@ def test_bad_authoring_is_one_line_exit_2_and_nothing_written(
     code, _, err = run(capsys, "generate", *prompt, *argv, "--model", tiny_sd_path, "--out", out)
     assert code == 2 and err.count("\n") == 1 and named in err, err
     assert not out.exists()
+
+
+def test_a_huge_authored_job_is_refused_before_it_is_listed() -> None:
+    sweep = parse_sweep(["seed=1-1000", "steps=1-1000", "guidance=1-2 [1000]"])  # 10**9 cells, never listed
+    with pytest.raises(InputError, match="the job holds 1000000000 images"):
+        job("a", sweep=sweep)
+    with pytest.raises(InputError, match="more than 1000 images"):  # 10**9 draws asked, 1001 drawn
+        job("a {b|c}", dynamic=parse_dynamic("random:1000000000"))

@@ -66,7 +66,8 @@ def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where:
                     template, max_prompts=None if limit is None else limit + 1)
             else:
                 generator = RandomPromptGenerator(wildcard_manager=manager, seed=seed)
-                found = generator.generate(template, num_images=dynamic.count)
+                count = dynamic.count if limit is None else min(dynamic.count, limit + 1)  # random:10**9
+                found = generator.generate(template, num_images=count)
     except ParseBaseException as exc:
         raise InputError(f"{where}: malformed dynamic prompt {template!r}: {exc.msg} (column {exc.col})") from None
     if not found:

@@ -43,6 +43,7 @@ class JobSource:
     sweep: Sweep | None = None  # --sweep: every image once per cell
     dynamic: Dynamic | None = None  # --dynamic: each prompt a template
     limit: int | None = AUTHORED_LIMIT  # most images a sweep or dynamic prompts may make (None: --yes)
+    over_limit: str = "give --yes to run it"  # what the refusal of a job over ``limit`` says to do
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,12 @@ def read_job(source: JobSource, stdin: TextIO | None = None) -> list[JobItem]:
     if source.image is not None:
         lines = _pair_images(lines, list_images(source.image), source.image)
     return _expand(lines, source)
+
+
+def plan_records(records: list[tuple[dict[str, Any], str]], source: JobSource) -> list[JobItem]:
+    """A job from records already read, each with where it came from (the server's batch lines): planned as
+    ``read_job`` plans a file's (dynamic prompts, sweep cells, seeds)."""
+    return _expand([_PromptLine(record, where) for record, where in records], source)
 
 
 def _read_lines(source: JobSource, stdin: TextIO) -> list[_PromptLine]:
@@ -171,12 +178,12 @@ def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
     """``images_per_prompt`` images per line (per prompt of a dynamic line), each once per sweep cell; a line's
     own seed S gives its copies S, S+1, ..."""
     variants = _variants(lines, source)
-    cells: list[Cell | None] = list(source.sweep.cells()) if source.sweep else [None]
-    total = len(variants) * source.images_per_prompt * len(cells)
+    total = len(variants) * source.images_per_prompt * (source.sweep.size if source.sweep else 1)
     if (source.sweep or source.dynamic) and source.limit is not None and total > source.limit:
         shown = f"more than {source.limit}" if len(variants) > source.limit else str(total)
-        raise InputError(f"the job holds {shown} images (prompts x -n x sweep cells), over the limit of "
-                         f"{source.limit} for sweeps and dynamic prompts: give --yes to run it")
+        raise InputError(f"the job holds {shown} images (prompts x copies x sweep cells), over the limit of "
+                         f"{source.limit} for sweeps and dynamic prompts: {source.over_limit}")
+    cells: list[Cell | None] = list(source.sweep.cells()) if source.sweep else [None]  # counted first: 1000^3
     items: list[JobItem] = []
     image = 0  # the images of the prompts, before the sweep: the k of the seed convention
     for line, template in variants:
