@@ -17,8 +17,11 @@ import json
 import logging
 import math
 import os
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,11 @@ from ..result import Result
 from ..spec import GenerationSpec, spec_from_record
 
 ROWS_PER_CALL = 16  # images per map_batches call under --batch-size auto: enough to fill denoiser batches
+RAY_ADDRESS = "RAY_ADDRESS"  # Ray's environment variable: the cluster ray.init() joins
+LOCAL = "local"  # ray.init's address for a new local cluster, whatever else is running
+PROBE_SECONDS = 5.0  # how long a cluster address may take to accept a TCP connection
+HINTS = {"--ray": "start one there (ray start --head), or give --ray without an address for a local one",
+         RAY_ADDRESS: f"unset {RAY_ADDRESS} (or set it to {LOCAL}) to start a local cluster"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class RayOptions:
     device: str | None
     dtype: str | None
     batch_size: BatchSize
-    address: str | None  # None: start a local cluster
+    address: str | None  # None: RAY_ADDRESS, a running `ray start` cluster, or a new local one (choose_cluster)
     workers: int
     backend: str = "torch"
     lora_dir: str | None = None  # as --lora-dir: on a cluster, a folder every worker sees
@@ -125,22 +133,107 @@ def _import_ray() -> Any:
     return ray
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """The Ray cluster a run uses: one to join at ``address``, or a fresh local one (``address`` None)."""
+
+    address: str | None
+    origin: str = ""  # where the address came from: "--ray", "RAY_ADDRESS", or ray start's address file
+
+    @property
+    def where(self) -> str:
+        return f"{self.address} (from {self.origin})"
+
+
+def choose_cluster(address: str | None) -> Cluster:
+    """Where ``--ray [ADDRESS]`` runs; quick and without Ray, so a caller can check it before anything loads.
+    An address is used as given (``local``: a fresh cluster). Without one: ``RAY_ADDRESS``, else the cluster
+    ``ray start`` left running on this machine (its address file, as ``ray.init()`` reads it), else a fresh
+    local cluster. A given address (flag or RAY_ADDRESS) where nothing answers: InputError, one line. An
+    address file whose cluster no longer answers (killed without ``ray stop``) is ignored, where ``ray.init()``
+    would try to join it."""
+    env = os.environ.get(RAY_ADDRESS, "").strip()
+    given, origin = (address, "--ray") if address else (env, RAY_ADDRESS)
+    if given:
+        cluster = Cluster(None if given == LOCAL else given, origin)
+        reason = None if cluster.address is None else _unreachable(cluster.address)
+        if reason is not None:
+            raise InputError(f"--ray: no Ray cluster answers at {cluster.where}: {reason}; {HINTS[origin]}")
+        return cluster
+    found, path = _address_file()
+    if found and _unreachable(found) is None:
+        return Cluster(found, str(path))
+    return Cluster(None)
+
+
+def _address_file() -> tuple[str | None, Path | None]:
+    """The address in ``ray start``'s address file (``ray_current_cluster`` in Ray's temporary directory,
+    which RAY_TMPDIR moves) and the file; None where there is none."""
+    try:
+        try:  # not public API: found the way ray.init() finds it
+            from ray._common.utils import get_ray_address_file
+        except ImportError:  # Ray before 2.4x
+            from ray._private.utils import get_ray_address_file
+        path = Path(get_ray_address_file(None))
+        return (path.read_text(encoding="utf-8").strip() or None, path) if path.is_file() else (None, None)
+    except (ImportError, OSError, UnicodeDecodeError):  # no such function, an unreadable file: a fresh cluster
+        return None, None
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at ``host:port`` (``ray://host:port`` too), or None when something does or the
+    address has another form (``auto``: ``ray.init`` decides). A TCP connect with a short timeout: a dead
+    address fails here in at most PROBE_SECONDS, where ``ray.init`` keeps retrying."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
 def _connect(ray: Any, options: RayOptions) -> bool:
-    """Join the cluster at ``address``, or start a local one; True when this process started Ray."""
+    """Join the chosen cluster, or start a local one; True when this process initialised Ray. A cluster that
+    cannot be reached or started is one line (InputError), before any worker loads the model."""
     if ray.is_initialized():
         return False
-    if options.address:
-        try:
-            ray.init(address=options.address, logging_level="ERROR", log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise InputError(f"--ray {options.address}: cannot connect to a Ray cluster there: {exc}") from None
+    cluster = choose_cluster(options.address)
+    if cluster.address is None:
+        _start_local(ray, options)
     else:
-        # Logical CPUs: one per worker and one for Ray Data's own tasks, at least the machine's cores.
-        cpus = max(os.cpu_count() or 1, options.workers) + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        _join(ray, cluster)
     ray.data.DataContext.get_current().enable_progress_bars = False  # we have our own
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # keep stderr for our progress bar; errors still raise
     return True
+
+
+def _join(ray: Any, cluster: Cluster) -> None:
+    try:  # no num_cpus: Ray refuses resources when joining a cluster (the cluster has its own)
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        hint = HINTS.get(cluster.origin, "run `ray stop` to remove a stale address file, or give --ray local")
+        raise InputError(f"--ray: cannot connect to a Ray cluster at {cluster.where}: {_first_line(exc)}; "
+                         f"{hint}") from None
+    if cluster.origin != "--ray":  # found, not given: say which cluster the images are made on
+        print(f"diffbatch: on the Ray cluster at {cluster.where}; --ray local starts a fresh local one",
+              file=sys.stderr)
+
+
+def _start_local(ray: Any, options: RayOptions) -> None:
+    # Logical CPUs: one per worker and one for Ray Data's own tasks, at least the machine's cores. "local":
+    # a new cluster whatever RAY_ADDRESS or an address file say (ray.init would join those, and refuse num_cpus).
+    cpus = max(os.cpu_count() or 1, options.workers) + 1
+    try:
+        ray.init(address=LOCAL, num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"--ray: cannot start a local Ray cluster ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int],
