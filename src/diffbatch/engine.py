@@ -22,6 +22,7 @@ from .request import Request
 from .resolver import Resolver
 from .result import Result
 from .runner import Runner
+from .seeds import job_seed
 from .spec import GenerationSpec, ModelDefaults
 
 
@@ -157,7 +158,8 @@ class Engine:
         seed gets ``base_seed + k`` (a random seed when ``base_seed`` is None); ``on_result`` sees each image
         as it finishes. ``resolved=True``: the specs come from ``resolve`` already and are not checked again."""
         if not resolved:
-            specs = [self.resolve(s, None if base_seed is None else base_seed + k) for k, s in enumerate(specs)]
+            seeds = [None if base_seed is None else job_seed(base_seed, k) for k in range(len(specs))]
+            specs = [self.resolve(s, seed) for s, seed in zip(specs, seeds, strict=True)]
         ids = {self.admit(spec): k for k, spec in enumerate(specs)}
         results: list[Result | None] = [None] * len(specs)
         while ids:

@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from .adapters.loading import describe
 from .errors import SpecError, shown
 from .io.images import init_image_size
 from .samplers import SAMPLERS, sampler_label
+from .seeds import random_seed
 from .spec import GenerationSpec, ModelDefaults
 
 # AUTOMATIC1111's <lora:NAME:WEIGHT>, with the blanks before it (they leave the prompt with the tag). A run of
@@ -65,7 +65,7 @@ class Resolver:
     def resolve(self, spec: GenerationSpec, seed: int | None = None) -> GenerationSpec:
         """Fill defaults (``seed`` when the spec has none; random if both are None) and check the result."""
         image_size = init_image_size(spec.image) if spec.is_img2img else None
-        seed = secrets.randbits(63) if seed is None else seed
+        seed = random_seed() if seed is None else seed
         resolved = self._take_lora_tags(spec).resolve(self.defaults, seed, image_size)
         for name, _ in resolved.loras:
             self.lora_path(name)

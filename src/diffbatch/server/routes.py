@@ -22,6 +22,7 @@ from ..io.images import as_rgb
 from ..io.infotext import parse_infotext, png_parameters
 from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
+from ..seeds import JOB_BASE_SEED, job_seed, random_seed
 from ..spec import GenerationSpec, parse_size, spec_from_record
 from .admission import Policy
 from .keys import KeyLimit
@@ -178,9 +179,9 @@ def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | Non
     if size not in (None, "", "auto"):
         fields["width"], fields["height"] = _parse_size(size)
     seed = fields.pop("seed", None)
-    base = secrets.randbits(31) if seed is None else seed
+    base = random_seed() if seed is None else seed
     try:
-        return [GenerationSpec(**fields, seed=base + i) for i in range(n)]
+        return [GenerationSpec(**fields, seed=job_seed(base, i)) for i in range(n)]
     except DiffbatchError as exc:
         raise ApiError(400, str(exc), exc.field) from None
 
@@ -315,7 +316,7 @@ def _batch_records(s, body: bytes) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             policy.check_text(record, f"{where}: ")
         try:
-            spec = s.engine.resolve(spec_from_record(record, where), seed=len(records))
+            spec = s.engine.resolve(spec_from_record(record, where), seed=job_seed(JOB_BASE_SEED, len(records)))
         except DiffbatchError as exc:
             message = str(exc)
             raise ApiError(400, message if message.startswith(where) else f"{where}: {message}", exc.field) from None
