@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layout import DEFAULT_DATA_DIR
 from .retention import Retention
 
 POLICIES = ("continuous", "window", "none")
@@ -36,7 +37,7 @@ class ServerConfig:
     # or "*" for any: only behind a proxy that checks Host itself); keeps DNS-rebound names out (browsers.py)
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer KEY"
     api_keys: Path | None = None  # more keys, each with its own limits (keys.py); they also need auth
-    data_dir: Path = Path("diffbatch-data")  # SQLite job store and generated images
+    data_dir: Path = DEFAULT_DATA_DIR  # SQLite job store and generated images (layout.py)
     device: str | None = None
     dtype: str | None = None
     backend: str = "torch"  # what runs the models: torch or openvino

@@ -13,7 +13,7 @@ import threading
 import time
 
 from ..errors import DiffbatchError
-from ..io.writer import png_name, save_png
+from ..io.writer import save_png
 from ..spec import spec_from_record
 from .loop import Cancelled, EngineLoop, QueueFull, ShuttingDown
 from .store import Store, StoredItem
@@ -38,7 +38,7 @@ class JobRunner:
         engine = self.loop.engine
         for job_id in self.store.fail_other_models(engine.model_hash, engine.model_name):
             log.warning("batch %s was made with other weights than %s: marked failed", job_id, engine.model_name)
-        for stale in (self.store.data_dir / "batches").glob("*/.*.tmp"):  # half-written PNGs of a crash
+        for stale in self.store.layout.crash_leftovers():
             stale.unlink(missing_ok=True)
         self._thread.start()
 
@@ -116,8 +116,8 @@ class JobRunner:
     def _store(self, item: StoredItem, result) -> None:
         if not self.store.has_job(item.job_id):
             return  # deleted while this image ran (DELETE /v1/batches/{id})
-        folder = self.store.data_dir / "batches" / item.job_id
-        path = save_png(folder / png_name(item.index, result.spec.seed), result)  # atomic: whole or absent
+        path = self.store.layout.job_image(item.job_id, item.index, result.spec.seed)
+        path = save_png(path, result)  # atomic: whole or absent
         file_id = self.store.add_file(path, file_id=f"{item.job_id}-{item.index}", owner=item.owner)
         self.store.finish_item(item, file_id, None, result.seconds)
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import URL_FILES, Store
+from .store import Store
 
 log = logging.getLogger("diffbatch.server")
 ORPHAN_GRACE_S = 3600.0  # a file under files/ without a row is a leftover once this old (its row may be coming)
@@ -47,7 +47,7 @@ class Swept:
 def delete_job(store: Store, job_id: str) -> None:
     """A batch job, its rows and its images (``DELETE /v1/batches/{id}`` and expiry)."""
     store.delete_job(job_id)  # one transaction; images in flight are not recorded (JobRunner checks the job)
-    shutil.rmtree(store.data_dir / "batches" / job_id, ignore_errors=True)
+    shutil.rmtree(store.layout.job_folder(job_id), ignore_errors=True)
 
 
 def sweep(store: Store, policy: Retention, now: float, leftover_files: bool = True) -> Swept:
@@ -63,7 +63,7 @@ def sweep(store: Store, policy: Retention, now: float, leftover_files: bool = Tr
             delete_job(store, job_id)
             swept.jobs += 1
     jobs = store.job_ids()
-    for folder in _children(store.data_dir / "batches"):
+    for folder in _children(store.layout.batches):
         if folder.is_dir() and folder.name not in jobs:
             shutil.rmtree(folder, ignore_errors=True)
             swept.folders += 1
@@ -88,7 +88,7 @@ def _over_cap(store: Store, cap: int) -> list[tuple[str, Path, float, int]]:
 def _delete_unlisted(store: Store, now: float) -> int:
     listed = {path for _, path, _, _ in store.url_files()}
     deleted = 0
-    for path in _children(store.data_dir / URL_FILES):
+    for path in _children(store.layout.url_files):
         with contextlib.suppress(FileNotFoundError):
             if path not in listed and path.stat().st_mtime < now - ORPHAN_GRACE_S:
                 path.unlink()

@@ -41,7 +41,6 @@ from .schemas import (
     ImageGenerationRequest,
 )
 from .state import ServerState
-from .store import URL_FILES
 
 router = APIRouter()
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # used with fullmatch
@@ -277,7 +276,7 @@ def _item(s, request: Request, result: Result, response_format: str) -> dict[str
         return {"b64_json": base64.b64encode(encode_png(result)).decode(), "seed": result.spec.seed,
                 "settings": settings}
     file_id = secrets.token_hex(16)
-    path = save_png(s.store.data_dir / URL_FILES / f"{file_id}.png", result)
+    path = save_png(s.store.layout.url_file(file_id), result)
     s.store.add_file(path, file_id, settings, owner=_tenant(request))
     return {"url": f"{str(request.base_url).rstrip('/')}/files/{file_id}.png", "seed": result.spec.seed,
             "settings": settings}

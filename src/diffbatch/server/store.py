@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io.resume import try_lock
+from .layout import URL_FILES_STORED, DataLayout
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,7 +38,6 @@ MIGRATIONS = {("files", "settings"): "TEXT",  # the image's settings, for the hi
               ("jobs", "owner"): "TEXT",  # the tenant (KeyLimit.tenant) that made it; NULL: the operator
               ("files", "owner"): "TEXT"}  # likewise, for the history and /files
 IN_USE = "--data-dir {}: another diffbatch server is using this folder"
-URL_FILES = "files/"  # where images served by URL live (batch-job images live under batches/JOB/)
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -66,11 +66,12 @@ VISIBLE = "(? IS NULL OR owner = ?)"
 class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
+        self.layout = DataLayout(data_dir)  # where each file lives (layout.py)
         data_dir.mkdir(parents=True, exist_ok=True)
         self._folder_lock = try_lock(data_dir)  # two servers on one data dir would run each job twice
         if self._folder_lock is None:
             raise InputError(IN_USE.format(data_dir), field="data_dir")
-        self._db = sqlite3.connect(data_dir / "diffbatch.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.layout.database, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -206,16 +207,16 @@ class Store:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO files (id, path, created, settings, bytes, owner) "
                              "VALUES (?, ?, ?, ?, ?, ?)",
-                             (file_id, path.relative_to(self.data_dir).as_posix(), time.time(),
+                             (file_id, self.layout.stored(path), time.time(),
                               None if settings is None else json.dumps(settings), path.stat().st_size, owner))
         return file_id
 
     def url_files(self, created_before: float | None = None) -> list[tuple[str, Path, float, int]]:
         """Images served by URL (made before ``created_before``), oldest first: (id, path, created, bytes)."""
         rows = self._query("SELECT id, path, created, bytes FROM files WHERE path LIKE ? AND created < ? "
-                           "ORDER BY created", (URL_FILES + "%", float("inf") if created_before is None
+                           "ORDER BY created", (URL_FILES_STORED + "%", float("inf") if created_before is None
                                                 else created_before))
-        return [(file_id, self.data_dir / path, created, size or 0) for file_id, path, created, size in rows]
+        return [(file_id, self.layout.path(path), created, size or 0) for file_id, path, created, size in rows]
 
     def delete_files(self, file_ids: list[str]) -> None:
         with self._lock:
@@ -229,4 +230,4 @@ class Store:
 
     def file_path(self, file_id: str, viewer: str | None = None) -> Path | None:
         rows = self._query("SELECT path FROM files WHERE id = ? AND " + VISIBLE, (file_id, viewer, viewer))
-        return self.data_dir / rows[0][0] if rows else None
+        return self.layout.path(rows[0][0]) if rows else None
