@@ -3,6 +3,11 @@
 The database is the source of truth: an item is done when its row says so, and only after its PNG was renamed
 into place. After a crash, every item not marked done is generated again, into the same file name (the
 write is atomic), so a job ends with no lost and no duplicated image.
+
+Claims: a job runner takes pending items with ``claim_items``, which records a lease in each item's row (who,
+and until when); nobody else takes an item while its lease runs. The runner renews its leases while it works and
+releases those it gives up; a runner that dies leaves leases that expire (``LEASE_S``), after which any runner
+takes the items again. An item is done once: ``finish_item`` only finishes an item still pending.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ MIGRATIONS = {("files", "settings"): "TEXT",  # the image's settings, for the hi
               ("jobs", "model_hash"): "TEXT",  # the weights' fingerprint the job's images are made with
               ("jobs", "error"): "TEXT",  # why the job failed as a whole
               ("jobs", "owner"): "TEXT",  # the tenant (KeyLimit.tenant) that made it; NULL: the operator
-              ("files", "owner"): "TEXT"}  # likewise, for the history and /files
+              ("files", "owner"): "TEXT",  # likewise, for the history and /files
+              ("items", "claimed_by"): "TEXT",  # the job runner holding the item's lease (JobRunner.claimant)
+              ("items", "lease_until"): "REAL"}  # when that lease ends (time.time()); NULL: not claimed
+LEASE_S = 120.0  # how long a claim holds without renewal: a runner that died gives its items back after this
 IN_USE = "--data-dir {}: another diffbatch server is using this folder"
 
 
@@ -174,21 +182,49 @@ class Store:
         return [row[0] for row in self._query(
             "SELECT id FROM jobs WHERE status != 'in_progress' AND COALESCE(finished, created) < ?", (before,))]
 
-    def pending_items(self, limit: int, exclude: set[tuple[str, int]]) -> list[StoredItem]:
-        """Oldest job first, in index order; ``exclude`` are items already in flight."""
-        rows = self._query(
-            "SELECT i.job_id, i.idx, i.spec, j.owner FROM items i JOIN jobs j ON j.id = i.job_id "
-            "WHERE i.status = 'pending' AND j.status = 'in_progress' ORDER BY j.created, i.idx LIMIT ?",
-            (limit + len(exclude),))
-        items = [StoredItem(job_id, idx, json.loads(spec), owner) for job_id, idx, spec, owner in rows
-                 if (job_id, idx) not in exclude]
-        return items[:limit]
+    # Claims ----------------------------------------------------------------------------------------------
+    def claim_items(self, claimant: str, limit: int, now: float | None = None,
+                    lease_s: float = LEASE_S) -> list[StoredItem]:
+        """Up to ``limit`` pending items nobody holds (never claimed, released, or their lease ended before
+        ``now``), oldest job first, in index order; each now leased to ``claimant`` until ``now + lease_s``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # the select and the claim as one: no two claimants get an item
+            rows = self._db.execute(
+                "SELECT i.job_id, i.idx, i.spec, j.owner FROM items i JOIN jobs j ON j.id = i.job_id "
+                "WHERE i.status = 'pending' AND j.status = 'in_progress' AND COALESCE(i.lease_until, 0) < ? "
+                "ORDER BY j.created, i.idx LIMIT ?", (now, limit)).fetchall()
+            self._db.executemany("UPDATE items SET claimed_by = ?, lease_until = ? WHERE job_id = ? AND idx = ?",
+                                 [(claimant, now + lease_s, job_id, idx) for job_id, idx, _, _ in rows])
+            self._db.execute("COMMIT")
+        return [StoredItem(job_id, idx, json.loads(spec), owner) for job_id, idx, spec, owner in rows]
+
+    def renew_claims(self, claimant: str, now: float | None = None, lease_s: float = LEASE_S) -> int:
+        """Extend every lease ``claimant`` holds on a pending item to ``now + lease_s``; how many it holds."""
+        now = time.time() if now is None else now
+        with self._lock:
+            return self._db.execute("UPDATE items SET lease_until = ? WHERE claimed_by = ? AND status = 'pending'",
+                                    (now + lease_s, claimant)).rowcount
+
+    def release_claims(self, claimant: str, items: list[StoredItem]) -> None:
+        """Give up ``claimant``'s leases on ``items``: anyone may claim them at once."""
+        with self._lock:
+            self._db.executemany("UPDATE items SET claimed_by = NULL, lease_until = NULL "
+                                 "WHERE claimed_by = ? AND job_id = ? AND idx = ?",
+                                 [(claimant, item.job_id, item.index) for item in items])
+
+    def release_all_claims(self) -> int:
+        """Every lease in the store, of any runner: a server starting holds the data dir's lock, so each one is a
+        dead process's, and its items should not wait for the lease to end. How many there were."""
+        with self._lock:
+            return self._db.execute("UPDATE items SET claimed_by = NULL, lease_until = NULL "
+                                    "WHERE lease_until IS NOT NULL").rowcount
 
     def finish_item(self, item: StoredItem, file_id: str | None, error: str | None, seconds: float = 0.0) -> None:
         status = "done" if error is None else "failed"
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("UPDATE items SET status = ?, file_id = ?, error = ?, seconds = ? "
+            self._db.execute("UPDATE items SET status = ?, file_id = ?, error = ?, seconds = ?, lease_until = NULL "
                              "WHERE job_id = ? AND idx = ? AND status = 'pending'",
                              (status, file_id, error, seconds, item.job_id, item.index))
             self._db.execute("UPDATE jobs SET status = 'completed', finished = ? WHERE id = ? AND "
