@@ -30,6 +30,7 @@ from .memory import AUTO, BatchSize
 from .models import DEFAULT_MODEL
 from .options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .quiet import quiet_loading
+from .seeds import JOB_BASE_SEED, job_seed
 from .spec import EDGES, FIELDS, PARSE, GenerationSpec, check_field, check_size, parse_size
 
 if TYPE_CHECKING:
@@ -163,7 +164,8 @@ def register(subparsers: Subparsers) -> None:
                    help="replace images of a different job found in DIR instead of refusing")
     p.add_argument("--no-gallery", action="store_true", help="do not write DIR/index.html and DIR/grid.png")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run on a Ray cluster (a local one without ADDRESS); needs diffbatch[ray]")
+                   help="run on a Ray cluster: ADDRESS, else RAY_ADDRESS, else a running `ray start` cluster, else "
+                        "a new local one (--ray local: always new); needs diffbatch[ray]")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="Ray: engine actors (default 1)")
     p.set_defaults(func=run_generate)
     g = subparsers.add_parser("gallery", help="write index.html and grid.png for an output folder")
@@ -207,6 +209,10 @@ def run_generate(args: argparse.Namespace) -> int:
     """Check everything, load the model, resolve every spec, and only then write. With ``--ray`` this process
     loads no weights: it resolves from the model's configuration, the workers load the model."""
     source = _job_source(args)
+    if args.ray is not None:  # which cluster, checked before anything is written (one line if none answers)
+        from .executors.ray import choose_cluster
+
+        choose_cluster(args.ray or None)
     _check_out_dir(args.out)
     items = read_job(source)
     if args.dry_run:
@@ -263,7 +269,8 @@ def _job_source(args: argparse.Namespace) -> JobSource:
     if args.vary_seed:
         raise UsageError("--vary-seed needs --from IMAGE (it varies that image's seed)")
     return JobSource(prompts_file=args.prompts_file, prompts=tuple(args.prompt), image=args.image,
-                     images_per_prompt=args.images_per_prompt, base_seed=args.seed or 0,
+                     images_per_prompt=args.images_per_prompt,
+                     base_seed=args.seed if args.seed is not None else JOB_BASE_SEED,
                      defaults=_flag_fields(args), **_authoring(args))
 
 
@@ -290,7 +297,8 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
         args.model = found.model
     args.default_sampler = found.default_sampler if "scheduler" not in fields else None
-    seed = args.seed if args.seed is not None else found.fields.get("seed", 0) + int(args.vary_seed)
+    seed = args.seed if args.seed is not None else job_seed(found.fields.get("seed", JOB_BASE_SEED),
+                                                            int(args.vary_seed))
     prompts = tuple(args.prompt) or (found.fields["prompt"],)
     return JobSource(prompts=prompts, image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
                      defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)},

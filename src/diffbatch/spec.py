@@ -19,6 +19,7 @@ from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
 from .errors import SpecError, shown
 from .samplers import SAMPLERS
+from .seeds import SEED_RULE, is_seed
 
 MIN_SIDE, MAX_SIDE = 8, 4096
 
@@ -252,13 +253,13 @@ def _text(value: Any) -> bool:
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt": (_text, TEXT_RULE),
     "negative_prompt": (_text, TEXT_RULE),
-    "seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
+    "seed": (_optional(is_seed), SEED_RULE),
     "num_inference_steps": (_optional(lambda v: _is_int(v) and v >= 1), "must be an integer >= 1"),
     "guidance_scale": (_optional(lambda v: _is_number(v) and v >= 0), "must be a number >= 0"),
     "guidance_rescale": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
     "strength": (_optional(lambda v: _is_number(v) and 0 < v <= 1), "must be in (0, 1]"),
     "scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS), "must be one of " + ", ".join(SAMPLERS)),
-    "variation_seed": (_optional(lambda v: _is_int(v) and 0 <= v < 2**63), "must be an integer in [0, 2**63)"),
+    "variation_seed": (_optional(is_seed), SEED_RULE),
     "variation_strength": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
     "image": (_optional(lambda v: isinstance(v, str | os.PathLike) or (hasattr(v, "convert") and hasattr(v, "size"))),
               "must be a path or an image"),

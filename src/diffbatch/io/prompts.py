@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import InputError, SpecError
+from ..seeds import JOB_BASE_SEED, job_seed
 from ..spec import GenerationSpec, spec_from_record
 from .dynamic import Dynamic, expand
 from .images import list_images
@@ -38,7 +39,7 @@ class JobSource:
     prompts: tuple[str, ...] = ()  # --prompt flags (instead of a file)
     image: str | None = None  # --image: one init image for all prompts, or a folder paired with prompts
     images_per_prompt: int = 1  # -n
-    base_seed: int = 0  # --seed: image k gets base_seed + k
+    base_seed: int = JOB_BASE_SEED  # --seed: image k gets base_seed + k (seeds.job_seed)
     defaults: dict[str, Any] = field(default_factory=dict)  # spec fields from flags; a jsonl line overrides
     sweep: Sweep | None = None  # --sweep: every image once per cell
     dynamic: Dynamic | None = None  # --dynamic: each prompt a template
@@ -191,7 +192,7 @@ def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
         for copy in range(source.images_per_prompt):
             for cell in cells:
                 swept = source.sweep.apply(fields, cell, line.where) if source.sweep and cell else fields
-                seed = _seed(swept.get("seed"), source.base_seed + image, copy)
+                seed = _seed(swept.get("seed"), job_seed(source.base_seed, image), copy)
                 spec = spec_from_record({**swept, "seed": seed}, line.where)
                 notes = {**({"template": template} if template is not None else {}),
                          **({"sweep": {"image": image, **cell.record()}} if cell else {})}
@@ -211,7 +212,7 @@ def _variants(lines: list[_PromptLine], source: JobSource) -> list[tuple[_Prompt
             found.append((line, None))  # not text: left for the spec to reject with the line's name
             continue
         room = None if source.limit is None else max(0, source.limit - len(found))
-        for prompt in expand(template, source.dynamic, source.base_seed + n, room, line.where):
+        for prompt in expand(template, source.dynamic, job_seed(source.base_seed, n), room, line.where):
             found.append((_PromptLine({**line.fields, "prompt": prompt}, line.where), template))
         if source.limit is not None and len(found) > source.limit:
             break  # already over: _expand refuses the job
@@ -226,11 +227,12 @@ def _merge(defaults: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _seed(own: Any, job_seed: int, copy: int) -> Any:
+def _seed(own: Any, default: int, copy: int) -> Any:
+    """The seed of copy ``copy`` of a line: its own seed S gives S + copy; without one, ``default``."""
     if own is None:
-        return job_seed
+        return default
     if isinstance(own, int) and not isinstance(own, bool):
-        return own + copy
+        return job_seed(own, copy)
     return own  # not an integer: left for the spec to reject with the line's name
 
 

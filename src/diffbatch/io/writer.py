@@ -125,6 +125,9 @@ def save_png(path: Path, result: Result) -> Path:
     return path
 
 
+TEMP_GLOB = ".*.tmp"  # write_bytes_atomic's temporary files (".NAME.xxxxxxxx.tmp"), as a glob
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Temporary file in the same folder, fsync, then ``os.replace``: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -16,14 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.writer import png_name
+from ..io.writer import TEMP_GLOB, png_name
 
 DEFAULT_DATA_DIR = Path("diffbatch-data")  # --data-dir when none is given
 DATABASE = "diffbatch.sqlite3"
 URL_FILES = "files"  # images served by URL
 URL_FILES_STORED = URL_FILES + "/"  # how each of their stored paths begins (the store selects them by it)
 BATCHES = "batches"  # one folder per batch job
-TEMP_PNGS = ".*.tmp"  # io.writer.save_png's temporary files, as a glob
+TEMP_PNGS = TEMP_GLOB  # io.writer.save_png's temporary files
 
 
 @dataclass(frozen=True)
