@@ -259,3 +259,39 @@ def test_a_huge_authored_job_is_refused_before_it_is_listed() -> None:
         job("a", sweep=sweep)
     with pytest.raises(InputError, match="more than 1000 images"):  # 10**9 draws asked, 1001 drawn
         job("a {b|c}", dynamic=parse_dynamic("random:1000000000"))
+
+
+# The server's batch jobs ---------------------------------------------------------------------------------------
+def test_a_batch_job_with_a_sweep_and_dynamic_prompts(tiny_sd_path: Path, tmp_path: Path) -> None:
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from diffbatch import Engine, GenerationSpec
+    from diffbatch.server import ServerConfig, create_app
+    from server_helpers import png_pixels
+
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+    with TestClient(create_app(ServerConfig(data_dir=tmp_path / "data", max_batch_lines=10), engine)) as client:
+        body = '{"prompt": "a {red|blue} circle", "num_inference_steps": 2, "height": 16, "width": 16}\n'
+        made = client.post("/v1/batches?sweep=guidance%3D1,7.5&dynamic=combinatorial", content=body)
+        assert made.status_code == 200, made.text
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/batches/{made.json()['id']}").json()["status"] == "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        rows = [json.loads(x) for x in client.get(f"/v1/batches/{made.json()['id']}/results").text.splitlines()]
+        assert [(r["prompt"], r["seed"], r["guidance_scale"], r["sweep"]["x"][1], r["template"]) for r in rows] == [
+            ("a red circle", 0, 1.0, "guidance 1", "a {red|blue} circle"),
+            ("a red circle", 0, 7.5, "guidance 7.5", "a {red|blue} circle"),
+            ("a blue circle", 1, 1.0, "guidance 1", "a {red|blue} circle"),
+            ("a blue circle", 1, 7.5, "guidance 7.5", "a {red|blue} circle")]
+        last = client.get(rows[3]["url"].replace("http://testserver", "")).content
+        [alone] = engine.generate([GenerationSpec(prompt="a blue circle", seed=1, guidance_scale=7.5,
+                                                  num_inference_steps=2, height=16, width=16)])
+        assert np.array_equal(png_pixels(last), np.asarray(alone.image))
+        for query, named in [("sweep=steps%3D2,x", "sweep 'steps=2,x': 'x' is invalid"),
+                             ("dynamic=random:0", "dynamic 'random:0' is invalid"),
+                             ("sweep=seed%3D1-11", "over the limit of 10")]:
+            refused = client.post(f"/v1/batches?{query}", content=body)
+            assert refused.status_code == 400 and named in refused.json()["error"]["message"], refused.text

@@ -116,3 +116,30 @@ def test_the_cache_select_sends_the_field_only_when_on(browser, server):  # noqa
         page.click("#generate")
     assert "cache" not in json.loads(sent.value.post_data)  # as before the field: older servers take it
     page.close()
+
+
+def test_a_sweep_submits_one_batch_job_and_shows_its_grid(browser, server, tiny_sd_path, tmp_path):  # noqa: F811
+    page = open_ui(browser, server.url, KEY)
+    page.fill("#prompt", "a red circle")
+    page.fill("#n", "1")
+    page.fill("#seed", "7")
+    page.fill("#num_inference_steps", "2")
+    page.click("#sweep summary")
+    page.fill("#sweep-x", "guidance=1,7.5")
+    page.fill("#sweep-y", "sampler=ddim,euler_a")
+    with page.expect_request("**/v1/batches?*") as sent:
+        page.click("#generate")
+    assert "sweep=guidance%3D1%2C7.5" in sent.value.url and "sweep=sampler%3Dddim%2Ceuler_a" in sent.value.url
+    page.wait_for_function("document.querySelectorAll('.xyz td img').length === 4", timeout=60_000)
+    heads = page.eval_on_selector_all(".xyz th", "hs => hs.map(h => h.textContent)")
+    assert heads == ["", "guidance 1", "guidance 7.5", "DDIM", "Euler a"]
+    # the cell (guidance 7.5, Euler a) is the image `diffbatch generate` makes for that request alone
+    src = page.eval_on_selector(".xyz tr:nth-child(3) td:nth-child(3) img", "i => i.src")
+    data = page.evaluate("async src => Array.from(new Uint8Array(await (await fetch(src)).arrayBuffer()))", src)
+    out = tmp_path / "cli"
+    assert main(["generate", "--prompt", "a red circle", "--seed", "7", "--steps", "2", "--guidance-scale", "7.5",
+                 "--scheduler", "euler_a", "--model", str(tiny_sd_path), "--out", str(out), "--dtype", "float32",
+                 "--no-gallery"]) == 0
+    expected = np.asarray(Image.open(out / "00000-7.png").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB")), expected)
+    page.close()

@@ -20,7 +20,7 @@ import time
 import uuid
 
 from ..errors import DiffbatchError
-from ..io.writer import save_png
+from ..io.writer import NOTES, save_png
 from ..spec import spec_from_record
 from .loop import Cancelled, EngineLoop, QueueFull, ShuttingDown
 from .store import LEASE_S, Store, StoredItem
@@ -113,7 +113,7 @@ class JobRunner:
                 return True
             try:
                 # resolved again: a LoRA or sampler check may fail on the model this server runs now
-                [future] = self.loop.submit([self.loop.engine.resolve(spec_from_record(item.spec))])
+                [future] = self.loop.submit([self.loop.engine.resolve(spec_from_record(_spec_record(item.spec)))])
             except (QueueFull, ShuttingDown):
                 return False
             except DiffbatchError as exc:
@@ -155,3 +155,8 @@ class JobRunner:
         file_id = self.store.add_file(path, file_id=f"{item.job_id}-{item.index}", owner=item.owner)
         self.store.finish_item(item, file_id, None, result.seconds)
 
+
+
+def _spec_record(record: dict) -> dict:
+    """A stored item's spec, without what the job's authoring noted beside it (a sweep cell, a template)."""
+    return {key: value for key, value in record.items() if key not in NOTES}

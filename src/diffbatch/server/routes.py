@@ -10,20 +10,23 @@ import json
 import re
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 
 from ..engine import Result
 from ..errors import DiffbatchError, InputError, SpecError, shown
+from ..io.dynamic import parse_dynamic
 from ..io.images import as_rgb
 from ..io.infotext import parse_infotext, png_parameters
+from ..io.prompts import JobSource, plan_records
+from ..io.sweep import parse_sweep
 from ..io.writer import encode_png, save_png
 from ..samplers import SAMPLERS
 from ..seeds import JOB_BASE_SEED, job_seed, random_seed
-from ..spec import GenerationSpec, parse_size, spec_from_record
+from ..spec import GenerationSpec, parse_size
 from .admission import Policy
 from .keys import KeyLimit
 from .loop import Cancelled, QueueFull, ShuttingDown
@@ -43,6 +46,9 @@ from .schemas import (
 from .state import ServerState
 
 router = APIRouter()
+SWEEP_HELP = ("a sweep axis, FIELD=V1,V2,... (repeatable, up to 3: X, Y, Z; as `generate --sweep`): every line once "
+              "per cell, on its line's seed")
+DYNAMIC_HELP = "each line's prompt a dynamic prompt: combinatorial (every {a|b} variant) or random:N"
 FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # used with fullmatch
 
 
@@ -91,7 +97,7 @@ def _script_json(value: Any) -> str:
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     s = state(request)
-    text = s.metrics.render(s.loop.queue_length(), s.engine.stats)
+    text = s.metrics.render(s.loop.queue_length(), s.engine.stats, getattr(s.loop, "facts", None))
     return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
@@ -284,19 +290,58 @@ def _item(s, request: Request, result: Result, response_format: str) -> dict[str
 
 # Batch jobs ------------------------------------------------------------------------------------------------
 @router.post("/v1/batches", openapi_extra=BATCH_BODY)
-async def create_batch(request: Request) -> dict:
+async def create_batch(request: Request, sweep: Annotated[list[str] | None, Query(description=SWEEP_HELP)] = None,
+                       dynamic: Annotated[str | None, Query(description=DYNAMIC_HELP)] = None) -> dict:
+    """A batch job: one JSON object per line. ``sweep`` (repeatable, up to 3: FIELD=V1,V2,...) makes every line
+    once per cell, each cell on its line's seed; ``dynamic`` (combinatorial or random:N) expands each prompt's
+    {a|b} variants. The results lines carry each image's ``sweep`` cell and dynamic ``template``."""
     s = state(request)
+    source = _authoring(s, sweep or [], dynamic)
     body = await request.body()
-    records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, body)
+    records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, body, source)
     job_id = s.store.create_job(records, s.engine.model_hash, owner=_tenant(request))
     s.jobs.wake()
     return s.store.job(job_id)
 
 
-def _batch_records(s, body: bytes) -> list[dict[str, Any]]:
-    """Validate every line against the policy (errors name it), fix every seed now (a resumed job makes the
-    same images), and keep the job within its cost budget."""
-    policy, records, specs = _policy(s), [], []
+def _authoring(s, sweep: list[str], dynamic: str | None) -> JobSource:
+    """How a batch's lines are planned: the sweep's cells and dynamic prompts, within the server's line limit."""
+    try:
+        plan, expand = parse_sweep(sweep), (None if dynamic is None else parse_dynamic(dynamic))
+    except SpecError as exc:
+        raise ApiError(400, str(exc).replace("--sweep", "sweep").replace("--dynamic", "dynamic"),
+                       exc.field) from None
+    return JobSource(base_seed=JOB_BASE_SEED, sweep=plan, dynamic=expand, limit=s.config.max_batch_lines,
+                     over_limit="this server's limit on a batch's images")
+
+
+def _batch_records(s, body: bytes, source: JobSource) -> list[dict[str, Any]]:
+    """Validate every line against the policy (errors name it), plan the job (sweep cells, dynamic prompts),
+    fix every seed now (a resumed job makes the same images), and keep the job within its cost budget."""
+    policy = _policy(s)
+    try:
+        items = plan_records(_batch_lines(s, body, policy), source)
+    except DiffbatchError as exc:
+        raise ApiError(400, str(exc).replace("--sweep", "sweep"), exc.field) from None
+    records, specs = [], []
+    for item in items:
+        policy.check_text(item.spec.to_record(), f"{item.where}: ")  # an expanded prompt is checked as a line's
+        try:
+            spec = s.engine.resolve(item.spec, seed=item.spec.seed)
+        except DiffbatchError as exc:
+            message = str(exc)
+            raise ApiError(400, message if message.startswith(item.where) else f"{item.where}: {message}",
+                           exc.field) from None
+        policy.check_resolved(spec, f"{item.where}: ")
+        specs.append(spec)
+        records.append({**spec.to_record(), **item.notes})
+    policy.check_job(specs)
+    return records
+
+
+def _batch_lines(s, body: bytes, policy: Policy) -> list[tuple[dict[str, Any], str]]:
+    """The batch's JSON objects, each with its line (``line N``), checked before planning."""
+    lines = []
     for number, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
@@ -309,23 +354,16 @@ def _batch_records(s, body: bytes) -> list[dict[str, Any]]:
             raise ApiError(400, f"{where}: malformed JSON ({exc.msg})", "body") from None
         if isinstance(record, dict) and "image" in record:
             raise ApiError(400, f"{where}: 'image' is not accepted in batch lines; use /v1/images/edits", "image")
-        if len(records) >= s.config.max_batch_lines:
+        if len(lines) >= s.config.max_batch_lines:
             raise ApiError(400, f"{where}: the batch holds more than {s.config.max_batch_lines} lines, this "
                                 "server's limit", "body")
-        if isinstance(record, dict):
-            policy.check_text(record, f"{where}: ")
-        try:
-            spec = s.engine.resolve(spec_from_record(record, where), seed=job_seed(JOB_BASE_SEED, len(records)))
-        except DiffbatchError as exc:
-            message = str(exc)
-            raise ApiError(400, message if message.startswith(where) else f"{where}: {message}", exc.field) from None
-        policy.check_resolved(spec, f"{where}: ")
-        specs.append(spec)
-        records.append(spec.to_record())
-    if not records:
+        if not isinstance(record, dict):
+            raise ApiError(400, f"{where}: expected a JSON object, got {type(record).__name__}", "body")
+        policy.check_text(record, f"{where}: ")
+        lines.append((record, where))
+    if not lines:
         raise ApiError(400, "the batch body holds no JSON lines", "body")
-    policy.check_job(specs)
-    return records
+    return lines
 
 
 @router.get("/v1/batches/{job_id}")
