@@ -50,9 +50,10 @@ class Metrics:
                 self._finished.popleft()
             return len(self._finished) / window
 
-    def render(self, queue_length: int, stats: Any) -> str:
-        """The exposition text, with the engine's ``EngineStats`` and queue length as of now."""
-        snapshot = (queue_length, stats, self.images_per_second())
+    def render(self, queue_length: int, stats: Any, replicas: Any = None) -> str:
+        """The exposition text, with the engine's ``EngineStats`` and queue length as of now; ``replicas``: what
+        the ingress knows of each engine replica under ``serve --ray`` (replicas.py ``ReplicaFacts``)."""
+        snapshot = (queue_length, stats, self.images_per_second(), replicas)
         with self._lock:  # one scrape at a time: the collector reads the snapshot set here
             self._engine.snapshot = snapshot
             return generate_latest(self.registry).decode()
@@ -62,12 +63,12 @@ class _EngineCollector(Collector):
     """Gauges and counters read from the engine's stats at each scrape."""
 
     def __init__(self) -> None:
-        self.snapshot: tuple[int, Any, float] | None = None  # queue length, EngineStats, images/s
+        self.snapshot: tuple[int, Any, float, Any] | None = None  # queue length, EngineStats, images/s, replicas
 
     def collect(self) -> Iterator[Any]:
         if self.snapshot is None:
             return
-        queue_length, stats, rate = self.snapshot
+        queue_length, stats, rate, replicas = self.snapshot
         yield GaugeMetricFamily("diffbatch_queue_length", "Images waiting to be admitted", value=queue_length)
         yield GaugeMetricFamily("diffbatch_running_batch_size", "Images in the latest denoiser call",
                                 value=stats.last_batch_size)
@@ -78,6 +79,23 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("diffbatch_denoised_images", "Sum of denoiser batch sizes, in images",
                                   value=stats.denoised_images)
         yield _batch_histogram(dict(stats.batch_sizes))
+        if replicas is not None:
+            yield from _replica_metrics(replicas)
+
+
+def _replica_metrics(replicas: Any) -> Iterator[Any]:
+    """Per engine replica (``serve --ray``): its queue length at its latest answer, and the images it made."""
+    yield GaugeMetricFamily("diffbatch_replicas", "Engine replicas that have answered", value=len(replicas.queues))
+    queue = GaugeMetricFamily("diffbatch_replica_queue_length", "A replica's images waiting or running, at its "
+                              "latest answer", labels=["replica"])
+    made = CounterMetricFamily("diffbatch_replica_images", "Images a replica made", labels=["replica"])
+    for name in sorted(replicas.queues):
+        queue.add_metric([name], replicas.queues[name])
+        made.add_metric([name], replicas.images.get(name, 0))
+    yield queue
+    yield made
+    yield CounterMetricFamily("diffbatch_replica_retries", "Images sent again after a replica died under them",
+                              value=replicas.retried)
 
 
 def _batch_histogram(calls_by_size: dict[int, int]) -> HistogramMetricFamily:
