@@ -197,15 +197,24 @@ def _unreachable(address: str) -> str | None:
 def _connect(ray: Any, options: RayOptions) -> bool:
     """Join the chosen cluster, or start a local one; True when this process initialised Ray. A cluster that
     cannot be reached or started is one line (InputError), before any worker loads the model."""
-    if ray.is_initialized():
+    # Logical CPUs of a local cluster: one per worker and one for Ray Data's own tasks, at least the machine's cores
+    if not connect_cluster(ray, options.address, max(os.cpu_count() or 1, options.workers) + 1):
         return False
-    cluster = choose_cluster(options.address)
-    if cluster.address is None:
-        _start_local(ray, options)
-    else:
-        _join(ray, cluster)
     ray.data.DataContext.get_current().enable_progress_bars = False  # we have our own
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # keep stderr for our progress bar; errors still raise
+    return True
+
+
+def connect_cluster(ray: Any, address: str | None, cpus: int) -> bool:
+    """Join the cluster ``choose_cluster(address)`` picks, or start a local one of ``cpus`` logical CPUs (``generate
+    --ray``, ``serve --ray``); True when this process initialised Ray. One line (InputError) when it cannot."""
+    if ray.is_initialized():
+        return False
+    cluster = choose_cluster(address)
+    if cluster.address is None:
+        _start_local(ray, cpus)
+    else:
+        _join(ray, cluster)
     return True
 
 
@@ -221,10 +230,9 @@ def _join(ray: Any, cluster: Cluster) -> None:
               file=sys.stderr)
 
 
-def _start_local(ray: Any, options: RayOptions) -> None:
-    # Logical CPUs: one per worker and one for Ray Data's own tasks, at least the machine's cores. "local":
-    # a new cluster whatever RAY_ADDRESS or an address file say (ray.init would join those, and refuse num_cpus).
-    cpus = max(os.cpu_count() or 1, options.workers) + 1
+def _start_local(ray: Any, cpus: int) -> None:
+    # "local": a new cluster whatever RAY_ADDRESS or an address file say (ray.init would join those, and refuse
+    # num_cpus)
     try:
         ray.init(address=LOCAL, num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -8,6 +8,7 @@ import logging
 import math
 import sqlite3
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,10 +59,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
 def start_state(config: ServerConfig, engine: Engine | None, limiter: KeyLimiter | None = None) -> ServerState:
     quiet_loading()  # diffusers' and transformers' warnings quote the user's prompt (CLIP truncation): not in logs
-    engine = engine or Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                              max_batch_size=config.max_batch_size, backend=config.backend,
-                                              lora_dir=config.lora_dir)
-    loop = EngineLoop(engine, config.max_queue, config.batching, config.window_ms / 1000)
+    if config.replicas is not None:
+        engine, loop = _replica_loop(config)
+    else:
+        engine = engine or Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
+                                                  max_batch_size=config.max_batch_size, backend=config.backend,
+                                                  lora_dir=config.lora_dir)
+        loop = EngineLoop(engine, config.max_queue, config.batching, config.window_ms / 1000)
     store = Store(config.data_dir)
     jobs = JobRunner(store, loop, 2 * config.max_batch_size)
     janitor = Janitor(store, config.retention)
@@ -70,6 +74,16 @@ def start_state(config: ServerConfig, engine: Engine | None, limiter: KeyLimiter
     janitor.start()
     log.info("diffbatch serving %s (batching: %s)", engine.model_name, config.batching)
     return ServerState(config, engine, loop, store, jobs, Metrics(), janitor, limiter)
+
+
+def _replica_loop(config: ServerConfig) -> tuple[Any, Any]:
+    """``serve --ray``: this process resolves (the model's configuration, no weights) and the engine replicas
+    of a Ray Serve deployment make the images (replicas.py)."""
+    from ..resolver import Resolver
+    from .replicas import ReplicaLoop, deploy
+
+    resolver = Resolver.for_model(config.model, config.lora_dir, backend=config.backend)
+    return resolver, ReplicaLoop(resolver, deploy(config.replicas), config.max_queue)
 
 
 def stop_state(state: ServerState) -> None:

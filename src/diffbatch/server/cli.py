@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from ..cli import BACKEND_HELP, DTYPE_HELP
+from ..cli import BACKEND_HELP, DTYPE_HELP, UsageError
 from ..options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .config import POLICIES, ServerConfig, parse_duration
+from .layout import DEFAULT_DATA_DIR
 from .retention import Retention
 
 
@@ -27,7 +29,7 @@ def register(subparsers: Any) -> None:
                    help="more keys, one per line, each with optional limits: KEY rpm=60 images=16 name=alice")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per denoiser call")
     p.add_argument("--max-queue", type=int, default=256, help="images waiting or running; beyond: HTTP 429")
-    p.add_argument("--data-dir", type=Path, default=Path("diffbatch-data"), help="job store and images")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="job store and images")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=AUTO_DTYPE, help=DTYPE_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
@@ -54,6 +56,12 @@ def register(subparsers: Any) -> None:
                    help="a request's whole body must arrive within it once its headers have, or 408 (default 60)")
     p.add_argument("--max-connections", type=_positive_int, default=500, metavar="N",
                    help="open connections; beyond: 503 and closed (default 500)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the engine as a Ray Serve deployment of --replicas engines behind this server (a local "
+                        "cluster without ADDRESS, or RAY_ADDRESS, or a running `ray start` one); needs diffbatch[ray]")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="--ray: engine replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, metavar="N", help="--ray: autoscale on ongoing requests, from N")
+    p.add_argument("--max-replicas", type=int, metavar="N", help="--ray: autoscale up to N replicas")
     p.set_defaults(func=run_serve)
 
 
@@ -98,6 +106,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.api_keys is not None:
         load_keys(args.api_keys)  # a bad file is a one-line error before the model loads
     check_data_dir(args.data_dir)
+    if args.ray is None and (args.replicas != 1 or args.min_replicas is not None or args.max_replicas is not None):
+        raise UsageError("--replicas, --min-replicas and --max-replicas need --ray")
+    replicas = None if args.ray is None else start_replicas(args)  # checked and connected before any model loads
 
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
@@ -107,10 +118,44 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
         max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars, max_job_cost=args.max_job_cost,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-        max_connections=args.max_connections,
+        max_connections=args.max_connections, replicas=replicas,
         retention=Retention(keep_files=args.keep_files, keep_jobs=args.keep_jobs,
                             max_data_bytes=None if args.max_data_gb is None else int(args.max_data_gb * 1e9)))
     server = uvicorn.Server(uvicorn_config(create_app(config), config, log_level="info"))
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     return 0 if server.started else 1
+
+
+def start_replicas(args: argparse.Namespace) -> Any:
+    """``--ray``: check the replica flags, join or start the Ray cluster (executors/ray.py chooses it, as for
+    ``generate --ray``), check its GPUs; the engine replicas start with the app (replicas.py)."""
+    from .replicas import ReplicaOptions, check_cluster_gpus, check_options
+
+    cores = os.cpu_count() or 1
+    options = ReplicaOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                             lora_dir=None if args.lora_dir is None else str(args.lora_dir),
+                             max_batch_size=args.max_batch_size, replicas=args.replicas,
+                             min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                             cpus=max(1, cores // max(1, args.replicas)))
+    check_options(options)
+    ray = _import_serve()
+    from ..executors.ray import connect_cluster
+
+    connect_cluster(ray, args.ray or None, cpus=max(cores, options.replicas * int(options.cpus)))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    wants_gpu = (args.device or "").startswith("cuda") or (args.device is None and gpus > 0)
+    options = dataclasses.replace(options, gpus=1.0 if wants_gpu else 0.0, threads=None if wants_gpu else options.cpus)
+    check_cluster_gpus(options, gpus)
+    return options
+
+
+def _import_serve() -> Any:
+    from ..errors import InputError
+
+    try:
+        import ray
+        from ray import serve  # noqa: F401 - Ray Serve's own dependencies (grpc, aiohttp) are checked here
+    except ImportError:
+        raise InputError("--ray needs Ray Serve: pip install 'diffbatch[ray]'") from None
+    return ray

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .layout import DEFAULT_DATA_DIR
 from .retention import Retention
@@ -60,6 +61,9 @@ class ServerConfig:
     # the one waiting longest for a request's head, or gets 503 when all are busy (connections.py)
     drain_seconds: float = 30.0  # on shutdown, how long running images may take to finish
     retention: Retention = Retention()  # how long images and finished batch jobs are kept (retention.py)
+    # serve --ray: the engine as a Ray Serve deployment (replicas.py ReplicaOptions; Ray already initialised);
+    # None: the engine in this process
+    replicas: Any = None
 
     def __post_init__(self) -> None:
         if self.batching not in POLICIES:
