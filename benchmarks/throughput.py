@@ -167,7 +167,7 @@ def strategies_for(pipes: dict, ours: dict[str, Engine], specs: list[GenerationS
 
 
 def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only: list[str],
-        invariance: bool = False) -> dict:
+        invariance: bool = False, per_image: bool = True) -> dict:
     ours = engines(model, batch, invariance)
     engine = ours["diffbatch"]
     pipes = diffusers_pipes(model, ours)
@@ -178,6 +178,8 @@ def run(model: Path, n: int, batch: int, steps_scale: float, repeats: int, only:
             continue
         specs = [engine.resolve(s) for s in specs]
         strategies = strategies_for(pipes, ours, specs, batch)
+        if not per_image:
+            strategies.pop("diffusers_per_image", None)
         times = {k: [] for k in strategies}
         for _ in range(repeats):  # interleaved, so machine noise hits every strategy alike
             for key, fn in strategies.items():
@@ -206,6 +208,8 @@ def main() -> None:
                         default=list(DEFAULT_WORKLOADS),
                         help="loras: 5 LoRAs over the images, diffbatch mixed vs diffusers grouped (alone)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-per-image", action="store_true",
+                        help="skip diffusers one call per image (the slowest strategy; for the SD-1.5 architecture)")
     parser.add_argument("--invariance", action="store_true",
                         help="compare invariant kernels with no invariance and with fixed shapes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -218,7 +222,7 @@ def main() -> None:
         folder = Path(tmp) / args.model
         model = model_folder(args.model, folder)
         results = run(model, args.images, args.batch_size, args.steps_scale, args.repeats, args.workloads,
-                      args.invariance)
+                      args.invariance, not args.no_per_image)
     record = {"model": args.model, "workloads": args.workloads, "images": args.images, "batch_size": args.batch_size,
               "steps_scale": args.steps_scale, "repeats": args.repeats, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": cpu_model(), "results": results}
@@ -319,10 +323,11 @@ def write_markdown(record: dict) -> None:
 
     rows = []
     for workload, res in record["results"].items():
-        for key in ("diffusers_per_image", "diffusers_list_batches", "diffbatch"):
+        for key in (k for k in ("diffusers_per_image", "diffusers_list_batches", "diffbatch") if k in res):
             rows.append([workload, key, f"{res[key]['seconds']:.2f}", f"{res[key]['images_per_s']:.3f}"])
         rows.append([workload, "**diffbatch / list batches**", "", f"**{res['ratio_vs_list_batches']:.2f}x**"])
-        rows.append([workload, "diffbatch / per image", "", f"{res['ratio_vs_per_image']:.2f}x"])
+        if "ratio_vs_per_image" in res:
+            rows.append([workload, "diffbatch / per image", "", f"{res['ratio_vs_per_image']:.2f}x"])
     steps = [max(1, round(s * record["steps_scale"])) for s in (10, 20, 30)]
     body = (f"`python benchmarks/throughput.py --model {record['model']} --images {record['images']} "
             f"--steps-scale {record['steps_scale']} --repeats {record['repeats']}` "

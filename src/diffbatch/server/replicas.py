@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import EngineStats
@@ -177,7 +177,7 @@ class ReplicaLoop:
             if item.response is not None:
                 self._loop.call_soon_threadsafe(item.response.cancel)
             if not item.future.done():
-                item.future.set_exception(Cancelled("cancelled by the client"))
+                _settle(item.future, error=Cancelled("cancelled by the client"))
                 cancelled += 1
         return cancelled
 
@@ -214,14 +214,12 @@ class ReplicaLoop:
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                     raise cause if isinstance(cause, DiffbatchError) else exc from None
                 self._record(facts)
-                if not item.future.done():
-                    item.future.set_result(replace(result))
+                _settle(item.future, result=result)
                 return
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 - every failure goes to the waiting request, none kills the loop
-            if not item.future.done():
-                item.future.set_exception(exc)
+            _settle(item.future, error=exc)
         finally:
             with self._lock:
                 self._sent.pop(item.future, None)
@@ -232,6 +230,17 @@ class ReplicaLoop:
         self.facts.stats[name] = facts["stats"]
         self.facts.images[name] = self.facts.images.get(name, 0) + 1
         self.engine.stats = _summed(self.facts.stats.values())
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete ``future`` unless a cancel (another thread) already has."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _summed(all_stats: Any) -> EngineStats:
