@@ -42,14 +42,15 @@ class LiveServer:
     ``stop()`` or at the end of a ``with`` block. uvicorn is configured as ``serve`` configures it, with the
     connection limits of ``config`` (default: ``serve``'s)."""
 
-    def __init__(self, app, config: ServerConfig | None = None) -> None:  # noqa: ANN001 - a FastAPI app
+    def __init__(self, app, config: ServerConfig | None = None,  # noqa: ANN001 - a FastAPI app
+                 startup_s: float = 30.0) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         config = replace(config or ServerConfig(), host="127.0.0.1", port=port)
         self.server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + startup_s  # serve --ray: replicas load the model before the app starts
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive()
             time.sleep(0.05)

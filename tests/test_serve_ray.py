@@ -64,7 +64,7 @@ def server(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
     options = ReplicaOptions(model=None, device="cpu", dtype="float32", backend="torch", lora_dir=None,
                              max_batch_size=8, replicas=2, cpus=1, threads=1)
     config = ServerConfig(data_dir=tmp_path_factory.mktemp("serve-ray"), api_key=KEY, replicas=options)
-    with LiveServer(create_app(config)) as live:
+    with LiveServer(create_app(config), startup_s=300) as live:
         yield live
 
 
