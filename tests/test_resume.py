@@ -58,11 +58,17 @@ def assert_same_files(out: Path, reference: Path) -> None:
     assert sorted(got, key=lambda r: r["index"]) == records(reference)
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL, stderr=subprocess.DEVNULL) -> int:
     """Start the CLI, send it ``sig`` once the manifest has ``lines`` lines (0: once the folder exists)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "diffbatch", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=stderr)
+    # The child gets the signal dispositions a shell gives it (SIGINT: KeyboardInterrupt), whatever an earlier
+    # test left in this process: Python leaves SIGINT ignored in a child started with it ignored
+    proc = subprocess.Popen([sys.executable, "-m", "diffbatch", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=stderr, preexec_fn=_default_signals)
     manifest = out / MANIFEST
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
@@ -89,8 +95,9 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     argv = job_args(tiny_sd_path, prompts, out)
+    before = signal.getsignal(signal.SIGINT)
     with open(log, "wb") as stderr:
-        assert kill_after(argv, out, 2, signal.SIGINT, stderr) == 130
+        assert kill_after(argv, out, 2, signal.SIGINT, stderr) == 130, (before, log.read_text())
     err = log.read_text()
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("diffbatch: error: interrupted")
     assert main(argv) == 0
