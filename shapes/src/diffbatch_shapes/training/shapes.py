@@ -66,6 +66,7 @@ class TrainConfig:
     unet_bf16: bool = False  # measured: no faster for this small UNet on 1-2 cores (casts cost as much)
     save_every: int = 500
     threads: int = 2  # torch CPU threads
+    unet_levels: int = 3  # 3: 16x16, 8x8, 4x4 (cross-attention at 8x8, 4x4); 4 adds a 2x2 level (issue 25 probe)
     device: str = "cpu"  # "cuda" trains the same recipe on a GPU (the shipped weights come from the CPU)
 
 
@@ -93,15 +94,18 @@ def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int):
     return CLIPTextModel(config)
 
 
-def build_unet():
+def build_unet(levels: int = 3):
+    """The shipped UNet (3 levels); ``levels=4`` adds a cross-attention level at 2x2, where each latent cell is
+    a quadrant of the picture and the convolutions' zero padding marks every cell's side (issue 25's probe)."""
     from diffusers import UNet2DConditionModel
 
+    extra = levels - 3
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 128), norm_num_groups=32, cross_attention_dim=128,
-        # attention only at 8x8 and 4x4: self-attention over 16x16 latents cost most of a step on CPU
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128) + (128,) * extra, norm_num_groups=32, cross_attention_dim=128,
+        # attention only at 8x8 and below: self-attention over 16x16 latents cost most of a step on CPU
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (2 + extra),
+        up_block_types=("CrossAttnUpBlock2D",) * (2 + extra) + ("UpBlock2D",),
         attention_head_dim=32,
     )
 
@@ -479,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         vae = finetune_decoder(cfg, vae, images, start)
     tok_dir = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-"))
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(tok_dir, shapes_data.caption_vocabulary()))
-    models = {"vae": vae, "tokenizer": tokenizer, "unet": build_unet().to(cfg.device),
+    models = {"vae": vae, "tokenizer": tokenizer, "unet": build_unet(cfg.unet_levels).to(cfg.device),
               "scheduler": build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr),
               "text_encoder": build_text_encoder(len(tokenizer), tokenizer.bos_token_id,
                                                  tokenizer.eos_token_id).to(cfg.device)}
