@@ -234,19 +234,23 @@ def _rowwise_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> t
         lora_a, lora_b, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
         if index is None:  # every row uses it
             delta = lora_b(lora_a(dropout(self._cast_input_dtype(x, lora_a.weight.dtype))))
-            scaled = delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
-            # In place where the dtypes agree (the same one addition; ``result`` is this call's own tensor):
-            # an out-of-place add copied the whole output once per LoRA and layer (issue 22)
-            result = result.add_(scaled) if scaled.dtype == result.dtype else result + scaled
+            result = _add_rows(result, None, delta * rows.scale(adapter, weights, self.scaling[adapter], delta))
             continue
         xs = self._cast_input_dtype(x.index_select(0, take), lora_a.weight.dtype)
         delta = lora_b(lora_a(dropout(xs)))[: len(index)]
-        scaled = delta * rows.scale(adapter, weights, self.scaling[adapter], delta)
-        if scaled.dtype == result.dtype:
-            result.index_add_(0, index, scaled)
-        else:
-            result = result.index_copy(0, index, result.index_select(0, index) + scaled)
+        result = _add_rows(result, index, delta * rows.scale(adapter, weights, self.scaling[adapter], delta))
     return result.to(dtype)
+
+
+def _add_rows(result: torch.Tensor, index: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """``result`` with ``delta`` added to its rows ``index`` (None: every row): in place where the dtypes agree
+    (the same one addition; ``result`` is this call's own tensor), else out of place. An out-of-place add copied
+    the whole output once per LoRA and layer (issue 22)."""
+    if delta.dtype != result.dtype:
+        if index is None:
+            return result + delta
+        return result.index_copy(0, index, result.index_select(0, index) + delta)
+    return result.add_(delta) if index is None else result.index_add_(0, index, delta)
 
 
 def _fused_rows(layer: Any, x: torch.Tensor, result: torch.Tensor, rows: _CallRows,
@@ -267,12 +271,7 @@ def _fused_rows(layer: Any, x: torch.Tensor, result: torch.Tensor, rows: _CallRo
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
         delta = torch.bmm(torch.bmm(flat, down).mul_(scale), up)
         delta = delta.reshape(*xs.shape[:-1], delta.shape[-1])[: len(group.index)]
-        if delta.dtype != result.dtype:
-            result = result.index_copy(0, group.index, result.index_select(0, group.index) + delta)
-        elif group.whole:
-            result.add_(delta)
-        else:
-            result.index_add_(0, group.index, delta)
+        result = _add_rows(result, None if group.whole else group.index, delta)
     return result
 
 
@@ -290,11 +289,7 @@ def _rows_per_adapter(layer: Any, x: torch.Tensor, result: torch.Tensor, group: 
         delta = delta[: len(positions)]
         scale = torch.tensor([w * layer.scaling[adapter] for _, w in picked], dtype=delta.dtype,
                              device=delta.device).view(-1, *[1] * (delta.dim() - 1))
-        index = group.index[positions]
-        if delta.dtype == result.dtype:
-            result.index_add_(0, index, delta * scale)
-        else:
-            result = result.index_copy(0, index, result.index_select(0, index) + delta * scale)
+        result = _add_rows(result, group.index[positions], delta * scale)
     return result
 
 

@@ -208,9 +208,9 @@ def _connect(ray: Any, options: RayOptions) -> bool:
 def connect_cluster(ray: Any, address: str | None, cpus: int) -> bool:
     """Join the cluster ``choose_cluster(address)`` picks, or start a local one of ``cpus`` logical CPUs (``generate
     --ray``, ``serve --ray``); True when this process initialised Ray. One line (InputError) when it cannot."""
+    cluster = choose_cluster(address)  # first: an address where nothing answers is refused even with Ray up
     if ray.is_initialized():
         return False
-    cluster = choose_cluster(address)
     if cluster.address is None:
         _start_local(ray, cpus)
     else:

@@ -140,9 +140,8 @@ def start_replicas(args: argparse.Namespace) -> Any:
                              cpus=max(1, cores // max(1, args.replicas)))
     check_options(options)
     ray = _import_serve()
-    from ..executors.ray import choose_cluster, connect_cluster
+    from ..executors.ray import connect_cluster
 
-    choose_cluster(args.ray or None)  # an address where nothing answers: one line, even with Ray already up
     connect_cluster(ray, args.ray or None, cpus=max(cores, options.replicas * int(options.cpus)))
     gpus = ray.cluster_resources().get("GPU", 0)
     wants_gpu = (args.device or "").startswith("cuda") or (args.device is None and gpus > 0)
