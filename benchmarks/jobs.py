@@ -30,7 +30,8 @@ from resume_check import job as resume_job  # noqa: E402
 from resume_check import time_plan, write_folder  # noqa: E402
 
 from diffbatch import Engine, GenerationSpec  # noqa: E402
-from diffbatch.executors.local import run_local  # noqa: E402
+from diffbatch.executors.base import run_job  # noqa: E402
+from diffbatch.executors.local import EngineLoop  # noqa: E402
 from diffbatch.io.writer import OutputWriter  # noqa: E402
 from tiny import save_tiny_sd  # noqa: E402
 
@@ -46,21 +47,21 @@ def time_local(model: Path, specs: list[GenerationSpec], batch: int, out: Path) 
     resolved = [engine.resolve(s) for s in specs]
     out.mkdir()
     with OutputWriter(out, engine.model_name) as writer:
-        run_local(engine, resolved, range(len(resolved)), writer)
+        run_job(EngineLoop(engine), resolved, range(len(resolved)), writer)
     return time.perf_counter() - began
 
 
 def time_ray(model: Path, specs: list[GenerationSpec], batch: int, workers: int, out: Path, driver: Engine
              ) -> float:
-    from diffbatch.executors.ray import RayOptions, run_ray
+    from diffbatch.executors.ray import RayDataExecutor, RayOptions
 
     resolved = [driver.resolve(s) for s in specs]
     options = RayOptions(model=str(model), device="cpu", dtype="float32", batch_size=batch, address=None,
-                         workers=workers)
+                         workers=workers, model_name=driver.model_name)
     out.mkdir()
     began = time.perf_counter()
     with OutputWriter(out, driver.model_name) as writer:
-        run_ray(options, resolved, range(len(resolved)), writer)
+        run_job(RayDataExecutor(options, writer.image_hash), resolved, range(len(resolved)), writer)
     return time.perf_counter() - began
 
 

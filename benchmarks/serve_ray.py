@@ -64,7 +64,7 @@ def routing_overhead(images: int = 300) -> dict:
     from ray import serve
 
     from diffbatch import GenerationSpec
-    from diffbatch.server.replicas import ReplicaLoop
+    from diffbatch.executors.serve import ReplicaLoop
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="dbsr", dir="/tmp"))
     os.environ["RAY_TMPDIR"] = str(ray_tmp)

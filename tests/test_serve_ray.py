@@ -24,9 +24,9 @@ import pytest
 
 from diffbatch import Engine, GenerationSpec
 from diffbatch.cli import main
+from diffbatch.executors.serve import APP, ReplicaOptions
 from diffbatch.io.writer import encode_png
 from diffbatch.server import ServerConfig, create_app
-from diffbatch.server.replicas import APP, ReplicaOptions
 from server_helpers import LiveServer, png_pixels
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")

@@ -415,20 +415,28 @@ def _repair(out: Path, plan: ResumePlan) -> None:
 def _execute(args: argparse.Namespace, engine: Engine | None, resolver: Resolver | Engine,
              specs: list[GenerationSpec], todo: list[int], hashes: dict[str, str],
              notes: dict[int, dict[str, Any]]) -> None:
-    """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None)."""
+    """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None), and
+    write each as it finishes (``executors.base.run_job``)."""
+    from .executors.base import run_job
+
     writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash, hashes, notes)
     with writer, Progress(len(todo)) as progress:
-        if engine is not None:
-            from .executors.local import run_local
+        run_job(_executor(args, engine, resolver, writer), specs, todo, writer, progress.update)
 
-            run_local(engine, specs, todo, writer, progress.update)
-        else:
-            from .executors.ray import RayOptions, run_ray
 
-            options = RayOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                 lora_dir=None if args.lora_dir is None else str(args.lora_dir), lora_paths=True,
-                                 batch_size=args.batch_size, address=args.ray or None, workers=args.workers)
-            run_ray(options, specs, todo, writer, progress.update)
+def _executor(args: argparse.Namespace, engine: Engine | None, resolver: Resolver | Engine,
+              writer: OutputWriter) -> Any:
+    if engine is not None:
+        from .executors.local import EngineLoop
+
+        return EngineLoop(engine, log_errors=False)  # an error is raised here, as the command's own
+    from .executors.ray import RayDataExecutor, RayOptions
+
+    options = RayOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                         lora_dir=None if args.lora_dir is None else str(args.lora_dir), lora_paths=True,
+                         batch_size=args.batch_size, address=args.ray or None, workers=args.workers,
+                         model_name=resolver.model_name)
+    return RayDataExecutor(options, writer.image_hash)
 
 
 if __name__ == "__main__":

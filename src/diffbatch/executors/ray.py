@@ -1,7 +1,8 @@
 """Scale-out on Ray: the job's remaining images as a Ray Data dataset, ``map_batches`` over an actor pool of
 diffbatch engines (one per worker, a GPU each where the cluster has GPUs).
 
-Workers return encoded PNG bytes; this process writes them with the same ``OutputWriter`` as a local run, so
+``RayDataExecutor`` is the ``base.Executor`` interface over it. Workers return encoded PNG bytes; this process
+writes them with the same ``OutputWriter`` as a local run (``base.run_job``), so
 the folder layout, file bytes and manifest are the same, and resume works the same (the resume check runs
 here, before Ray starts). Specs cross the boundary already resolved (seed and every default set), as JSON of
 ``GenerationSpec.to_record()``: a worker makes exactly the image a local engine would. Init images are read
@@ -12,13 +13,16 @@ Imported only when ``--ray`` is given; needs ``pip install "diffbatch[ray]"``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
 import os
+import queue
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..io.writer import OutputWriter, encode_png
+from ..io.writer import encode_png
 from ..memory import AUTO, BatchSize
 from ..quiet import quiet_loading
 from ..result import Result
 from ..spec import GenerationSpec, spec_from_record
+from .base import Cancelled, Encoded, ShuttingDown, settle
 
 ROWS_PER_CALL = 16  # images per map_batches call under --batch-size auto: enough to fill denoiser batches
 RAY_ADDRESS = "RAY_ADDRESS"  # Ray's environment variable: the cluster ray.init() joins
@@ -59,7 +64,7 @@ class RayOptions:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One image for a worker: its job index and its resolved spec as JSON."""
+    """One image for a worker: its position in the submission and its resolved spec as JSON."""
 
     index: int
     spec: str
@@ -106,22 +111,69 @@ class EngineWorker:
         return WorkResult(item.index, encode_png(result, item.image_hash), result.seconds)
 
 
-def run_ray(options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int], writer: OutputWriter,
-            on_written: Callable[[], None] = lambda: None) -> None:
-    """Make the images ``todo`` (indices into the resolved ``specs``) on Ray; write each as it comes back."""
-    if not todo:
-        return
-    ray = _import_ray()
-    options = dataclasses.replace(options, model_name=writer.model)
-    started = _connect(ray, options)
-    try:
-        for row in _results(ray, options, specs, todo, writer).iter_rows():
-            index = int(row["index"])
-            writer.write_encoded(index, specs[index], bytes(row["png"]), float(row["seconds"]))
-            on_written()
-    finally:
-        if started:
-            ray.shutdown()
+class RayDataExecutor:
+    """The ``base.Executor`` interface over a Ray Data actor pool (``generate --ray``). Each ``submit`` is one
+    dataset, run in this executor's thread; its images come back as ``Encoded`` PNGs (encoded by the worker,
+    with ``image_hash(spec)``, the driver's fingerprint of the spec's init image). Ray Data cannot drop a row
+    once the dataset runs: ``cancel`` fails the futures at once, and a dataset whose futures are all done is
+    dropped (its remaining work with it)."""
+
+    def __init__(self, options: RayOptions, image_hash: Callable[[GenerationSpec], str]) -> None:
+        self.options, self.image_hash = options, image_hash
+        self._ray: Any = None
+        self._started = False  # this process initialised Ray (and shuts it down on stop)
+        self._jobs: queue.Queue[list[tuple[GenerationSpec, concurrent.futures.Future]] | None] = queue.Queue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="diffbatch-ray-data", daemon=True)
+
+    def start(self) -> None:
+        self._ray = _import_ray()
+        self._started = _connect(self._ray, self.options)
+        self._thread.start()
+
+    def submit(self, resolved: list[GenerationSpec]) -> list[concurrent.futures.Future]:
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the job is stopping")
+            job = [(spec, concurrent.futures.Future()) for spec in resolved]
+            self._waiting += len(job)
+        self._jobs.put(job)
+        return [future for _, future in job]
+
+    def cancel(self, futures: list[concurrent.futures.Future]) -> int:
+        return sum(settle(future, error=Cancelled("cancelled")) for future in futures)
+
+    def queue_length(self) -> int:
+        return self._waiting
+
+    def stop(self, drain_seconds: float) -> None:
+        with self._lock:
+            self._stopping = True
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(drain_seconds)
+        if self._started:
+            self._ray.shutdown()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._run_job(job)
+            except Exception as exc:  # noqa: BLE001 - the job's error goes to its futures (raised by the caller)
+                for _, future in job:
+                    settle(future, error=exc)
+            finally:
+                with self._lock:
+                    self._waiting -= len(job)
+
+    def _run_job(self, job: list[tuple[GenerationSpec, concurrent.futures.Future]]) -> None:
+        specs = [spec for spec, _ in job]
+        for row in _results(self._ray, self.options, specs, self.image_hash).iter_rows():
+            settle(job[int(row["index"])][1], result=Encoded(bytes(row["png"]), float(row["seconds"])))
+            if self._stopping or all(future.done() for _, future in job):
+                return  # cancelled: the dataset's remaining work is dropped with its iterator
 
 
 def _import_ray() -> Any:
@@ -244,10 +296,10 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec], todo: Sequence[int],
-             writer: OutputWriter) -> Any:
-    items = [WorkItem(k, json.dumps(specs[k].to_record(), ensure_ascii=False), writer.image_hash(specs[k]))
-             for k in todo]
+def _results(ray: Any, options: RayOptions, specs: Sequence[GenerationSpec],
+             image_hash: Callable[[GenerationSpec], str]) -> Any:
+    items = [WorkItem(k, json.dumps(spec.to_record(), ensure_ascii=False), image_hash(spec))
+             for k, spec in enumerate(specs)]
     rows = ray.data.from_items([dataclasses.asdict(item) for item in items])
     per_call = options.batch_size if options.batch_size != AUTO else ROWS_PER_CALL
     per_call = max(1, min(int(per_call), math.ceil(len(items) / options.workers)))  # every worker gets work

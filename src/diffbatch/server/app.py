@@ -20,12 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..engine import Engine
 from ..errors import is_disk_full
+from ..executors.local import EngineLoop
 from ..quiet import quiet_loading
 from .browsers import content_type_refusal, host_refusal, origin_refusal
 from .config import ServerConfig
 from .jobs import JobRunner
 from .keys import KeyLimiter, load_keys
-from .loop import EngineLoop
 from .metrics import Metrics
 from .retention import Janitor
 from .routes import router
@@ -78,9 +78,9 @@ def start_state(config: ServerConfig, engine: Engine | None, limiter: KeyLimiter
 
 def _replica_loop(config: ServerConfig) -> tuple[Any, Any]:
     """``serve --ray``: this process resolves (the model's configuration, no weights) and the engine replicas
-    of a Ray Serve deployment make the images (replicas.py)."""
+    of a Ray Serve deployment make the images (executors/serve.py)."""
+    from ..executors.serve import ReplicaLoop, deploy
     from ..resolver import Resolver
-    from .replicas import ReplicaLoop, deploy
 
     resolver = Resolver.for_model(config.model, config.lora_dir, backend=config.backend)
     return resolver, ReplicaLoop(resolver, deploy(config.replicas), config.max_queue)

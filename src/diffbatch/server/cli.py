@@ -130,7 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def start_replicas(args: argparse.Namespace) -> Any:
     """``--ray``: check the replica flags, join or start the Ray cluster (executors/ray.py chooses it, as for
     ``generate --ray``), check its GPUs; the engine replicas start with the app (replicas.py)."""
-    from .replicas import ReplicaOptions, check_cluster_gpus, check_options
+    from ..executors.serve import ReplicaOptions, check_cluster_gpus, check_options
 
     cores = os.cpu_count() or 1
     options = ReplicaOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,

@@ -61,7 +61,7 @@ class ServerConfig:
     # the one waiting longest for a request's head, or gets 503 when all are busy (connections.py)
     drain_seconds: float = 30.0  # on shutdown, how long running images may take to finish
     retention: Retention = Retention()  # how long images and finished batch jobs are kept (retention.py)
-    # serve --ray: the engine as a Ray Serve deployment (replicas.py ReplicaOptions; Ray already initialised);
+    # serve --ray: the engine as a Ray Serve deployment (executors/serve.py ReplicaOptions; Ray already initialised);
     # None: the engine in this process
     replicas: Any = None
 

@@ -20,16 +20,16 @@ import time
 import uuid
 
 from ..errors import DiffbatchError
+from ..executors.base import Cancelled, Executor, QueueFull, ShuttingDown
 from ..io.writer import NOTES, save_png
 from ..spec import spec_from_record
-from .loop import Cancelled, EngineLoop, QueueFull, ShuttingDown
 from .store import LEASE_S, Store, StoredItem
 
 log = logging.getLogger("diffbatch.server")
 STORE_RETRY_S = 30.0  # after an image could not be stored (a full disk), how long to wait before more work
 
 class JobRunner:
-    def __init__(self, store: Store, loop: EngineLoop, inflight: int) -> None:
+    def __init__(self, store: Store, loop: Executor, inflight: int) -> None:
         self.store = store
         self.loop = loop
         self.inflight = inflight

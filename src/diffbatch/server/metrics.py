@@ -52,7 +52,7 @@ class Metrics:
 
     def render(self, queue_length: int, stats: Any, replicas: Any = None) -> str:
         """The exposition text, with the engine's ``EngineStats`` and queue length as of now; ``replicas``: what
-        the ingress knows of each engine replica under ``serve --ray`` (replicas.py ``ReplicaFacts``)."""
+        the ingress knows of each engine replica under ``serve --ray`` (executors/serve.py ``ReplicaFacts``)."""
         snapshot = (queue_length, stats, self.images_per_second(), replicas)
         with self._lock:  # one scrape at a time: the collector reads the snapshot set here
             self._engine.snapshot = snapshot

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..engine import Result
 from ..errors import DiffbatchError, InputError, SpecError, shown
+from ..executors.base import Cancelled, QueueFull, ShuttingDown
 from ..io.dynamic import parse_dynamic
 from ..io.images import as_rgb
 from ..io.infotext import parse_infotext, png_parameters
@@ -29,7 +30,6 @@ from ..seeds import JOB_BASE_SEED, job_seed, random_seed
 from ..spec import GenerationSpec, parse_size
 from .admission import Policy
 from .keys import KeyLimit
-from .loop import Cancelled, QueueFull, ShuttingDown
 from .metrics import CONTENT_TYPE
 from .retention import delete_job
 from .schemas import (

@@ -7,10 +7,10 @@ import threading
 from dataclasses import dataclass, field
 
 from ..engine import Engine
+from ..executors.base import Executor
 from .config import ServerConfig
 from .jobs import JobRunner
 from .keys import KeyLimiter
-from .loop import EngineLoop
 from .metrics import Metrics
 from .retention import Janitor
 from .store import Store
@@ -20,7 +20,7 @@ from .store import Store
 class ServerState:
     config: ServerConfig
     engine: Engine
-    loop: EngineLoop
+    loop: Executor
     store: Store
     jobs: JobRunner
     metrics: Metrics

@@ -3,7 +3,7 @@
 The ingress is the diffbatch server process itself: the same FastAPI app (routes, auth, per-key limits, UI,
 store, retention, metrics) under the same uvicorn with its slow-client deadlines, holding the SQLite store; it
 loads no weights (it resolves requests from the model's configuration, as ``generate --ray`` does). Its engine
-loop is ``ReplicaLoop``, with ``EngineLoop``'s interface (submit, cancel, queue length, stop): each image goes
+executor is ``ReplicaLoop`` (``base.Executor``: submit, cancel, queue length, stop): each image goes
 through a Ray Serve handle to the engine deployment, and Ray Serve's router sends it to a replica (power of two
 choices on ongoing requests, bounded by ``max_ongoing_requests``). Each replica is a diffbatch engine under
 its own ``EngineLoop``: images arriving while it runs join its batch at the next step (continuous batching).
@@ -28,7 +28,7 @@ from typing import Any
 from ..engine import EngineStats
 from ..errors import DiffbatchError, InputError
 from ..spec import GenerationSpec
-from .loop import Cancelled, QueueFull, ShuttingDown
+from .base import Cancelled, QueueFull, ShuttingDown, settle
 
 log = logging.getLogger("diffbatch.server")
 APP = "diffbatch"
@@ -71,7 +71,7 @@ class EngineReplica:
 
         from ..engine import Engine
         from ..quiet import quiet_loading
-        from .loop import EngineLoop
+        from .local import EngineLoop
 
         quiet_loading()
         if options.threads:
@@ -79,7 +79,7 @@ class EngineReplica:
         self.engine = Engine.from_pretrained(options.model, device=options.device, dtype=options.dtype,
                                              max_batch_size=options.max_batch_size, backend=options.backend,
                                              lora_dir=options.lora_dir)
-        self.loop = EngineLoop(self.engine, max_queue=1_000_000)  # the ingress bounds what is in flight
+        self.loop = EngineLoop(self.engine)  # the ingress bounds what is in flight
         self.loop.start()
         self.name = _replica_name()
 
@@ -138,7 +138,7 @@ class ReplicaFacts:
 
 
 class ReplicaLoop:
-    """``EngineLoop``'s interface over a Ray Serve handle. ``engine``: what the ingress resolves with (a
+    """The ``base.Executor`` interface over a Ray Serve handle. ``engine``: what the ingress resolves with (a
     ``Resolver``: configuration, no weights), with ``stats`` summed over the replicas' latest answers."""
 
     def __init__(self, engine: Any, handle: Any, max_queue: int) -> None:
@@ -177,7 +177,7 @@ class ReplicaLoop:
             if item.response is not None:
                 self._loop.call_soon_threadsafe(item.response.cancel)
             if not item.future.done():
-                _settle(item.future, error=Cancelled("cancelled by the client"))
+                settle(item.future, error=Cancelled("cancelled by the client"))
                 cancelled += 1
         return cancelled
 
@@ -214,12 +214,12 @@ class ReplicaLoop:
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                     raise cause if isinstance(cause, DiffbatchError) else exc from None
                 self._record(facts)
-                _settle(item.future, result=result)
+                settle(item.future, result=result)
                 return
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 - every failure goes to the waiting request, none kills the loop
-            _settle(item.future, error=exc)
+            settle(item.future, error=exc)
         finally:
             with self._lock:
                 self._sent.pop(item.future, None)
@@ -230,17 +230,6 @@ class ReplicaLoop:
         self.facts.stats[name] = facts["stats"]
         self.facts.images[name] = self.facts.images.get(name, 0) + 1
         self.engine.stats = _summed(self.facts.stats.values())
-
-
-def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
-    """Complete ``future`` unless a cancel (another thread) already has."""
-    try:
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-    except concurrent.futures.InvalidStateError:
-        pass
 
 
 def _summed(all_stats: Any) -> EngineStats:
