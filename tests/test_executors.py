@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import inspect
+import threading
+import time
 import weakref
 
 import pytest
@@ -149,3 +151,71 @@ def test_cancelled_images_fail_with_cancelled(tiny_sd_path):
     assert loop.cancel(futures) == 1 and loop.queue_length() == 0
     with pytest.raises(Cancelled):
         futures[0].result()
+
+
+class FakeRay:
+    def __init__(self) -> None:
+        self.shut = False
+
+    def shutdown(self):
+        self.shut = True
+
+
+class Rows:
+    """A dataset's rows, as Ray Data hands them back, in the order given; ``gate`` holds back the rows after
+    the first until it is set; ``error`` is raised instead of the last row."""
+
+    def __init__(self, order, gate=None, error=None) -> None:
+        self.order, self.gate, self.error, self.pulled = order, gate, error, 0
+
+    def iter_rows(self):
+        for n, k in enumerate(self.order):
+            if n and self.gate is not None:
+                self.gate.wait(10)
+            if self.error is not None and n == len(self.order) - 1:
+                raise self.error
+            self.pulled += 1
+            yield {"index": k, "png": f"png{k}".encode(), "seconds": 0.1}
+
+
+def ray_data(monkeypatch, rows):
+    import diffbatch.executors.ray as ray_executor
+
+    fake = FakeRay()
+    monkeypatch.setattr(ray_executor, "_import_ray", lambda: fake)
+    monkeypatch.setattr(ray_executor, "_connect", lambda ray, options: True)
+    monkeypatch.setattr(ray_executor, "_results", lambda ray, options, specs, image_hash: rows)
+    options = ray_executor.RayOptions(model=None, device="cpu", dtype=None, batch_size=2, address=None, workers=2)
+    return RayDataExecutor(options, lambda spec: ""), fake
+
+
+def test_ray_data_rows_settle_their_own_images_in_any_order(monkeypatch):
+    executor, fake = ray_data(monkeypatch, Rows([2, 0, 1]))
+    writer = Writer()
+    run_job(executor, specs(4), [3, 0, 1], writer)  # submission position 2 is job image 1
+    assert sorted(writer.written) == [(0, b"png1"), (1, b"png2"), (3, b"png0")]
+    assert fake.shut and executor._specs == {}  # nothing held once written; Ray shut down
+
+
+def test_ray_data_cancel_drops_the_dataset_and_stop_does_not_wait_for_its_next_row(monkeypatch):
+    gate = threading.Event()
+    rows = Rows([0, 1, 2, 3], gate=gate)
+    executor, fake = ray_data(monkeypatch, rows)
+    executor.start()
+    futures = executor.submit(specs(4))
+    assert isinstance(futures[0].result(timeout=10), Encoded)
+    assert executor.cancel(futures[1:]) == 3 and executor.queue_length() == 0
+    began = time.monotonic()
+    executor.stop(drain_seconds=30)
+    assert time.monotonic() - began < 5 and fake.shut
+    gate.set()  # the next row comes: the thread sees every future done and drops the dataset
+    executor._thread.join(10)
+    assert not executor._thread.is_alive() and rows.pulled == 2
+
+
+def test_ray_data_an_error_fails_the_images_not_yet_back(monkeypatch):
+    executor, _ = ray_data(monkeypatch, Rows([0, 1, 2], error=RuntimeError("actor died")))
+    writer = Writer()
+    with pytest.raises(RuntimeError, match="actor died"):
+        run_job(executor, specs(3), [0, 1, 2], writer)
+    assert sorted(k for k, _ in writer.written) == [0, 1]

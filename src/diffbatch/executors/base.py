@@ -79,6 +79,8 @@ def run_job(executor: Executor, specs: Sequence[GenerationSpec], todo: Sequence[
     with ``writer`` in this thread as it finishes; a finished image is dropped once written, so a job of any
     length holds only the images in flight. The first error (an image's, a write's, Ctrl-C) cancels the rest
     and is raised once the executor has stopped (after the step under way, up to ``stop_seconds``)."""
+    if not todo:
+        return  # nothing to make: no executor started (no Ray cluster for a finished job)
     executor.start()
     try:
         pending = dict(zip(executor.submit([specs[k] for k in todo]), todo, strict=True))

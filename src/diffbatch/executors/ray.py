@@ -115,17 +115,18 @@ class RayDataExecutor:
     """The ``base.Executor`` interface over a Ray Data actor pool (``generate --ray``). Each ``submit`` is one
     dataset, run in this executor's thread; its images come back as ``Encoded`` PNGs (encoded by the worker,
     with ``image_hash(spec)``, the driver's fingerprint of the spec's init image). Ray Data cannot drop a row
-    once the dataset runs: ``cancel`` fails the futures at once, and a dataset whose futures are all done is
-    dropped (its remaining work with it)."""
+    once the dataset runs: ``cancel`` fails the futures at once, a dataset whose futures are all done is
+    dropped (its remaining work with it), and ``stop`` then shuts Ray down without waiting for its next row."""
 
     def __init__(self, options: RayOptions, image_hash: Callable[[GenerationSpec], str]) -> None:
         self.options, self.image_hash = options, image_hash
         self._ray: Any = None
         self._started = False  # this process initialised Ray (and shuts it down on stop)
-        self._jobs: queue.Queue[list[tuple[GenerationSpec, concurrent.futures.Future]] | None] = queue.Queue()
-        self._waiting = 0
+        self._jobs: queue.Queue[list[concurrent.futures.Future] | None] = queue.Queue()
+        self._specs: dict[concurrent.futures.Future, GenerationSpec] = {}  # submitted, not yet settled here
         self._lock = threading.Lock()
         self._stopping = False
+        self._cancels = 0  # cancel() calls so far: a running dataset checks its futures again after one
         self._thread = threading.Thread(target=self._run, name="diffbatch-ray-data", daemon=True)
 
     def start(self) -> None:
@@ -137,43 +138,55 @@ class RayDataExecutor:
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the job is stopping")
-            job = [(spec, concurrent.futures.Future()) for spec in resolved]
-            self._waiting += len(job)
+            job = [concurrent.futures.Future() for _ in resolved]
+            self._specs.update(zip(job, resolved, strict=True))
         self._jobs.put(job)
-        return [future for _, future in job]
+        return job
 
     def cancel(self, futures: list[concurrent.futures.Future]) -> int:
+        self._cancels += 1
         return sum(settle(future, error=Cancelled("cancelled")) for future in futures)
 
     def queue_length(self) -> int:
-        return self._waiting
+        return sum(not future.done() for future in list(self._specs))
 
     def stop(self, drain_seconds: float) -> None:
         with self._lock:
             self._stopping = True
         self._jobs.put(None)
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self.queue_length():
             self._thread.join(drain_seconds)
         if self._started:
             self._ray.shutdown()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            open_ = dict(enumerate(job))  # position -> future not yet settled here (a settled one is the caller's)
+            del job
             try:
-                self._run_job(job)
+                if open_:
+                    self._run_job(open_)
+                error: Exception = RuntimeError("Ray Data returned no image for it")
             except Exception as exc:  # noqa: BLE001 - the job's error goes to its futures (raised by the caller)
-                for _, future in job:
-                    settle(future, error=exc)
-            finally:
-                with self._lock:
-                    self._waiting -= len(job)
+                error = exc
+            for future in open_.values():  # none unless cancelled (a no-op then), failed or cut short
+                settle(future, error=error)
+            with self._lock:
+                for future in open_.values():
+                    self._specs.pop(future, None)
 
-    def _run_job(self, job: list[tuple[GenerationSpec, concurrent.futures.Future]]) -> None:
-        specs = [spec for spec, _ in job]
-        for row in _results(self._ray, self.options, specs, self.image_hash).iter_rows():
-            settle(job[int(row["index"])][1], result=Encoded(bytes(row["png"]), float(row["seconds"])))
-            if self._stopping or all(future.done() for _, future in job):
+    def _run_job(self, open_: dict[int, concurrent.futures.Future]) -> None:
+        rows = _results(self._ray, self.options, [self._specs[f] for f in open_.values()], self.image_hash)
+        cancels = self._cancels
+        for row in rows.iter_rows():
+            future = open_.pop(int(row["index"]), None)
+            if future is not None:
+                settle(future, result=Encoded(bytes(row["png"]), float(row["seconds"])))
+                with self._lock:
+                    self._specs.pop(future, None)
+            if self._stopping or (cancels != self._cancels and all(f.done() for f in open_.values())):
                 return  # cancelled: the dataset's remaining work is dropped with its iterator
+            cancels = self._cancels
 
 
 def _import_ray() -> Any:
