@@ -74,3 +74,14 @@ def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp
     vae_a, vae_b = (StableDiffusionPipeline.from_pretrained(f, local_files_only=True).vae for f in (first, second))
     for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_position_probe_runs_and_measures_against_the_data():
+    """Issue 25's probe (a 2x2 UNet level is what lets position train): a two-step run on the embedded
+    model's VAE reports the left/right gap of its predictions and the data's own gap."""
+    from diffbatch_shapes.training import position_probe
+
+    rows = position_probe.run(levels=4, steps=2, images=64, every=1)
+    assert [step for step, _, _ in rows] == [1, 2]
+    assert all(0 <= apart < target for _, apart, target in rows)  # untrained: far below the data's gap
+    assert rows[0][2] > 0.1
