@@ -60,7 +60,8 @@ def test_v_weights_are_min_snr_in_x0_space_with_an_optional_floor():
 def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp_path):
     few = ["--num-images", "48", "--vae-steps", "2", "--vae-minutes", "0", "--decoder-steps", "2",
            "--decoder-minutes", "0", "--unet-steps", "2", "--unet-minutes", "0", "--vae-batch", "4",
-           "--decoder-batch", "2", "--unet-batch", "4", "--warmup", "1", "--threads", "1"]
+           "--decoder-batch", "2", "--unet-batch", "4", "--warmup", "1", "--threads", "1", "--layout-steps", "2",
+           "--layout-minutes", "0"]
     first, second = tmp_path / "first", tmp_path / "second"
     assert shapes.main([*few, "--out", str(first)]) == 0
     scheduler = json.loads((first / "scheduler" / "scheduler_config.json").read_text())
@@ -74,6 +75,23 @@ def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp
     vae_a, vae_b = (StableDiffusionPipeline.from_pretrained(f, local_files_only=True).vae for f in (first, second))
     for a, b in zip(vae_a.state_dict().values(), vae_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+    third = tmp_path / "third"  # the layout phase alone on a saved folder: its VAE and tokenizer kept
+    assert shapes.main([*few, "--out", str(third), "--layout-of", str(second)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(third, local_files_only=True)
+    for a, b in zip(vae_b.state_dict().values(), pipe.vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    unet_b = StableDiffusionPipeline.from_pretrained(second, local_files_only=True).unet
+    assert not all(torch.equal(a, b) for a, b in zip(unet_b.state_dict().values(), pipe.unet.state_dict().values(),
+                                                      strict=True))  # trained further
+
+
+def test_the_layout_phase_draws_half_of_each_batch_at_the_pure_noise_end():
+    cfg = shapes.TrainConfig()
+    t, noisiest = shapes.draw_timesteps(cfg, 32, 1000, torch.Generator().manual_seed(0), layout=True)
+    assert noisiest == 16 and bool((t[:16] >= cfg.layout_from_t).all()) and int(t[16:].min()) < cfg.layout_from_t
+    t, noisiest = shapes.draw_timesteps(cfg, 32, 1000, torch.Generator().manual_seed(0), layout=False)
+    assert noisiest == 0 and int(t.min()) < 100
 
 
 def test_the_position_probe_runs_and_measures_against_the_data():

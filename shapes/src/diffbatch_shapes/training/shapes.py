@@ -63,6 +63,14 @@ class TrainConfig:
     prediction_type: str = "v_prediction"  # or "epsilon"
     zero_terminal_snr: bool = True  # Lin et al. 2024: no signal left at the last timestep
     ema_decay: float = 0.999
+    # phase 3: layout. Half of each batch at the pure-noise end of the schedule (t >= layout_from_t: SNR < 0.003,
+    # where a sampler starts and where the layout can only come from the caption) with an x0-space weight of 1;
+    # the other half as in phase 2. Starts from phase 2's EMA weights with a fresh optimiser (issue 25).
+    layout_steps: int = 5_000
+    layout_minutes: float = 15.0  # --layout-steps 0: no layout phase
+    layout_lr: float = 2e-4
+    layout_share: float = 0.5
+    layout_from_t: int = 900
     unet_bf16: bool = False  # measured: no faster for this small UNet on 1-2 cores (casts cost as much)
     save_every: int = 500
     threads: int = 2  # torch CPU threads
@@ -368,20 +376,24 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
 
 
 def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, torch.Tensor, float],
-                   batcher: CaptionBatcher, out: Path, start: float) -> dict:
-    """Joint text encoder + UNet training (v or epsilon target, Min-SNR weights); returns the EMA models."""
-    unet, text_encoder = models["unet"], models["text_encoder"]
+                   batcher: CaptionBatcher, out: Path, start: float, layout: bool = False) -> dict:
+    """Joint text encoder + UNet training (v or epsilon target, Min-SNR weights); returns the EMA models.
+    ``layout``: phase 3 (``layout_*`` settings), from ``models`` as given (phase 2's EMA weights)."""
+    unet = models["unet"].train().requires_grad_(True)
+    text_encoder = models["text_encoder"].train().requires_grad_(True)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
            "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    name, total, minutes, lr, warmup = (("layout", cfg.layout_steps, cfg.layout_minutes, cfg.layout_lr, 50) if layout
+                                        else ("unet", cfg.unet_steps, cfg.unet_minutes, cfg.unet_lr, cfg.warmup))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     alphas_cumprod = models["scheduler"].alphas_cumprod.float()
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
-    progress = LossLog("unet", cfg.unet_steps, start)
-    steps = Schedule(cfg.unet_steps, cfg.unet_minutes).run("unet", opt, cfg.unet_lr, cfg.warmup)
-    batches = _latent_batches(cfg, latents, batcher, gen)
+    gen = torch.Generator().manual_seed(cfg.seed + (6 if layout else 3))
+    progress = LossLog(name, total, start)
+    steps = Schedule(total, minutes).run(name, opt, lr, warmup)
+    batches = _latent_batches(cfg, latents, batcher, gen, total)
     for step, (z, ids) in zip(steps, batches, strict=False):  # steps first: a time budget may end it early
-        loss = _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen)
+        loss = _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, layout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -395,19 +407,29 @@ def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, 
     return ema
 
 
-def _latent_batches(cfg: TrainConfig, latents, batcher: CaptionBatcher, gen) -> Iterator:
+def _latent_batches(cfg: TrainConfig, latents, batcher: CaptionBatcher, gen, total: int) -> Iterator:
     """Scaled latents drawn from each picked image's posterior, with freshly drawn captions."""
     means, stds, scaling = latents
-    for _ in range(cfg.unet_steps):
+    for _ in range(total):
         idx = torch.randint(len(means), (cfg.unet_batch,), generator=gen)
         z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)  # [B, 4, 16, 16]
         yield z * scaling, batcher.ids(idx.tolist())
 
 
-def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen) -> torch.Tensor:
-    """Timesteps and noise are drawn on the CPU from ``gen`` (the same numbers on any device), then moved."""
+def draw_timesteps(cfg: TrainConfig, n: int, total: int, gen, layout: bool) -> tuple[torch.Tensor, int]:
+    """Uniform training timesteps; in the layout phase the first ``layout_share`` of them at t >= ``layout_from_t``
+    (returned: how many)."""
+    t = torch.randint(0, total, (n,), generator=gen)
+    noisiest = round(n * cfg.layout_share) if layout else 0
+    t[:noisiest] = torch.randint(cfg.layout_from_t, total, (noisiest,), generator=gen)
+    return t, noisiest
+
+
+def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, layout: bool = False) -> torch.Tensor:
+    """Timesteps and noise are drawn on the CPU from ``gen`` (the same numbers on any device), then moved.
+    ``layout``: the first ``layout_share`` of the batch at t >= ``layout_from_t`` with an x0-space weight of 1."""
     dev = cfg.device
-    t = torch.randint(0, len(alphas_cumprod), (len(z),), generator=gen)
+    t, noisiest = draw_timesteps(cfg, len(z), len(alphas_cumprod), gen, layout)
     noise = torch.randn(z.shape, generator=gen).to(dev)
     z, ids, t = z.to(dev), ids.to(dev), t.to(dev)
     a = alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
@@ -419,7 +441,27 @@ def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen) -> torc
     per_item = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     weights = min_snr_weights(alphas_cumprod.to(dev), t, cfg.min_snr_gamma, cfg.prediction_type,
                               cfg.min_snr_floor)
+    weights[:noisiest] = min_snr_weights(alphas_cumprod.to(dev), t[:noisiest], cfg.min_snr_gamma,
+                                         cfg.prediction_type, floor=1.0)
     return (per_item * weights).mean()
+
+
+def train_layout_of(cfg: TrainConfig, folder: Path, out: Path) -> None:
+    """Phase 3 alone, on a model folder this command wrote (its VAE, tokenizer, text encoder and UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    start = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    images, scenes = shapes_data.make_dataset(cfg.num_images, cfg.seed)
+    vae = pipe.vae.float().to(cfg.device).eval()
+    means, stds = encode_all(vae, images, cfg.vae_bf16, cfg.device)
+    models = {"vae": vae, "tokenizer": pipe.tokenizer, "scheduler": build_scheduler(cfg.prediction_type,
+                                                                                     cfg.zero_terminal_snr),
+              "unet": pipe.unet.float().to(cfg.device), "text_encoder": pipe.text_encoder.float().to(cfg.device)}
+    batcher = CaptionBatcher(pipe.tokenizer, scenes, cfg)
+    ema = train_denoiser(cfg, models, (means, stds, vae.config.scaling_factor), batcher, out, start, layout=True)
+    save_pipeline(out, {**models, **ema})
+    print(f"saved {out} in {(time.time() - start) / 60:.1f} min", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -449,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.pop("out")).resolve()
     decoder_only = cfg.pop("finetune_decoder_of")
     vae_from = cfg.pop("vae_from")
+    layout_of = cfg.pop("layout_of")
     cfg = TrainConfig(**cfg)
     try:
         cfg.device = str(resolve_device(cfg.device))
@@ -457,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     if decoder_only:
         finetune_saved_decoder(cfg, Path(decoder_only))
+        return 0
+    if layout_of:
+        train_layout_of(cfg, Path(layout_of), out)
         return 0
     print("config:", asdict(cfg), flush=True)
     start = time.time()
@@ -490,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     _report_sizes(models)
     batcher = CaptionBatcher(tokenizer, scenes, cfg)
     ema = train_denoiser(cfg, models, (means, stds, scaling), batcher, out, start)
+    if cfg.layout_steps:
+        ema = train_denoiser(cfg, {**models, **ema}, (means, stds, scaling), batcher, out, start, layout=True)
     save_pipeline(out, {**models, **ema})
     print(f"saved {out} in {(time.time() - start) / 60:.1f} min total", flush=True)
     return 0
@@ -509,6 +557,8 @@ def _parse(argv: list[str] | None) -> dict:
     parser.add_argument("--vae-from", metavar="DIR",
                         help="skip the VAE phases: take the VAE of a model folder this command wrote "
                              "(phases 1-2 of an earlier run) and train the text encoder and UNet on it")
+    parser.add_argument("--layout-of", metavar="DIR",
+                        help="only run the layout phase on a model folder this command wrote, writing --out")
     for field, default in asdict(TrainConfig()).items():
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
         parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=default,
