@@ -3,8 +3,9 @@
 Three phases from a fixed seed: (1) a small AutoencoderKL (factor 4: 64x64 RGB -> 4x16x16) on crops,
 (1b) its decoder alone on whole pictures, then (2) a small CLIP text encoder and UNet2DConditionModel
 trained jointly on the VAE's latents (v-prediction on a zero-terminal-SNR schedule), with caption
-dropout so classifier-free guidance works. The result is a standard diffusers Stable Diffusion folder
-(float16 safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads as is.
+dropout so classifier-free guidance works; (3, off by default) a layout phase at the noisiest steps.
+The result is a standard diffusers Stable Diffusion folder (float16 safetensors) that
+``StableDiffusionPipeline.from_pretrained`` loads as is.
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ class TrainConfig:
     prediction_type: str = "v_prediction"  # or "epsilon"
     zero_terminal_snr: bool = True  # Lin et al. 2024: no signal left at the last timestep
     ema_decay: float = 0.999
-    # phase 3: layout. Half of each batch at the pure-noise end of the schedule (t >= layout_from_t: SNR < 0.003,
-    # where a sampler starts and where the layout can only come from the caption) with an x0-space weight of 1;
-    # the other half as in phase 2. Starts from phase 2's EMA weights with a fresh optimiser (issue 25).
-    layout_steps: int = 5_000
-    layout_minutes: float = 15.0  # --layout-steps 0: no layout phase
-    layout_lr: float = 2e-4
+    # phase 3 (off by default; issue 25's attempt, docs/shapes_model.md): layout. Half of each batch at the
+    # pure-noise end of the schedule (t >= layout_from_t: SNR < 0.003, where a sampler starts and where the layout
+    # can only come from the caption) with an x0-space weight of 1; the other half as in phase 2. Starts from
+    # phase 2's EMA weights with a fresh optimiser. Measured: it did not teach position in 719 steps.
+    layout_steps: int = 0  # e.g. --layout-steps 5000 --layout-minutes 12
+    layout_minutes: float = 12.0
+    layout_lr: float = 8e-4
     layout_share: float = 0.5
     layout_from_t: int = 900
     unet_bf16: bool = False  # measured: no faster for this small UNet on 1-2 cores (casts cost as much)
