@@ -56,6 +56,8 @@ class EngineLoop:
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._cancels = self._dropped = 0  # cancel() calls, and how many _drop_cancelled has seen: a job of
+        # thousands of images is scanned for cancelled ones only after a cancel, not at every step
         self._thread = threading.Thread(target=self._run, name="diffbatch-engine", daemon=True)
 
     # Caller side (any thread) ----------------------------------------------------------------------------
@@ -80,6 +82,7 @@ class EngineLoop:
         future not yet done fails with ``Cancelled``; returns how many were."""
         cancelled, gone = 0, set(futures)
         with self._cond:
+            self._cancels += 1
             self._pending = deque(p for p in self._pending if p.future not in gone)
             for future in gone:
                 if not future.done():
@@ -130,6 +133,9 @@ class EngineLoop:
                     future.set_result(result)
 
     def _drop_cancelled(self) -> None:
+        if self._dropped == self._cancels:
+            return
+        self._dropped = self._cancels
         gone = [request_id for request_id, future in self._futures.items() if future.done()]
         if gone:
             self.engine.abort(gone)
