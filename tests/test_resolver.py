@@ -1,7 +1,6 @@
 """The Resolver resolves and checks specs from a model's configuration files alone (no weights), exactly as
 the engine that loaded the model does, for every family; the ``--ray`` driver uses it and loads no model."""
 
-import concurrent.futures
 import shutil
 from pathlib import Path
 
@@ -70,6 +69,9 @@ def test_ray_driver_resolves_without_loading_the_model(tmp_path, monkeypatch):
                 for k, p in enumerate(["a red circle", "a blue star"])]
     handed = {}
 
+    class Stop(Exception):
+        pass
+
     class FakeRayData:  # the executor interface, recording what the driver hands the workers
         def __init__(self, options, image_hash):
             handed.update(options=options)
@@ -79,25 +81,18 @@ def test_ray_driver_resolves_without_loading_the_model(tmp_path, monkeypatch):
 
         def submit(self, specs):
             handed.update(specs=list(specs))
-            return [concurrent.futures.Future() for _ in specs]
-
-        def cancel(self, futures):
-            return len(futures)
+            raise Stop  # handed over: nothing is made
 
         def stop(self, drain_seconds):
             pass
-
-    class Stop(Exception):
-        pass
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the --ray driver loaded a model")
 
     monkeypatch.setattr(ray_executor, "RayDataExecutor", FakeRayData)
-    monkeypatch.setattr(concurrent.futures, "as_completed", lambda futures: (_ for _ in ()).throw(Stop()))
     monkeypatch.setattr(Engine, "from_pretrained", no_loading)
     out = tmp_path / "out"
-    with pytest.raises(Stop):  # handed over; nothing comes back from the fake
+    with pytest.raises(Stop):
         main(["generate", "--prompt", "a red circle", "--prompt", "a blue star", "--steps", "2", "--seed", "0",
               "--out", str(out), "--ray", "--no-gallery"])
     assert handed["specs"] == expected and handed["options"].model_name == local.model_name

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ..engine import Engine
 from ..errors import DiffbatchError
 from ..spec import GenerationSpec
-from .base import Cancelled, QueueFull, ShuttingDown
+from .base import Cancelled, QueueFull, ShuttingDown, settle
 
 log = logging.getLogger("diffbatch.server")
 
@@ -85,9 +85,7 @@ class EngineLoop:
             self._cancels += 1
             self._pending = deque(p for p in self._pending if p.future not in gone)
             for future in gone:
-                if not future.done():
-                    future.set_exception(Cancelled("cancelled by the client"))
-                    cancelled += 1
+                cancelled += settle(future, error=Cancelled("cancelled by the client"))
             self._cond.notify()
         return cancelled
 
@@ -127,10 +125,8 @@ class EngineLoop:
             self._fail_all(exc)
             return
         with self._cond:  # cancel() settles futures under the same lock
-            for result in results:
-                future = self._futures.pop(result.request_id)
-                if not future.done():
-                    future.set_result(result)
+            for result in results:  # settle: a replica's future may be cancelled by asyncio, outside this lock
+                settle(self._futures.pop(result.request_id), result=result)
 
     def _drop_cancelled(self) -> None:
         if self._dropped == self._cancels:
@@ -147,8 +143,7 @@ class EngineLoop:
         with self._cond:
             futures, self._futures = self._futures, {}
             for future in futures.values():
-                if not future.done():
-                    future.set_exception(exc)
+                settle(future, error=exc)
 
     def _admit(self) -> None:
         for item in self._ready():
