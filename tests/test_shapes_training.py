@@ -70,6 +70,7 @@ def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3)
+    assert pipe.unet.config.block_out_channels == [32, 64, 128, 128]  # the layout phase grew it by a 2x2 level
 
     assert shapes.main([*few, "--out", str(second), "--vae-from", str(first)]) == 0
     vae_a, vae_b = (StableDiffusionPipeline.from_pretrained(f, local_files_only=True).vae for f in (first, second))
@@ -86,12 +87,51 @@ def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp
                                                       strict=True))  # trained further
 
 
-def test_the_layout_phase_draws_half_of_each_batch_at_the_pure_noise_end():
-    cfg = shapes.TrainConfig()
-    t, noisiest = shapes.draw_timesteps(cfg, 32, 1000, torch.Generator().manual_seed(0), layout=True)
-    assert noisiest == 16 and bool((t[:16] >= cfg.layout_from_t).all()) and int(t[16:].min()) < cfg.layout_from_t
-    t, noisiest = shapes.draw_timesteps(cfg, 32, 1000, torch.Generator().manual_seed(0), layout=False)
-    assert noisiest == 0 and int(t.min()) < 100
+def test_the_layout_phase_draws_its_noisiest_rows_at_the_pure_noise_end():
+    cfg = shapes.TrainConfig(unet_batch=32, layout_share=0.5, layout_from_t=900, layout_position_first=10)
+    assert shapes.layout_rows(cfg, 0) == (32, 999) and shapes.layout_rows(cfg, 9) == (32, 999)  # position first
+    assert shapes.layout_rows(cfg, 10) == (16, 900)
+    t = shapes.draw_timesteps(32, 1000, torch.Generator().manual_seed(0), 16, cfg.layout_from_t)
+    assert bool((t[:16] >= cfg.layout_from_t).all()) and int(t[16:].min()) < cfg.layout_from_t
+    t = shapes.draw_timesteps(32, 1000, torch.Generator().manual_seed(0))
+    assert int(t.min()) < 100
+
+
+def test_complete_rows_name_every_attribute():
+    from diffbatch_shapes.training import shapes_data
+    from transformers import CLIPTokenizer
+
+    from diffbatch.models import default_model_path
+
+    tokenizer = CLIPTokenizer.from_pretrained(default_model_path(), subfolder="tokenizer")
+    _, scenes = shapes_data.make_dataset(8, seed=3)
+    batcher = shapes.CaptionBatcher(tokenizer, scenes, shapes.TrainConfig(caption_dropout=0.5, attribute_drop=0.9))
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in batcher.ids(list(range(8)), complete=5)]
+    for text, scene in zip(texts[:5], scenes[:5], strict=True):
+        assert all(word in text for word in (scene.size, scene.colour, scene.shape, scene.background)), text
+        assert any(phrase in text for phrase in shapes_data._POSITION_PHRASES[scene.position]), text
+    assert not all(scene.background in text for text, scene in zip(texts[5:], scenes[5:], strict=True))  # dropped
+
+
+def test_growing_the_unet_keeps_every_trained_weight_one_level_up():
+    torch.manual_seed(0)
+    small = shapes.build_unet(3)
+    grown = shapes.grow_unet(small, 4)
+    assert len(grown.config.block_out_channels) == 4 and grown.config.sample_size == 16
+    kept, new = small.state_dict(), grown.state_dict()
+    for key, value in kept.items():
+        if key.startswith("up_blocks."):
+            _, index, rest = key.split(".", 2)
+            key = f"up_blocks.{int(index) + 1}.{rest}"
+        assert torch.equal(new[key], value), key
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in new if k not in kept and not k.startswith("up_blocks")} \
+        >= {"down_blocks.3"}
+    sample = torch.randn(2, 4, 16, 16)
+    out = grown(sample, torch.tensor([999, 10]), encoder_hidden_states=torch.randn(2, 5, 128)).sample
+    assert out.shape == sample.shape
+    assert shapes.grow_unet(grown, 4) is grown  # already that deep: unchanged
+    with pytest.raises(ValueError, match="3-level UNet to 4 levels, not 3 to 5"):
+        shapes.grow_unet(small, 5)
 
 
 def test_the_position_probe_runs_and_measures_against_the_data():

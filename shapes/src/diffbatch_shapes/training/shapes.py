@@ -3,7 +3,8 @@
 Three phases from a fixed seed: (1) a small AutoencoderKL (factor 4: 64x64 RGB -> 4x16x16) on crops,
 (1b) its decoder alone on whole pictures, then (2) a small CLIP text encoder and UNet2DConditionModel
 trained jointly on the VAE's latents (v-prediction on a zero-terminal-SNR schedule), with caption
-dropout so classifier-free guidance works; (3, off by default) a layout phase at the noisiest steps.
+dropout so classifier-free guidance works; (3) the layout phase: the UNet grown by a 2x2 level and taught,
+at the pure-noise step first, to put the shape where its caption says (issue 25).
 The result is a standard diffusers Stable Diffusion folder (float16 safetensors) that
 ``StableDiffusionPipeline.from_pretrained`` loads as is.
 """
@@ -64,19 +65,23 @@ class TrainConfig:
     prediction_type: str = "v_prediction"  # or "epsilon"
     zero_terminal_snr: bool = True  # Lin et al. 2024: no signal left at the last timestep
     ema_decay: float = 0.999
-    # phase 3 (off by default; issue 25's attempt, docs/shapes_model.md): layout. Half of each batch at the
-    # pure-noise end of the schedule (t >= layout_from_t: SNR < 0.003, where a sampler starts and where the layout
-    # can only come from the caption) with an x0-space weight of 1; the other half as in phase 2. Starts from
-    # phase 2's EMA weights with a fresh optimiser. Measured: it did not teach position in 719 steps.
-    layout_steps: int = 0  # e.g. --layout-steps 5000 --layout-minutes 12
-    layout_minutes: float = 12.0
+    # (3) layout (issue 25; phase 4 in docs/shapes_model.md). From (2)'s EMA weights, the UNet grown by a 2x2 level
+    # (from pure noise only a level where every cell touches the zero padding can tell where it is), with a fresh
+    # optimiser. The first layout_position_first steps put every row at the pure-noise step with a caption naming
+    # every attribute (the first-step prediction, where a sampler starts and the layout can only come from the
+    # caption); after them layout_share of each batch is at t >= layout_from_t (complete captions, x0-space
+    # weight 1) and the rest as in (2), which brings back what the growth disturbed. 0 steps: no layout phase.
+    layout_steps: int = 100_000  # an upper bound: the phase ends when its minutes are up
+    layout_minutes: float = 62.0
     layout_lr: float = 8e-4
     layout_share: float = 0.5
     layout_from_t: int = 900
+    layout_levels: int = 4  # grow the UNet to this many levels first (0: keep it as (2) left it)
+    layout_position_first: int = 400
     unet_bf16: bool = False  # measured: no faster for this small UNet on 1-2 cores (casts cost as much)
     save_every: int = 500
     threads: int = 2  # torch CPU threads
-    unet_levels: int = 3  # 3: 16x16, 8x8, 4x4 (cross-attention at 8x8, 4x4); 4 adds a 2x2 level (issue 25 probe)
+    unet_levels: int = 3  # (2)'s UNet: 16x16, 8x8, 4x4 (cross-attention at 8x8, 4x4); 4: 2x2 from the start
     device: str = "cpu"  # "cuda" trains the same recipe on a GPU (the shipped weights come from the CPU)
 
 
@@ -349,11 +354,17 @@ class CaptionBatcher:
         self.rng = random.Random(cfg.seed + 2)
         self.cache: dict[str, list[int]] = {}
 
-    def ids(self, indices: list[int]) -> torch.Tensor:
+    def ids(self, indices: list[int], complete: int = 0) -> torch.Tensor:
+        """Token ids of a caption for each scene; the first ``complete`` rows name every attribute (no
+        dropout of the caption or of its size, position and background)."""
         rows = []
-        for i in indices:
-            text = "" if self.rng.random() < self.cfg.caption_dropout else \
-                shapes_data.caption(self.scenes[i], self.rng, self.cfg.attribute_drop)
+        for k, i in enumerate(indices):
+            if k < complete:
+                text = shapes_data.caption(self.scenes[i], self.rng, 0.0)
+            elif self.rng.random() < self.cfg.caption_dropout:
+                text = ""
+            else:
+                text = shapes_data.caption(self.scenes[i], self.rng, self.cfg.attribute_drop)
             if text not in self.cache:
                 self.cache[text] = self.tokenizer(text, padding="max_length",
                                                   max_length=MODEL_MAX_LENGTH,
@@ -380,7 +391,9 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
 def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, torch.Tensor, float],
                    batcher: CaptionBatcher, out: Path, start: float, layout: bool = False) -> dict:
     """Joint text encoder + UNet training (v or epsilon target, Min-SNR weights); returns the EMA models.
-    ``layout``: phase 3 (``layout_*`` settings), from ``models`` as given (phase 2's EMA weights)."""
+    ``layout``: (3), the layout phase (``layout_*`` settings), from ``models`` as given ((2)'s EMA weights)."""
+    if layout and cfg.layout_levels:
+        models = {**models, "unet": grow_unet(models["unet"], cfg.layout_levels).to(cfg.device)}
     unet = models["unet"].train().requires_grad_(True)
     text_encoder = models["text_encoder"].train().requires_grad_(True)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
@@ -393,9 +406,10 @@ def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, 
     gen = torch.Generator().manual_seed(cfg.seed + (6 if layout else 3))
     progress = LossLog(name, total, start)
     steps = Schedule(total, minutes).run(name, opt, lr, warmup)
-    batches = _latent_batches(cfg, latents, batcher, gen, total)
-    for step, (z, ids) in zip(steps, batches, strict=False):  # steps first: a time budget may end it early
-        loss = _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, layout)
+    for step in steps:
+        noisiest, from_t = layout_rows(cfg, step, len(alphas_cumprod)) if layout else (0, 0)
+        z, ids = latent_batch(cfg, latents, batcher, gen, noisiest)
+        loss = _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, noisiest, from_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -404,34 +418,46 @@ def train_denoiser(cfg: TrainConfig, models: dict, latents: tuple[torch.Tensor, 
         ema_update(ema["unet"], unet, decay)
         ema_update(ema["text_encoder"], text_encoder, decay)
         progress.add(step, loss=loss.item())
+        if layout and (step + 1) % 250 == 0:
+            gaps = position_gaps(unet, text_encoder, models["tokenizer"], alphas_cumprod, cfg.device)
+            print(f"[{name}] step {step + 1} first-step x0 gaps: " + " ".join(f"{k}={v:.4f}" for k, v in gaps.items()),
+                  flush=True)
         if (step + 1) % cfg.save_every == 0:
             save_pipeline(out, {**models, **ema})
     return ema
 
 
-def _latent_batches(cfg: TrainConfig, latents, batcher: CaptionBatcher, gen, total: int) -> Iterator:
-    """Scaled latents drawn from each picked image's posterior, with freshly drawn captions."""
+def latent_batch(cfg: TrainConfig, latents, batcher: CaptionBatcher, gen, complete: int = 0) -> tuple:
+    """Scaled latents drawn from each picked image's posterior, with freshly drawn captions (the first
+    ``complete`` of them naming every attribute)."""
     means, stds, scaling = latents
-    for _ in range(total):
-        idx = torch.randint(len(means), (cfg.unet_batch,), generator=gen)
-        z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)  # [B, 4, 16, 16]
-        yield z * scaling, batcher.ids(idx.tolist())
+    idx = torch.randint(len(means), (cfg.unet_batch,), generator=gen)
+    z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)  # [B, 4, 16, 16]
+    return z * scaling, batcher.ids(idx.tolist(), complete)
 
 
-def draw_timesteps(cfg: TrainConfig, n: int, total: int, gen, layout: bool) -> tuple[torch.Tensor, int]:
-    """Uniform training timesteps; in the layout phase the first ``layout_share`` of them at t >= ``layout_from_t``
-    (returned: how many)."""
+def layout_rows(cfg: TrainConfig, step: int, total: int = 1000) -> tuple[int, int]:
+    """The layout phase's batch at ``step``: how many rows at the noisiest end (with complete captions), and the
+    first timestep of that end: for the first ``layout_position_first`` steps every row at the pure-noise step
+    (``total - 1``), then ``layout_share`` of them at t >= ``layout_from_t``."""
+    if step < cfg.layout_position_first:
+        return cfg.unet_batch, total - 1
+    return round(cfg.unet_batch * cfg.layout_share), cfg.layout_from_t
+
+
+def draw_timesteps(n: int, total: int, gen, noisiest: int = 0, from_t: int = 900) -> torch.Tensor:
+    """Uniform training timesteps, the first ``noisiest`` of them at t >= ``from_t``."""
     t = torch.randint(0, total, (n,), generator=gen)
-    noisiest = round(n * cfg.layout_share) if layout else 0
-    t[:noisiest] = torch.randint(cfg.layout_from_t, total, (noisiest,), generator=gen)
-    return t, noisiest
+    t[:noisiest] = torch.randint(from_t, total, (noisiest,), generator=gen)
+    return t
 
 
-def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, layout: bool = False) -> torch.Tensor:
+def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, noisiest: int = 0,
+                   from_t: int = 0) -> torch.Tensor:
     """Timesteps and noise are drawn on the CPU from ``gen`` (the same numbers on any device), then moved.
-    ``layout``: the first ``layout_share`` of the batch at t >= ``layout_from_t`` with an x0-space weight of 1."""
+    The first ``noisiest`` rows at t >= ``from_t`` with an x0-space weight of 1 (the layout phase)."""
     dev = cfg.device
-    t, noisiest = draw_timesteps(cfg, len(z), len(alphas_cumprod), gen, layout)
+    t = draw_timesteps(len(z), len(alphas_cumprod), gen, noisiest, from_t)
     noise = torch.randn(z.shape, generator=gen).to(dev)
     z, ids, t = z.to(dev), ids.to(dev), t.to(dev)
     a = alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
@@ -446,6 +472,55 @@ def _denoiser_loss(cfg, unet, text_encoder, z, ids, alphas_cumprod, gen, layout:
     weights[:noisiest] = min_snr_weights(alphas_cumprod.to(dev), t[:noisiest], cfg.min_snr_gamma,
                                          cfg.prediction_type, floor=1.0)
     return (per_item * weights).mean()
+
+
+def grow_unet(unet, levels: int):
+    """The UNet with a 2x2 level added (``levels`` 4), every weight of the trained one kept where the bigger one
+    has it: the down blocks, the mid block (now at 2x2), and the up blocks one level further up (the 4-level
+    UNet's up blocks 1-3 take the same inputs as the 3-level one's 0-2). New: the third level's downsampler,
+    the 2x2 down block and the 2x2 up block, freshly initialised."""
+    have = len(unet.config.block_out_channels)
+    if levels <= have:
+        return unet
+    if (have, levels) != (3, 4):
+        raise ValueError(f"can grow a 3-level UNet to 4 levels, not {have} to {levels}")
+    grown = build_unet(levels)
+    state = grown.state_dict()
+    for key, value in unet.state_dict().items():
+        if key.startswith("up_blocks."):
+            _, index, rest = key.split(".", 2)
+            key = f"up_blocks.{int(index) + 1}.{rest}"
+        if state[key].shape != value.shape:
+            raise ValueError(f"growing the UNet: {key} is {tuple(value.shape)}, expected {tuple(state[key].shape)}")
+        state[key] = value
+    grown.load_state_dict(state)
+    return grown.to(next(unet.parameters()).dtype)
+
+
+@torch.no_grad()
+def position_gaps(unet, text_encoder, tokenizer, alphas_cumprod, device: str = "cpu", noises: int = 16) -> dict:
+    """How far apart the first-step x0 predictions (timestep 999, the same ``noises`` noises) are for "a large red
+    circle on the left" vs "on the right" (``lr``) and "at the top" vs "at the bottom" (``tb``), with a blue
+    background, and for "on the left" vs "on the right" alone (``lr_alone``): mean |difference| over latent
+    pixels. A model that ignores the position word scores ~0."""
+    was_training = unet.training
+    unet.eval()
+    text_encoder.eval()
+    a = alphas_cumprod[-1].to(device)
+    noise = torch.randn(noises, 4, unet.config.sample_size, unet.config.sample_size,
+                        generator=torch.Generator().manual_seed(5)).to(device)
+    t = torch.full((noises,), len(alphas_cumprod) - 1, device=device)
+    x0 = {}
+    for position in ("left", "right", "top", "bottom", "left alone", "right alone"):
+        phrase = shapes_data._POSITION_PHRASES[position.split()[0]][0]
+        text = phrase if "alone" in position else f"a large red circle {phrase}, blue background"
+        ids = tokenizer(text, padding="max_length", max_length=MODEL_MAX_LENGTH, return_tensors="pt").input_ids
+        v = unet(noise, t, encoder_hidden_states=text_encoder(ids.to(device).expand(noises, -1))[0]).sample
+        x0[position] = (a.sqrt() * noise - (1 - a).sqrt() * v).mean(0)
+    unet.train(was_training)
+    text_encoder.train(was_training)
+    gap = {"lr": ("left", "right"), "tb": ("top", "bottom"), "lr_alone": ("left alone", "right alone")}
+    return {name: (x0[a] - x0[b]).abs().mean().item() for name, (a, b) in gap.items()}
 
 
 def train_layout_of(cfg: TrainConfig, folder: Path, out: Path) -> None:
