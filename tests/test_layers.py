@@ -60,3 +60,20 @@ def test_a_backend_without_a_layer_refuses_the_request_in_one_line(field, value)
         resolver.resolve(GenerationSpec(prompt="a red circle", seed=1, **{field: value}))
     assert caught.value.field == field and "\n" not in str(caught.value)
     assert resolver.resolve(GenerationSpec(prompt="x", seed=1, cache="auto")).cache == "off"
+
+
+def test_a_linear_over_few_tokens_a_row_gives_each_row_the_same_bits_in_any_call():
+    """Attention at a 2x2 or 1x2 latent level (the embedded model's 4th level) runs ``[N, L, C]`` linears with
+    L < 16, whose stock GEMM kernel moved a row's bits between N = 2 and N = 3 on the development CPU."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 128, bias=False)  # as attention's to_q/to_k/to_v
+    invariance.make_batch_invariant([layer], torch.device("cpu"))
+    x = torch.randn(20, 2, 128)
+    pairs = [layer(x[i : i + 2]) for i in range(19)]  # each row at both positions of a two-row call
+    for n in (3, 5, 8, 13, 20):
+        out = layer(x[:n])
+        for i in range(n - 1):
+            assert torch.equal(out[i : i + 2], pairs[i]), (n, i)
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight), atol=1e-5)

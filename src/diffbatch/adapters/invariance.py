@@ -173,7 +173,15 @@ def _bucketed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """An ``[N, C]`` linear as GEMMs of exactly ``LINEAR_ROWS`` rows (the last zero-padded): one GEMM shape, so one
     kernel, whatever N; measured row-invariant (position in the call, the other rows, 1-4 threads; float32 and
     bfloat16; benchmarks/invariance_probe.py). Replaced a call per row: 7,204 ``linear`` calls for 16 guided
-    images x 20 steps of the tiny model, 15% of the run (issue 22)."""
+    images x 20 steps of the tiny model, 15% of the run (issue 22).
+
+    A ``[N, L, C]`` linear with fewer than ``LINEAR_ROWS`` tokens a row (attention at a 2x2 or 1x2 latent level:
+    the embedded model's 4th level) picks its GEMM kernel by N * L too (measured: rows moved by ~1e-6 between
+    N = 2 and 3 at L = 2), so it runs the same way on its flattened tokens; with more tokens a row, 3-D linears
+    were measured invariant and keep the plain call."""
+    if x.dim() == 3 and x.shape[1] < LINEAR_ROWS:
+        n, tokens, channels = x.shape
+        return _bucketed_linear(self, x.reshape(n * tokens, channels)).view(n, tokens, -1)
     if x.dim() != 2:
         return F.linear(x, self.weight, self.bias)
     outs = []
