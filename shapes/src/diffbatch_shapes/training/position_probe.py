@@ -47,7 +47,8 @@ def run(levels: int, steps: int, images: int = 2000, every: int = 50, seed: int 
     torch.manual_seed(seed)
     unet = shapes.build_unet(levels)
     text_encoder = shapes.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    a = shapes.build_scheduler().alphas_cumprod.float()[LAST]
+    alphas = shapes.build_scheduler().alphas_cumprod.float()
+    a = alphas[LAST]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=8e-4)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -56,27 +57,14 @@ def run(levels: int, steps: int, images: int = 2000, every: int = 50, seed: int 
         idx = torch.randint(len(latents), (32,), generator=gen)
         z, caption = latents[idx], torch.stack([ids[where[i]] for i in idx.tolist()])
         noisy = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=gen)
-        loss = ((_x0(unet, text_encoder, noisy, caption, a) - z) ** 2).mean()
+        loss = ((shapes.pure_noise_x0(unet, text_encoder, noisy, caption, alphas) - z) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % every == 0 or step == steps:
-            rows.append((step, _apart(unet, text_encoder, ids, a), target))
+            rows.append((step, shapes.position_gaps(unet, text_encoder, tokenizer, alphas)["lr_alone"], target))
     return rows
-
-
-def _x0(unet, text_encoder, noisy, caption, a) -> torch.Tensor:
-    t = torch.full((len(noisy),), LAST)
-    v = unet(noisy, t, encoder_hidden_states=text_encoder(caption)[0]).sample
-    return a.sqrt() * noisy - (1 - a).sqrt() * v
-
-
-@torch.no_grad()
-def _apart(unet, text_encoder, ids, a) -> float:
-    noise = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    mean = {p: _x0(unet, text_encoder, noise, ids[p][None].expand(16, -1), a).mean(0) for p in ("left", "right")}
-    return (mean["left"] - mean["right"]).abs().mean().item()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -497,6 +497,15 @@ def grow_unet(unet, levels: int):
     return grown.to(next(unet.parameters()).dtype)
 
 
+def pure_noise_x0(unet, text_encoder, noisy: torch.Tensor, ids: torch.Tensor, alphas_cumprod) -> torch.Tensor:
+    """The x0 a v-prediction UNet predicts at the last training timestep (pure noise, where a sampler starts)."""
+    last = len(alphas_cumprod) - 1
+    a = alphas_cumprod[last].to(noisy.device)
+    t = torch.full((len(noisy),), last, device=noisy.device)
+    v = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+    return a.sqrt() * noisy - (1 - a).sqrt() * v
+
+
 @torch.no_grad()
 def position_gaps(unet, text_encoder, tokenizer, alphas_cumprod, device: str = "cpu", noises: int = 16) -> dict:
     """How far apart the first-step x0 predictions (timestep 999, the same ``noises`` noises) are for "a large red
@@ -506,21 +515,19 @@ def position_gaps(unet, text_encoder, tokenizer, alphas_cumprod, device: str = "
     was_training = unet.training
     unet.eval()
     text_encoder.eval()
-    a = alphas_cumprod[-1].to(device)
     noise = torch.randn(noises, 4, unet.config.sample_size, unet.config.sample_size,
                         generator=torch.Generator().manual_seed(5)).to(device)
-    t = torch.full((noises,), len(alphas_cumprod) - 1, device=device)
+    phrase = {p: shapes_data._POSITION_PHRASES[p][0] for p in ("left", "right", "top", "bottom")}
+    captions = {p: f"a large red circle {words}, blue background" for p, words in phrase.items()}
+    captions.update({"left alone": phrase["left"], "right alone": phrase["right"]})
     x0 = {}
-    for position in ("left", "right", "top", "bottom", "left alone", "right alone"):
-        phrase = shapes_data._POSITION_PHRASES[position.split()[0]][0]
-        text = phrase if "alone" in position else f"a large red circle {phrase}, blue background"
+    for name, text in captions.items():
         ids = tokenizer(text, padding="max_length", max_length=MODEL_MAX_LENGTH, return_tensors="pt").input_ids
-        v = unet(noise, t, encoder_hidden_states=text_encoder(ids.to(device).expand(noises, -1))[0]).sample
-        x0[position] = (a.sqrt() * noise - (1 - a).sqrt() * v).mean(0)
+        x0[name] = pure_noise_x0(unet, text_encoder, noise, ids.to(device).expand(noises, -1), alphas_cumprod).mean(0)
     unet.train(was_training)
     text_encoder.train(was_training)
-    gap = {"lr": ("left", "right"), "tb": ("top", "bottom"), "lr_alone": ("left alone", "right alone")}
-    return {name: (x0[a] - x0[b]).abs().mean().item() for name, (a, b) in gap.items()}
+    pairs = {"lr": ("left", "right"), "tb": ("top", "bottom"), "lr_alone": ("left alone", "right alone")}
+    return {gap: (x0[one] - x0[other]).abs().mean().item() for gap, (one, other) in pairs.items()}
 
 
 def train_layout_of(cfg: TrainConfig, folder: Path, out: Path) -> None:
