@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import cpu_model, save_sd15_random  # noqa: E402
 
 from diffbatch.adapters import load_adapter  # noqa: E402
+from diffbatch.hardware import native_bfloat16  # noqa: E402
 
 SIZES = (2, 3, 5, 8)
 THREADS = (1, 2, 3, 4)
@@ -35,25 +36,26 @@ def stages(adapter, rows: int) -> dict[str, tuple[Callable[[torch.Tensor], torch
     torch.manual_seed(0)
     latents = torch.randn(rows, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
                           size // pipe.vae_scale_factor)
+    unet_latents, vae_latents = latents.to(pipe.unet.dtype), latents.to(pipe.vae.dtype)
     tokens = pipe.tokenizer([f"a shape number {i}" for i in range(rows)], padding="max_length",
                             max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     context = pipe.text_encoder(tokens)[0]
-    pixels = torch.rand(rows, 3, size, size) * 2 - 1
+    pixels = (torch.rand(rows, 3, size, size) * 2 - 1).to(pipe.vae.dtype)
     timesteps = torch.linspace(999, 1, rows)
     idx = torch.arange(rows)
     return {
         "text encoder": (lambda i: pipe.text_encoder(tokens[i])[0], idx),
-        "denoiser": (lambda i: pipe.unet(latents[i], timesteps[i], encoder_hidden_states=context[i])[0], idx),
+        "denoiser": (lambda i: pipe.unet(unet_latents[i], timesteps[i], encoder_hidden_states=context[i])[0], idx),
         "VAE encode": (lambda i: pipe.vae.encode(pixels[i]).latent_dist.mean, idx),
-        "VAE decode": (lambda i: pipe.vae.decode(latents[i])[0], idx),
+        "VAE decode": (lambda i: pipe.vae.decode(vae_latents[i])[0], idx),
     }
 
 
-def probe(model: str | None, invariant: bool) -> dict[str, list[tuple[int, int]]]:
+def probe(model: str | None, invariant: bool, dtype: str = "float32") -> dict[str, list[tuple[int, int]]]:
     """Per stage: the (threads, N) pairs where some row differs from the reference."""
-    adapter = load_adapter(model, "cpu", "float32", invariant=invariant)
+    adapter = load_adapter(model, "cpu", dtype, invariant=invariant)
     found: dict[str, list[tuple[int, int]]] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", enabled=False):
         for name, (fn, idx) in stages(adapter, max(SIZES)).items():
             torch.set_num_threads(1)
             reference = fn(idx)
@@ -120,14 +122,15 @@ def main() -> None:
     print(f"fixed-row GEMMs (invariance.py's LINEAR_ROWS) {verdict}")
     verdict = "every row identical" if lora_bmms() else "ROWS DIFFER: the fused LoRA rows are not exact"
     print(f"fused LoRA rows' batched GEMMs (lora.py) {verdict}")
+    dtypes = ["float32"] + (["bfloat16"] if native_bfloat16() else [])  # every dtype this CPU runs natively
     with tempfile.TemporaryDirectory() as tmp:
         model = None if args.model == "shapes" else str(save_sd15_random(Path(tmp) / "sd15"))
-        for invariant in (False, True):
-            label = "invariance kernels" if invariant else "stock kernels"
-            for stage, bad in probe(model, invariant).items():
-                verdict = "every row identical" if not bad else f"rows differ at (threads, N) {bad}"
-                print(f"{label:18s} {stage:12s} {verdict}")
-
+        for dtype in dtypes:
+            for invariant in (False, True):
+                label = f"{dtype} " + ("invariance kernels" if invariant else "stock kernels")
+                for stage, bad in probe(model, invariant, dtype).items():
+                    verdict = "every row identical" if not bad else f"rows differ at (threads, N) {bad}"
+                    print(f"{label:27s} {stage:12s} {verdict}", flush=True)
 
 if __name__ == "__main__":
     main()

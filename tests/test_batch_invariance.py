@@ -17,7 +17,7 @@ import torch
 
 from diffbatch import Engine, GenerationSpec
 from diffbatch.adapters import load_adapter
-from diffbatch.adapters.invariance import CUDA_DENOISER_ROWS, FIXED_SHAPES
+from diffbatch.adapters.invariance import CUDA_DENOISER_ROWS, FIXED_SHAPES, run_in_calls
 from diffbatch.adapters.loading import resolve_dtype
 from helpers import noise_image
 
@@ -115,11 +115,20 @@ def test_image_is_same_alone_and_at_every_position_of_a_batch_of_8(adapter, alon
 
 def test_one_prompt_encodes_the_same_alone_and_in_a_batch_of_64(adapter):
     texts = [f"a {c} shape number {i}" for i, c in enumerate(["red", "blue", "green", "pink"] * 16)]
+
+    def encode(some: list[str]) -> list:  # as the runner calls the text encoder: in the stage's call shape
+        return run_in_calls(adapter.call_shapes.text, len(some), lambda real, size: adapter.encode_prompts(
+            pad_rows_of(some[real], size)))
+
     with torch.inference_mode():
-        batch = adapter.encode_prompts(texts)
+        batch = encode(texts)
         for i in (0, 17, 63):
-            alone = adapter.encode_prompts([texts[i], texts[i]])[0]  # the runner never sends one row
+            alone = encode([texts[i]])[0]
             assert all(torch.equal(alone[key], batch[i][key]) for key in alone)
+
+
+def pad_rows_of(items: list, size: int) -> list:
+    return items + items[-1:] * (size - len(items))
 
 
 def test_same_seed_same_image_and_other_seed_other_image(adapter, alone):

@@ -14,6 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .numerics import NumericPath
+
+
+def amx() -> bool:
+    """Whether this CPU has AMX tiles, whose bfloat16 kernels move a row's bits with its batch and thread count
+    (adapters/invariance.py runs bfloat16 at fixed call shapes there)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
 
 def native_bfloat16() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AVX512_BF16 or AMX) that torch's kernels use."""
@@ -44,3 +52,16 @@ def cpu_features() -> str:
              "AVX512_BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
     found = [name for name, probe in names.items() if getattr(torch.cpu, probe, lambda: False)()]
     return " ".join(found) or "no AVX2"
+
+
+def missing_numerics(path: NumericPath) -> str:
+    """What this machine lacks to make images on ``path`` ("" when nothing), said as the end of a sentence."""
+    if path.device == "cuda" and not torch.cuda.is_available():
+        return "has no CUDA device"
+    if path.device == "mps" and not torch.backends.mps.is_available():
+        return "has no Apple (MPS) device"
+    if path.device == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return "has no Intel XPU device"
+    if path.device == "cpu" and path.dtype == "bfloat16" and not native_bfloat16():
+        return f"computes bfloat16 only by emulation ({cpu_name()}: {cpu_features()})"
+    return ""

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..caching import AUTO, METHODS, OFF, parse_cache
 from ..errors import SpecError
+from ..numerics import NumericPath
 from ..samplers import SAMPLERS, is_stochastic
 from ..spec import GenerationSpec, ModelDefaults
 from .config import PipelineConfig
@@ -55,7 +56,8 @@ class Adapter(ABC):
                                               else getattr(diffusers, config.default_scheduler))
         # Rows per model call, per stage; with ``invariant`` (the default) a row's result does not depend on
         # its batch or the thread count (invariance.py).
-        self.call_shapes: CallShapes = call_shapes(self.device, invariant)
+        self.call_shapes: CallShapes = call_shapes(self.device, invariant,
+                                                   self.dtype if pipe is not None else torch.float32)
         self.denoiser: Any = None  # the UNet or transformer: what ``denoise`` calls
         self.layers = LayerStack(backend)  # what changes how model calls run, in order (layers.py)
         if pipe is None:
@@ -87,6 +89,13 @@ class Adapter(ABC):
         """The dtype of latents and conditioning fed to the denoiser: diffusers runs latents in the prompt
         embeddings' dtype, the first text encoder's unless a family says otherwise."""
         return self.pipe.text_encoder.dtype
+
+    @property
+    def numerics(self) -> NumericPath:
+        """The numeric path its images are made on (numerics.py); a configuration-only adapter makes none."""
+        if self.pipe is None:
+            raise RuntimeError("a configuration-only adapter (loading.describe) makes no images")
+        return NumericPath(str(self.dtype).removeprefix("torch."), self.device.type, self.backend)
 
     @property
     @abstractmethod

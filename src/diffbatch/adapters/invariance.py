@@ -22,6 +22,16 @@ One design, two mechanisms chosen per device (``CallShape`` below):
   so no per-op patch makes a row independent of N there; instead every model call of a stage runs the same
   number of rows (chunked, the last chunk padded by repeating a row), with cuDNN's autotuner off and TF32
   off, so a row always meets the same kernels. The cost is the padding of a part-full call.
+- **bfloat16 on a CPU with AMX: both, and one thread count.** oneDNN's bfloat16 kernels differ by ISA: with
+  AVX512_BF16 alone (AMD EPYC, benchmarks/invariance_probe.py) every stage is row-invariant at any N and
+  thread count, stock kernels included, so those CPUs run as in float32. Intel's AMX kernels (tiles, packed
+  weights, the flash-attention kernel's pack-or-not choice made from the batch and the thread count) gave 4 of
+  4 images another PNG at ``--batch-size`` 1 and 4. There a bfloat16 row, whatever its company, meets one shape
+  at every GEMM and convolution: each stage runs a fixed row count (``cpu_bf16_shapes``), at the thread count
+  the model was loaded with (``CallShape.threads``, set around every call: a later ``torch.set_num_threads``
+  changes no image); the invariant kernels stay on beneath. This assumes what the CUDA design assumes: at one
+  shape a row's bits do not depend on its position or its neighbours (no AMX machine was at hand to measure
+  it). The cost: a part-full call computes its padding (benchmarks/bf16_exactness.py).
 
 Everything here is exact: the patched ops compute the same sums as the ops they replace (max difference
 ~1e-6 in float32), and the images still match diffusers' single-image call to <= 1e-4.
@@ -29,6 +39,7 @@ Everything here is exact: the patched ops compute the same sums as the ops they 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -40,19 +51,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hardware import amx
+
 CUDA_DENOISER_ROWS = 16  # rows per denoiser call on CUDA: 8 images with CFG
 CUDA_VAE_IMAGES = 1  # images per VAE encode/decode call on CUDA (decode memory grows fast with size)
 CUDA_TEXT_ROWS = 8  # prompts per text-encoder call on CUDA
 LINEAR_ROWS = 16  # rows per GEMM of an [N, C] linear on a CPU (time, guidance and pooled-text embeddings)
+# bfloat16 on an AMX CPU: rows per denoiser call (4 guided images: batching's gain on AMX is large, measured
+# 355 -> 710 GFLOP/s from 2 to 8 rows), prompts per text-encoder call, images per VAE call
+CPU_BF16_DENOISER_ROWS = 8
+CPU_BF16_TEXT_ROWS = 4
+CPU_BF16_VAE_IMAGES = 1
 
 
 @dataclass(frozen=True)
 class CallShape:
     """Rows per model call for one stage: ``fixed`` rows per call (chunked and padded), or any count of at
-    least ``minimum`` rows when ``fixed`` is None."""
+    least ``minimum`` rows when ``fixed`` is None; ``threads``: the torch thread count every call runs at (None:
+    whatever is set)."""
 
     minimum: int = 2
     fixed: int | None = None
+    threads: int | None = None
 
     def calls(self, rows: int) -> Iterator[tuple[slice, int]]:
         """The calls for ``rows`` rows: each as (the real rows it computes, the rows it runs, padding incl.)."""
@@ -76,10 +96,19 @@ FIXED_SHAPES = CallShapes(text=CallShape(1, CUDA_TEXT_ROWS), denoiser=CallShape(
 DYNAMIC_SHAPES = CallShapes(text=CallShape(1), denoiser=CallShape(1), vae=CallShape(1))  # invariance off
 
 
-def call_shapes(device: torch.device, invariant: bool = True) -> CallShapes:
+def call_shapes(device: torch.device, invariant: bool = True, dtype: torch.dtype = torch.float32) -> CallShapes:
     if not invariant:
         return DYNAMIC_SHAPES
-    return CPU_SHAPES if device.type == "cpu" else FIXED_SHAPES
+    if device.type != "cpu":
+        return FIXED_SHAPES
+    return cpu_bf16_shapes(torch.get_num_threads()) if dtype == torch.bfloat16 and amx() else CPU_SHAPES
+
+
+def cpu_bf16_shapes(threads: int) -> CallShapes:
+    """bfloat16 on an AMX CPU: every stage at a fixed row count and at ``threads`` threads (module docstring)."""
+    return CallShapes(text=CallShape(1, CPU_BF16_TEXT_ROWS, threads), denoiser=CallShape(1, CPU_BF16_DENOISER_ROWS,
+                                                                                            threads),
+                      vae=CallShape(1, CPU_BF16_VAE_IMAGES, threads))
 
 
 def make_batch_invariant(modules: Sequence[nn.Module | None], device: torch.device) -> None:
@@ -227,7 +256,8 @@ def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
 def run_in_calls(shape: CallShape, rows: int, call: Callable[[slice, int], Any]) -> Any:
     """``call(real_rows, size)`` for each call of ``shape`` over ``rows`` rows; each returns at least the
     real rows first (tensor, array, list, or a dict of tensors); their concatenation, exactly ``rows`` long."""
-    outs = [_first_rows(call(real, size), real.stop - real.start) for real, size in shape.calls(rows)]
+    with threads_set(shape.threads):
+        outs = [_first_rows(call(real, size), real.stop - real.start) for real, size in shape.calls(rows)]
     if len(outs) == 1:
         return outs[0]
     if isinstance(outs[0], dict):
@@ -235,6 +265,20 @@ def run_in_calls(shape: CallShape, rows: int, call: Callable[[slice, int], Any])
     if isinstance(outs[0], list):
         return [item for out in outs for item in out]
     return np.concatenate(outs) if isinstance(outs[0], np.ndarray) else torch.cat(outs)
+
+
+@contextlib.contextmanager
+def threads_set(threads: int | None) -> Iterator[None]:
+    """Run the block at ``threads`` torch threads (None: as set), then restore the caller's count."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _first_rows(out: Any, rows: int) -> Any:
