@@ -28,6 +28,8 @@ from .io.sweep import parse_sweep
 from .io.writer import MANIFEST, OutputWriter
 from .memory import AUTO, BatchSize
 from .models import DEFAULT_MODEL
+from .numbers import parse_int
+from .numerics import NumericPath
 from .options import AUTO_DTYPE, BACKENDS, DTYPE_NAMES
 from .quiet import quiet_loading
 from .seeds import JOB_BASE_SEED, job_seed
@@ -158,8 +160,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
                    help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=AUTO_DTYPE, help=DTYPE_HELP)
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+    # None until run: --from takes the numeric path its PNG records unless these are given (_numeric_flags)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default=None, help=BACKEND_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace images of a different job found in DIR instead of refusing")
     p.add_argument("--no-gallery", action="store_true", help="do not write DIR/index.html and DIR/grid.png")
@@ -193,9 +196,13 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
 def _parse_batch_size(text: str) -> BatchSize:
     if text.strip().lower() == AUTO:
         return AUTO
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be auto or an integer >= 1")
-    return int(text)
+    try:
+        size = parse_int(text.strip(), "the batch size")
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is invalid: must be auto or an integer >= 1")
+    return size
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -218,6 +225,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_job(items, source))
         return 0
+    _recorded_numerics(args)
     engine = load_engine(args) if args.ray is None else None
     resolver = engine.resolver if engine is not None else load_resolver(args)
     if args.size is not None:
@@ -225,14 +233,16 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_default_sampler(args, resolver)
     specs = resolve_all(resolver, items)
     hashes = image_hashes(s.image for s in specs)  # taken once, before any image is made from the files
-    job = (resolver.model_name, args.overwrite, resolver.model_hash, hashes)
+    numerics = engine.numerics if engine is not None else ""  # --ray: the workers' (not recorded in the manifest)
+    job = (resolver.model_name, args.overwrite, resolver.model_hash, hashes, numerics)
     plan_resume(args.out, specs, *job)  # a changed job: refused before any write
     _make_out_dir(args.out)
     with lock_folder(args.out):  # planned again under the lock: another run may have written meanwhile
         plan = plan_resume(args.out, specs, *job)
         _repair(args.out, plan)
         notes = {item.index: item.notes for item in items if item.notes}
-        _execute(args, engine, resolver, specs, plan.todo, hashes, notes)
+        _execute(args, engine, resolver, specs, plan.todo, OutputWriter(args.out, resolver.model_name,
+                                                                         resolver.model_hash, hashes, notes, numerics))
         if not args.no_gallery:
             write_gallery(args.out)
     print(f"diffbatch: wrote {len(plan.todo)} images and {MANIFEST} to {args.out}", file=sys.stderr)
@@ -265,7 +275,10 @@ def _job_source(args: argparse.Namespace) -> JobSource:
     if args.workers != 1 and args.ray is None:
         raise UsageError(f"--workers {args.workers} needs --ray (a local run has one engine)")
     if args.from_image is not None:
-        return _from_source(args)
+        source = _from_source(args)
+        _numeric_flags(args)
+        return source
+    _numeric_flags(args)
     if args.vary_seed:
         raise UsageError("--vary-seed needs --from IMAGE (it varies that image's seed)")
     return JobSource(prompts_file=args.prompts_file, prompts=tuple(args.prompt), image=args.image,
@@ -297,12 +310,40 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
         args.model = found.model
     args.default_sampler = found.default_sampler if "scheduler" not in fields else None
+    args.recorded_numerics = found.numerics
     seed = args.seed if args.seed is not None else job_seed(found.fields.get("seed", JOB_BASE_SEED),
                                                             int(args.vary_seed))
     prompts = tuple(args.prompt) or (found.fields["prompt"],)
     return JobSource(prompts=prompts, image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
                      defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)},
                      **_authoring(args))
+
+
+def _numeric_flags(args: argparse.Namespace) -> None:
+    """``--dtype``, ``--backend`` and ``--device`` as given, else ``--from``'s recorded numeric path (checked when
+    the model loads: ``_recorded_numerics``), else the defaults."""
+    recorded: NumericPath | None = getattr(args, "recorded_numerics", None)
+    if recorded is not None and (args.dtype, args.backend, args.device) != (None, None, None):
+        args.recorded_numerics = None  # the user chose: their flags, the defaults for the rest
+    elif recorded is not None:
+        args.dtype, args.backend, args.device = recorded.dtype, recorded.backend, recorded.device
+    args.dtype = args.dtype or AUTO_DTYPE
+    args.backend = args.backend or "torch"
+
+
+def _recorded_numerics(args: argparse.Namespace) -> None:
+    """``--from`` a PNG made on a numeric path this machine lacks (a CUDA device, native bfloat16): say so, and
+    run on this machine's default path instead (another image than the PNG's, said rather than silent)."""
+    recorded: NumericPath | None = getattr(args, "recorded_numerics", None)
+    if recorded is None:
+        return
+    from .hardware import missing_numerics
+
+    lacking = missing_numerics(recorded)
+    if lacking:
+        print(f"diffbatch: --from {args.from_image}: made on {recorded}, but this machine {lacking}; making it on "
+              "this machine's default dtype and device instead (the pixels will differ)", file=sys.stderr)
+        args.dtype, args.device = AUTO_DTYPE, None
 
 
 def _check_from_image(png: Path, image: str, recorded: str) -> None:
@@ -413,13 +454,11 @@ def _repair(out: Path, plan: ResumePlan) -> None:
 
 
 def _execute(args: argparse.Namespace, engine: Engine | None, resolver: Resolver | Engine,
-             specs: list[GenerationSpec], todo: list[int], hashes: dict[str, str],
-             notes: dict[int, dict[str, Any]]) -> None:
+             specs: list[GenerationSpec], todo: list[int], writer: OutputWriter) -> None:
     """Make the images ``todo`` (job indices) on ``engine``, or on Ray with ``--ray`` (``engine`` None), and
     write each as it finishes (``executors.base.run_job``)."""
     from .executors.base import run_job
 
-    writer = OutputWriter(args.out, resolver.model_name, resolver.model_hash, hashes, notes)
     with writer, Progress(len(todo)) as progress:
         run_job(_executor(args, engine, resolver, writer), specs, todo, writer, progress.update)
 

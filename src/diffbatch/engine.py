@@ -87,6 +87,11 @@ class Engine:
         return self.resolver.model_hash
 
     @property
+    def numerics(self) -> str:
+        """The numeric path every image of this engine is made on (numerics.py), e.g. ``bfloat16 cpu``."""
+        return str(self.adapter.numerics)
+
+    @property
     def defaults(self) -> ModelDefaults:
         return self.resolver.defaults
 
@@ -181,4 +186,5 @@ class Engine:
         image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
         seconds = self._seconds.pop(request.request_id)
         return Result(request.request_id, request.spec, image, pixels, seconds, self.sampler_label(request.spec),
-                      self.model_name, lora_hashes=self.loras.hashes(request.spec.loras), model_hash=self.model_hash)
+                      self.model_name, lora_hashes=self.loras.hashes(request.spec.loras), model_hash=self.model_hash,
+                      numerics=self.numerics)

@@ -16,6 +16,9 @@ from typing import Any, BinaryIO
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError, shown
+from ..numerics import DEFAULT as DEFAULT_NUMERICS
+from ..numerics import KEY as NUMERICS_KEY
+from ..numerics import NumericPath, parse_numerics
 from ..samplers import SAMPLERS
 from ..spec import EDGES, PARSE, parse_size
 from .writer import PARAMETERS_KEY
@@ -43,6 +46,7 @@ class Infotext:
     model: str | None = None
     default_sampler: str | None = None
     image_hash: str | None = None  # A1111's "Init image hash": the init image file's fingerprint when made
+    numerics: NumericPath = DEFAULT_NUMERICS  # the numeric path it was made on (no key: float32 on a CPU)
 
 
 def read_infotext(path: Path) -> Infotext:
@@ -73,6 +77,8 @@ def parse_infotext(text: str) -> Infotext:
     body = lines[:-1]
     negative = next((i for i, line in enumerate(body) if line.startswith(NEGATIVE)), len(body))
     found = Infotext(model=settings.get("Model"), image_hash=settings.get("Init image hash"))
+    if NUMERICS_KEY in settings:
+        found.numerics = parse_numerics(settings[NUMERICS_KEY])
     found.fields["prompt"] = "\n".join(body[:negative])
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()

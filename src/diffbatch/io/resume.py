@@ -40,7 +40,8 @@ IMAGE_FILE = re.compile(r"^[0-9]{5,}-[0-9]+\.png$")  # writer.png_name's names
 # Manifest fields about the run and the file written, and the authoring's notes (a template, a sweep cell: the
 # spec is what the image is): not compared
 RUN_FIELDS = ("seconds", "file_sha256", *NOTES)
-FINGERPRINTS = ("model_hash", "image_hash")  # missing from a line written before they existed: unknown
+# missing from a line written before they existed, or from the job (a caller that does not say): unknown
+FINGERPRINTS = ("model_hash", "image_hash", "numerics")
 SHOWN = 5  # file names a message lists before "and N more"
 # what an unset spec field reads as in a manifest (a line written before the field existed lacks it)
 SPEC_DEFAULTS = json.loads(json.dumps({k: v for k, v in GenerationSpec(prompt="").to_record().items()
@@ -74,12 +75,12 @@ class _Png(Enum):
 
 
 def plan_resume(out: Path, specs: Sequence[GenerationSpec], model: str, overwrite: bool = False,
-                model_hash: str = "", image_hashes: Mapping[str, str] | None = None) -> ResumePlan:
+                model_hash: str = "", image_hashes: Mapping[str, str] | None = None, numerics: str = "") -> ResumePlan:
     """Compare ``out``'s manifest and images with the job (resolved specs, index k = position; ``image_hashes``
     from io/images.py ``image_hashes``, read here when not given); raise ``InputError`` naming the first
     difference when the job changed and ``overwrite`` is off. Reads; writes nothing."""
     hashes = init_image_hashes(s.image for s in specs) if image_hashes is None else image_hashes
-    expected = _normal([manifest_record(k, spec, model, model_hash, spec_image_hash(spec, hashes))
+    expected = _normal([manifest_record(k, spec, model, model_hash, spec_image_hash(spec, hashes), numerics)
                         for k, spec in enumerate(specs)])
     lines, cut = _read_manifest(out / MANIFEST)
     latest: dict[int, _ManifestLine] = {}
@@ -190,7 +191,8 @@ def _normal(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _same(record: dict[str, Any], expected: list[dict[str, Any]], k: int) -> bool:
     if not 0 <= k < len(expected):
         return False  # an image the job no longer has: the job changed
-    got = {key: v for key, v in record.items() if key not in RUN_FIELDS}
+    got = {key: v for key, v in record.items()
+           if key not in RUN_FIELDS and not (key in FINGERPRINTS and key not in expected[k])}
     # A key the line lacks was written before it existed: a spec field (variation_seed, ...) reads as its
     # default; a fingerprint as unknown, which is not a difference (a different one is).
     missing = {key: expected[k][key] if key in FINGERPRINTS else SPEC_DEFAULTS.get(key)
@@ -274,9 +276,14 @@ def _changed_message(out: Path, first: tuple[int, _ManifestLine], expected: list
     if not 0 <= k < len(expected):
         what = f"image {k}, which this job (of {len(expected)} images) does not have"
     else:
-        diffs = [f"{key} {line.record.get(key)!r} -> {value!r}" for key, value in expected[k].items()
-                 if line.record.get(key) != value]
-        what = f"image {k} with a different spec ({'; '.join(diffs[:3])})"
+        diffs = {key: f"{key} {line.record.get(key)!r} -> {value!r}" for key, value in expected[k].items()
+                 if line.record.get(key) != value}
+        if list(diffs) == ["numerics"]:
+            return (f"--out {out}: its images were made on {line.record['numerics']}, and this run makes "
+                    f"{expected[k]['numerics']} (another dtype, device or backend: other pixels); give --dtype, "
+                    "--device and --backend to continue it as it was made, --overwrite to make its images again, "
+                    "or choose another folder")
+        what = f"image {k} with a different spec ({'; '.join(list(diffs.values())[:3])})"
     return (f"--out {out}: holds a different job: {MANIFEST} has {what}"
             f"{f' and {count - 1} more changed' if count > 1 else ''}; "
             "give --overwrite to replace those images, or choose another folder")

@@ -20,6 +20,8 @@ from typing import IO, Any
 
 from PIL.PngImagePlugin import PngInfo
 
+from ..numerics import DEFAULT as DEFAULT_NUMERICS
+from ..numerics import KEY as NUMERICS_KEY
 from ..result import Result
 from ..spec import EDGES, GenerationSpec, Kind
 
@@ -33,12 +35,15 @@ def png_name(index: int, seed: int) -> str:
 
 
 def format_parameters(spec: GenerationSpec, sampler: str, model: str,
-                      lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "", image_hash: str = "") -> str:
+                      lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "", image_hash: str = "",
+                      numerics: str = "") -> str:
     """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings: each
     field's own key (spec.EDGES) and, after the key they follow, the settings that are no field's own. LoRAs are
     written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``; an init image's
-    fingerprint as A1111's ``Init image hash`` (``--from`` refuses a file changed since)."""
-    after = _context(spec, sampler, model, model_hash, image_hash)
+    fingerprint as A1111's ``Init image hash`` (``--from`` refuses a file changed since); the numeric path as
+    diffbatch's ``Numerics`` after the model, only off float32 on a CPU (numerics.py), which A1111 readers
+    would not know."""
+    after = _context(spec, sampler, model, model_hash, image_hash, numerics)
     settings: list[tuple[str, Any]] = []
     for name, key, text in _field_settings(spec):
         settings += [(key, text), *after.get(name, [])]
@@ -59,10 +64,12 @@ def _field_settings(spec: GenerationSpec) -> Iterator[tuple[str, str, str]]:
             yield name, edges.key.name, FORMATS[edges.kind](getattr(spec, name))
 
 
-def _context(spec: GenerationSpec, sampler: str, model: str, model_hash: str,
-             image_hash: str) -> dict[str, list[tuple[str, str]]]:
+def _context(spec: GenerationSpec, sampler: str, model: str, model_hash: str, image_hash: str,
+             numerics: str) -> dict[str, list[tuple[str, str]]]:
     """The settings that are no one field's own, by the field whose key they follow (A1111's order)."""
     model_keys = [*([("Model hash", model_hash)] if model_hash else []), ("Model", _quote(model))]
+    if numerics and numerics != str(DEFAULT_NUMERICS):
+        model_keys.append((NUMERICS_KEY, numerics))
     return {"num_inference_steps": [("Sampler", _quote(sampler))],
             "seed": [("Size", f"{spec.width}x{spec.height}"), *model_keys],
             "strength": _init_image(spec, image_hash)}
@@ -91,13 +98,14 @@ FORMATS: dict[Kind, Callable[[Any], str]] = {Kind.TEXT: str, Kind.INT: str, Kind
 
 
 def manifest_record(index: int, spec: GenerationSpec, model: str, model_hash: str = "",
-                    image_hash: str = "") -> dict[str, Any]:
+                    image_hash: str = "", numerics: str = "") -> dict[str, Any]:
     """What a manifest line says about an image (the writer adds the PNG's ``file_sha256`` and the run's
     ``seconds``); resume compares it, the fingerprints of the weights and of the init image's content
-    included (a retrained model at the same path, another picture at the init image's path: another job)."""
+    included (a retrained model at the same path, another picture at the init image's path: another job), and
+    the numeric path (bfloat16 here, float32 there: another image)."""
     record = {"index": index, "file": png_name(index, spec.seed), **spec.to_record(), "model": model}
     return {**record, **({"model_hash": model_hash} if model_hash else {}),
-            **({"image_hash": image_hash} if image_hash else {})}
+            **({"image_hash": image_hash} if image_hash else {}), **({"numerics": numerics} if numerics else {})}
 
 
 def spec_image_hash(spec: GenerationSpec, image_hashes: Mapping[str, str]) -> str:
@@ -111,7 +119,7 @@ def encode_png(result: Result, image_hash: str = "") -> bytes:
     same bytes wherever it is encoded (``image_hash``: the init image file's fingerprint, where known)."""
     info = PngInfo()
     text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes, result.model_hash,
-                             image_hash)
+                             image_hash, result.numerics)
     info.add_text(PARAMETERS_KEY, text)  # iTXt if needed
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=info)
@@ -162,11 +170,12 @@ class OutputWriter:
     next run rather than images recorded with content they were not made from."""
 
     def __init__(self, out_dir: str | os.PathLike, model: str, model_hash: str = "",
-                 image_hashes: Mapping[str, str] | None = None, notes: Mapping[int, dict[str, Any]] | None = None
-                 ) -> None:
+                 image_hashes: Mapping[str, str] | None = None, notes: Mapping[int, dict[str, Any]] | None = None,
+                 numerics: str = "") -> None:
         self.out_dir = Path(out_dir)
         self.model = model
         self.model_hash = model_hash
+        self.numerics = numerics  # the job's numeric path (numerics.py), as resume compared it
         self.image_hashes = dict(image_hashes or {})
         self.notes = notes or {}  # job index -> its NOTES (a dynamic prompt's template, a sweep cell)
         self._lock = threading.Lock()
@@ -183,7 +192,7 @@ class OutputWriter:
         """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""
         path = self.out_dir / png_name(index, spec.seed)
         write_bytes_atomic(path, png)
-        record = {**manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec)),
+        record = {**manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec), self.numerics),
                   **self.notes.get(index, {})}
         self._append({**record, "file_sha256": hashlib.sha256(png).hexdigest(), "seconds": round(seconds, 4)})
         return path
