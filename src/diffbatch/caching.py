@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .numbers import parse_int, parse_number
+
 OFF, AUTO = "off", "auto"
 
 
@@ -46,13 +48,20 @@ def parse_cache(text: str) -> CacheSetting | None:
     method = METHODS.get(name)
     if method is None or not sep:
         raise ValueError(RULE)
-    try:
-        value = method.parse(raw)
+    try:  # ASCII digits only: int() also takes '٣', '３', ' 3' and '0_3'
+        value = parse_int(raw, "VALUE") if method.parse is int else parse_number(raw, "VALUE")
     except ValueError:
-        raise ValueError(f"{name}: VALUE must be {'an integer' if method.parse is int else 'a number'}") from None
+        raise ValueError(f"{name}: VALUE must be {'an integer' if method.parse is int else 'a number'} of the "
+                         "digits 0-9") from None
     if not method.low <= value <= method.high:
         raise ValueError(f"{name}: VALUE must be from {method.low:g} to {method.high:g}")
     return CacheSetting(name, value)
+
+
+def canonical_cache(text: str) -> str:
+    """``text`` as written into PNGs and manifests: ``deepcache:05`` -> ``deepcache:5`` (one image, one text)."""
+    setting = parse_cache(text)
+    return text if setting is None else f"{setting.method}:{setting.value:g}"
 
 
 def cache_ok(value: object) -> bool:

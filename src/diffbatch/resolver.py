@@ -15,6 +15,7 @@ import diffusers
 
 from .adapters import Adapter
 from .adapters.loading import describe
+from .caching import canonical_cache
 from .errors import SpecError, shown
 from .io.images import init_image_size
 from .samplers import SAMPLERS, sampler_label
@@ -71,7 +72,8 @@ class Resolver:
             self.lora_path(name)
         if resolved.loras:
             self.adapter.layers.require("lora", "loras", dict(resolved.loras))
-        cache = self.adapter.resolve_cache(resolved)  # auto made concrete: the PNG records what ran
+        # auto made concrete, and one text for one setting: the PNG records what ran
+        cache = canonical_cache(self.adapter.resolve_cache(resolved))
         if cache != resolved.cache:
             resolved = dataclasses.replace(resolved, cache=cache)
         self.adapter.check_spec(resolved)

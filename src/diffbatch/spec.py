@@ -304,6 +304,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def without_nulls(record: dict[str, Any]) -> dict[str, Any]:
+    """A JSON record with its nulls left out: a null field means the field's default (``"cache": null`` is
+    ``off``), as if it were not given; ``prompt`` stays (a null prompt is refused by name)."""
+    return {key: value for key, value in record.items() if value is not None or key == "prompt"}
+
+
 def spec_from_record(record: dict[str, Any], where: str = "spec") -> GenerationSpec:
     """Build a spec from a JSON object, naming ``where`` (e.g. ``prompts.jsonl:3``) in any error."""
     if not isinstance(record, dict):
@@ -315,6 +321,6 @@ def spec_from_record(record: dict[str, Any], where: str = "spec") -> GenerationS
     if "prompt" not in record:
         raise SpecError(f"{where}: missing field 'prompt'", field="prompt", reason="required")
     try:
-        return GenerationSpec(**record)
+        return GenerationSpec(**without_nulls(record))
     except SpecError as exc:
         raise SpecError(f"{where}: {exc}", field=exc.field, value=exc.value, reason=exc.reason) from None

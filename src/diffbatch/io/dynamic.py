@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import InputError, SpecError
+from ..errors import InputError, SpecError, shown
+from .text import decode_text
 
 COMBINATORIAL = "combinatorial"
 RANDOM = "random"
@@ -44,20 +48,21 @@ def parse_dynamic(text: str, wildcards: str | None = None) -> Dynamic:
     if value == COMBINATORIAL:
         return Dynamic(None, wildcards)
     method, _, count = value.partition(":")
-    if method == RANDOM and count.strip().isdigit() and int(count) >= 1:
+    if method == RANDOM and re.fullmatch(r"[0-9]{1,12}", count.strip()) and int(count) >= 1:  # ASCII, < 10**12
         return Dynamic(int(count), wildcards)
-    raise SpecError(f"--dynamic {text!r} is invalid: use combinatorial, or random:N with N >= 1", field="dynamic",
-                    value=text, reason="use combinatorial, or random:N with N >= 1")
+    raise SpecError(f"--dynamic {shown(text, 60)} is invalid: use combinatorial, or random:N with N from 1 to 10**12 - 1",
+                    field="dynamic", value=text, reason="use combinatorial, or random:N with N from 1 to 10**12 - 1")
 
 
-def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where: str) -> list[str]:
+def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where: str,
+           manager: Any = None) -> list[str]:
     """The prompts ``template`` stands for (at most ``limit`` + 1 of them: the caller refuses a job past its
-    limit); raises ``InputError`` naming ``where`` for a malformed template or an unknown wildcard."""
+    limit); raises ``InputError`` naming ``where`` for a malformed template or an unknown wildcard. ``manager``:
+    a ``wildcard_manager(dynamic.wildcards)`` to share between templates (one is made otherwise)."""
     from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPromptGenerator
-    from dynamicprompts.wildcards.wildcard_manager import WildcardManager
     from pyparsing import ParseBaseException
 
-    manager = WildcardManager(Path(dynamic.wildcards)) if dynamic.wildcards else WildcardManager()
+    manager = manager if manager is not None else wildcard_manager(dynamic.wildcards)
     try:
         with _unknown_wildcards(where, dynamic.wildcards), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the library's pyparsing calls, not the user's
@@ -73,6 +78,69 @@ def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where:
     if not found:
         raise InputError(f"{where}: the dynamic prompt {template!r} expands to no prompt")
     return [str(p) for p in found]
+
+
+def wildcard_manager(folder: str | None) -> Any:
+    """The library's wildcard manager over ``folder``'s files, its ``.txt`` files read as prompts files are
+    (io/text.py: UTF-8 or a byte-order mark, anything else refused naming the file; the library dropped Latin-1
+    bytes and kept a UTF-8 mark in the prompt), each folder walked once (a symlink loop is not followed twice)."""
+    from dynamicprompts.wildcards.wildcard_manager import WildcardManager
+
+    if not folder:
+        return WildcardManager()
+    return WildcardManager(root_map={"": [_collections(Path(folder))]})
+
+
+def _collections(root: Path) -> dict[str, Any]:
+    from dynamicprompts.wildcards.collection.structured import parse_structured_file
+
+    found: dict[str, Any] = {}
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        subfolders[:] = [] if real in seen else [d for d in subfolders if not d.startswith(".")]
+        if real in seen:
+            continue
+        seen.add(real)
+        for name in sorted(files):
+            path = Path(folder) / name
+            key = path.relative_to(root).with_suffix("").as_posix()
+            if path.suffix == ".txt":
+                found[key] = _wildcard_file(path)
+            elif path.suffix in (".json", ".yaml"):
+                prefix = path.parent.relative_to(root).as_posix()
+                found.update((f"{prefix}/{k}" if prefix != "." else k, v) for k, v in _structured(path,
+                                                                                                   parse_structured_file))
+    return found
+
+
+def _structured(path: Path, parse: Any) -> list[tuple[str, Any]]:
+    try:
+        return list(parse(path))
+    except Exception as exc:  # noqa: BLE001 - YAML/JSON errors of the library's parsers, said with the file
+        raise InputError(f"wildcard file {path}: cannot read it: {exc}"[:300]) from None
+
+
+def _wildcard_file(path: Path) -> Any:
+    from dynamicprompts.wildcards.collection import WildcardTextFile
+
+    class PromptsFileWildcard(WildcardTextFile):
+        """A wildcard ``.txt`` file read as a prompts file: one value per line, blank and ``#`` lines skipped."""
+
+        def read_text(self) -> str:
+            try:
+                data = self._path.read_bytes()
+            except OSError as exc:
+                raise InputError(f"wildcard file {self._path}: cannot read it: {exc.strerror}") from None
+            return decode_text(data, f"wildcard file {self._path}")
+
+        def get_values(self) -> list[str]:
+            if self._cache is None:
+                lines = (line.strip() for line in self.read_text().splitlines())
+                self._cache = [line for line in lines if line and not line.startswith("#")]
+            return self._cache
+
+    return PromptsFileWildcard(path)
 
 
 class _Unknown(logging.Handler):
@@ -100,6 +168,9 @@ def _unknown_wildcards(where: str, folder: str | None) -> Iterator[None]:
         logger.propagate = propagate
     if handler.names:
         name = handler.names[0]
+        if folder and (Path(folder) / f"{name}.txt").is_file():
+            raise InputError(f"{where}: wildcard __{name}__: {Path(folder) / name}.txt holds no values (every line "
+                             "blank or a # comment)")
         place = f"no {name}.txt in --wildcards {folder}" if folder else "no --wildcards folder given"
         raise InputError(f"{where}: unknown wildcard __{name}__ ({place})")
 

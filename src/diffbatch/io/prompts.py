@@ -8,7 +8,6 @@ A dynamic prompt (io/dynamic.py) is a line per prompt it expands to.
 
 from __future__ import annotations
 
-import codecs
 import json
 import sys
 from dataclasses import dataclass, field
@@ -16,19 +15,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import InputError, SpecError
+from ..numbers import loads_json
 from ..seeds import JOB_BASE_SEED, job_seed
 from ..spec import GenerationSpec, spec_from_record
-from .dynamic import Dynamic, expand
+from .dynamic import Dynamic
+from .expansion import Template, expand_all
 from .images import list_images
-from .sweep import Cell, Sweep
+from .sweep import MAX_PROMPT_CHARS, Cell, Sweep
+from .text import decode_text
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 STDIN = "-"
-# Text a prompts file may be in: UTF-8 (with or without a byte-order mark), or UTF-16/32 with one (what
-# Windows editors and PowerShell write). UTF-32's marks come first: UTF-32-LE's begins with UTF-16-LE's.
 AUTHORED_LIMIT = 1000  # images a sweep or dynamic prompts may make a job without --yes
-BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-                    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,7 @@ class JobSource:
     dynamic: Dynamic | None = None  # --dynamic: each prompt a template
     limit: int | None = AUTHORED_LIMIT  # most images a sweep or dynamic prompts may make (None: --yes)
     over_limit: str = "give --yes to run it"  # what the refusal of a job over ``limit`` says to do
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # longest prompt authoring may make (Prompt S/R, dynamic templates)
 
 
 @dataclass(frozen=True)
@@ -109,26 +108,6 @@ def _read_text(path: str, stdin: TextIO) -> tuple[str, str]:
         raise InputError(f"{path}: cannot read prompts file: {exc.strerror}") from None
 
 
-def decode_text(data: bytes, name: str) -> str:
-    """The text of a prompts file, its byte-order mark dropped; any other encoding refused in one line (a
-    wrong guess would change the prompts silently)."""
-    for mark, codec in BYTE_ORDER_MARKS:
-        if data.startswith(mark):
-            try:
-                return data.decode(codec).removeprefix("\ufeff")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{name}: starts with a {codec.upper().removesuffix('-SIG')} byte-order mark but "
-                                 f"is not {codec.removesuffix('-sig').upper()} text (byte {exc.start})") from None
-    if b"\x00" in data:
-        raise InputError(f"{name}: holds NUL bytes (byte {data.index(0)}): UTF-16 or UTF-32 text without a "
-                         "byte-order mark, or not a text file; save it as UTF-8")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{name}: not UTF-8 text (byte {exc.start}; another encoding, such as Latin-1 or "
-                         "Windows-1252?); save it as UTF-8") from None
-
-
 def _is_jsonl(path: str, text: str) -> bool:
     """Files by suffix; stdin is JSON lines when its first non-blank line starts with ``{``."""
     if path != STDIN:
@@ -151,11 +130,13 @@ def _parse_jsonl(name: str, text: str) -> list[_PromptLine]:
     for n, s in _numbered(text):
         where = f"{name}:{n}"
         try:
-            record = json.loads(s)
+            record = loads_json(s)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
         except RecursionError:  # json's own limit: "[" * 100000 is not a traceback
             raise InputError(f"{where}: malformed JSON line: nested too deeply") from None
+        except ValueError as exc:  # an integer too long to read (numbers.py)
+            raise InputError(f"{where}: {exc}") from None
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object with a 'prompt', got {type(record).__name__}")
         lines.append(_PromptLine(record, where))
@@ -191,7 +172,8 @@ def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
         fields = _merge(source.defaults, line.fields)
         for copy in range(source.images_per_prompt):
             for cell in cells:
-                swept = source.sweep.apply(fields, cell, line.where) if source.sweep and cell else fields
+                swept = (source.sweep.apply(fields, cell, line.where, source.max_prompt_chars)
+                         if source.sweep and cell else fields)
                 seed = _seed(swept.get("seed"), job_seed(source.base_seed, image), copy)
                 spec = spec_from_record({**swept, "seed": seed}, line.where)
                 notes = {**({"template": template} if template is not None else {}),
@@ -205,17 +187,19 @@ def _variants(lines: list[_PromptLine], source: JobSource) -> list[tuple[_Prompt
     """Each line, or with dynamic prompts each prompt its template expands to (with the template)."""
     if source.dynamic is None:
         return [(line, None) for line in lines]
+    templates = [Template(line.fields["prompt"], job_seed(source.base_seed, n), line.where)
+                 for n, line in enumerate(lines) if isinstance(line.fields.get("prompt"), str)]
+    expanded = iter(expand_all(templates, source.dynamic, source.limit, source.max_prompt_chars))
     found: list[tuple[_PromptLine, str | None]] = []
-    for n, line in enumerate(lines):
+    for line in lines:
         template = line.fields.get("prompt")
         if not isinstance(template, str):
             found.append((line, None))  # not text: left for the spec to reject with the line's name
             continue
-        room = None if source.limit is None else max(0, source.limit - len(found))
-        for prompt in expand(template, source.dynamic, job_seed(source.base_seed, n), room, line.where):
-            found.append((_PromptLine({**line.fields, "prompt": prompt}, line.where), template))
-        if source.limit is not None and len(found) > source.limit:
-            break  # already over: _expand refuses the job
+        prompts = next(expanded, None)
+        if prompts is None:
+            break  # the expansion stopped once over the limit: _expand refuses the job
+        found += [(_PromptLine({**line.fields, "prompt": prompt}, line.where), template) for prompt in prompts]
     return found
 
 

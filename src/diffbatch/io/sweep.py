@@ -29,11 +29,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SpecError
+from ..errors import SpecError, shown
+from ..numbers import MAX_DIGITS, parse_int, parse_number
 from ..samplers import SAMPLERS
 from ..spec import EDGES, GenerationSpec, Kind, check_field, parse_size
 
 AXIS_NAMES = ("X", "Y", "Z")
+MAX_PROMPT_CHARS = 100_000  # a prompt authoring makes (Prompt S/R here, dynamic templates) may reach; a server: its own
 MAX_VALUES = 1000  # values on one axis (a range such as seed=1-1000000 is refused before it is listed)
 ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "cfg": "guidance_scale",
            "sampler": "scheduler", "negative": "negative_prompt", "variation": "variation_strength"}
@@ -42,8 +44,11 @@ SHORT = {"num_inference_steps": "steps", "guidance_scale": "guidance", "negative
          "guidance_rescale": "CFG rescale"}
 NOT_SWEPT = {"prompt": "use prompt=FIND,REPLACE,... (Prompt S/R)", "image": "give --image a folder instead",
              "height": "use size=WxH,...", "width": "use size=WxH,...", "loras": "use lora:NAME=W1,W2,..."}
-NUMBER = r"[+-]?\d+(?:\.\d*)?"
-RANGE = re.compile(rf"^\s*({NUMBER})\s*-\s*({NUMBER})\s*(?:\(\s*({NUMBER})\s*\)|\[\s*(\d+)\s*\])?\s*$")
+# ASCII digits only (\d matches every script's, which int() then refuses), each number at most MAX_DIGITS long: a
+# longer one is no range, and parse_number refuses it by its length
+NUMBER = rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}(?:\.[0-9]{{0,{MAX_DIGITS}}})?"
+COUNT = rf"[0-9]{{1,{MAX_DIGITS}}}"
+RANGE = re.compile(rf"^\s*({NUMBER})\s*-\s*({NUMBER})\s*(?:\(\s*({NUMBER})\s*\)|\[\s*({COUNT})\s*\])?\s*$")
 LABELS = {d.label.lower(): name for name, d in SAMPLERS.items()}
 
 
@@ -57,13 +62,14 @@ class Axis:
     values: tuple[Any, ...]
     labels: tuple[str, ...]
 
-    def apply(self, fields: dict[str, Any], k: int, where: str) -> dict[str, Any]:
-        """``fields`` (a spec record) with this axis's value ``k`` set."""
+    def apply(self, fields: dict[str, Any], k: int, where: str, max_chars: int = MAX_PROMPT_CHARS) -> dict[str, Any]:
+        """``fields`` (a spec record) with this axis's value ``k`` set; a replaced prompt longer than ``max_chars``
+        is refused before it is built."""
         value = self.values[k]
         if self.target == "size":
             return {**fields, "width": value[0], "height": value[1]}
         if self.target == "prompt":
-            return _replace_prompt(fields, self.values[0], value, self.text, where)
+            return _replace_prompt(fields, self.values[0], value, self.text, where, max_chars)
         if self.target.startswith("lora:"):
             loras = dict(_pairs(fields.get("loras") or {}))
             loras.pop(self.target[5:], None)
@@ -99,9 +105,10 @@ class Sweep:
             position = tuple(reversed(reversed_position))
             yield Cell(position, tuple(a.labels[k] for a, k in zip(self.axes, position, strict=True)))
 
-    def apply(self, fields: dict[str, Any], cell: Cell, where: str) -> dict[str, Any]:
+    def apply(self, fields: dict[str, Any], cell: Cell, where: str, max_chars: int = MAX_PROMPT_CHARS
+              ) -> dict[str, Any]:
         for axis, k in zip(self.axes, cell.position, strict=True):
-            fields = axis.apply(fields, k, where)
+            fields = axis.apply(fields, k, where, max_chars)
         return fields
 
     def describe(self) -> list[str]:
@@ -189,9 +196,10 @@ def _values(target: str, value: str, text: str) -> list[Any]:
 
 def _number(value: str, kind: Kind, text: str) -> int | float:
     try:
-        return int(value) if kind is Kind.INT else float(value)
+        return parse_int(value, "the integer") if kind is Kind.INT else parse_number(value, "the number")
     except ValueError:
-        raise _bad(text, value, "must be " + ("an integer" if kind is Kind.INT else "a number")) from None
+        what = "an integer" if kind is Kind.INT else "a number"
+        raise _bad(text, value, f"must be {what} of the digits 0-9, at most {MAX_DIGITS} of them") from None
 
 
 def _range(value: str, kind: Kind, text: str) -> list[int | float]:
@@ -235,7 +243,8 @@ def _shown(value: Any) -> str:
 
 
 def _bad(text: str, value: str, reason: str) -> SpecError:
-    return SpecError(f"--sweep {text!r}: {value!r} is invalid: {reason}", field="sweep", value=value, reason=reason)
+    return SpecError(f"--sweep {shown(text)}: {shown(value, 60)} is invalid: {reason}", field="sweep", value=value,
+                     reason=reason)
 
 
 def _pairs(loras: Any) -> list[tuple[str, float]]:
@@ -244,12 +253,20 @@ def _pairs(loras: Any) -> list[tuple[str, float]]:
     return [tuple(pair) for pair in loras]
 
 
-def _replace_prompt(fields: dict[str, Any], find: str, replace: str, text: str, where: str) -> dict[str, Any]:
-    """A1111's Prompt S/R: ``find`` replaced by ``replace`` in the prompt and the negative prompt."""
+def _replace_prompt(fields: dict[str, Any], find: str, replace: str, text: str, where: str,
+                    max_chars: int) -> dict[str, Any]:
+    """A1111's Prompt S/R: ``find`` replaced by ``replace`` in the prompt and the negative prompt; their lengths
+    are computed, and checked against ``max_chars``, before either is built (ten 4,000-character prompts with
+    a 20,000-character replacement of one letter would be 1.6 GB)."""
     prompt, negative = str(fields.get("prompt", "")), str(fields.get("negative_prompt") or "")
     if find not in prompt and find not in negative:
-        raise SpecError(f"{where}: --sweep {text!r}: Prompt S/R did not find {find!r} in the prompt or negative "
-                        "prompt", field="sweep")
+        raise SpecError(f"{where}: --sweep {shown(text)}: Prompt S/R did not find {shown(find)} in the prompt or "
+                        "negative prompt", field="sweep")
+    for name, original in (("prompt", prompt), ("negative prompt", negative)):
+        length = len(original) + original.count(find) * (len(replace) - len(find))
+        if length > max_chars:
+            raise SpecError(f"{where}: --sweep {shown(text)}: Prompt S/R would make a {name} of {length:,} "
+                            f"characters, over the limit of {max_chars:,}", field="sweep")
     changed = {**fields, "prompt": prompt.replace(find, replace)}
     if negative:
         changed["negative_prompt"] = negative.replace(find, replace)

@@ -25,10 +25,12 @@ class Policy:
     max_steps: int  # denoising steps per image
     max_prompt_chars: int  # prompt and negative prompt, each
     max_job_cost: float  # a batch job's images x steps x megapixels
+    max_job_text_bytes: int = 64 * 1024 * 1024  # a batch job's prompts, stored with every image (store.py)
 
     @classmethod
     def of(cls, config: ServerConfig) -> Policy:
-        return cls(config.max_n, config.max_side, config.max_steps, config.max_prompt_chars, config.max_job_cost)
+        return cls(config.max_n, config.max_side, config.max_steps, config.max_prompt_chars, config.max_job_cost,
+                   config.max_job_text_bytes)
 
     def check_count(self, n: Any) -> None:
         bound("n", n, 1, self.max_n)
@@ -54,15 +56,22 @@ class Policy:
                                 f"{self.max_side} pixels a side", name)
 
     def check_job(self, specs: Iterable[GenerationSpec]) -> None:
-        """A batch job's total cost (images x steps x megapixels) within the budget; the refusal names the
-        line that takes it over."""
-        total = 0.0
+        """A batch job's total cost (images x steps x megapixels) and its prompts' bytes (each image's row holds
+        its prompts: a 100,000-image job of 4,000-character prompts is 0.8 GB on disk) within the budgets; the
+        refusal names the line that takes it over."""
+        total, text = 0.0, 0
         for number, spec in enumerate(specs, start=1):
             total += cost(spec)
             if total > self.max_job_cost:
                 raise ApiError(400, f"line {number}: the job's cost reaches {total:,.0f} image-step-megapixels "
                                     f"there; this server's budget per job is {self.max_job_cost:,.0f} "
                                     "(split the job, or use fewer steps or smaller images)", "body")
+            text += len(spec.prompt.encode("utf-8", "surrogatepass")) + len(
+                (spec.negative_prompt or "").encode("utf-8", "surrogatepass"))
+            if text > self.max_job_text_bytes:
+                raise ApiError(400, f"line {number}: the job's prompts reach {text:,} bytes there; this server's "
+                                    f"budget per job is {self.max_job_text_bytes:,} (split the job, or use shorter "
+                                    "prompts)", "body")
 
 
 def cost(spec: GenerationSpec) -> float:

@@ -89,6 +89,7 @@ def _replica_loop(config: ServerConfig) -> tuple[Any, Any]:
 def stop_state(state: ServerState) -> None:
     """Graceful: stop admitting, let running images finish (or stay pending in the store), then close."""
     state.janitor.stop()
+    state.planning.shutdown(wait=True, cancel_futures=True)  # a job being planned is stored, or refused, first
     state.jobs.stop(timeout=1.0)
     state.loop.stop(state.config.drain_seconds)
     state.jobs.stop(timeout=5.0)  # record what finished while draining

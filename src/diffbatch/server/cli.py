@@ -44,6 +44,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-job-cost", type=_positive_float, default=ServerConfig.max_job_cost,
                    metavar="COST", help="a batch job's images x steps x megapixels (default %(default)s: ~31k images "
                                         "of 1024x1024 at 30 steps)")
+    p.add_argument("--max-job-text-mb", type=_positive_float, default=ServerConfig.max_job_text_bytes / 2**20,
+                   metavar="MB", help="a batch job's prompts and negative prompts, all its images together "
+                                      "(default %(default)g)")
     p.add_argument("--keep-files", type=_duration, default="1d", metavar="DURATION",
                    help="how long images served by URL are kept: 90s, 30m, 12h, 7d or forever (default 1d)")
     p.add_argument("--max-data-gb", type=_positive_float, metavar="GB",
@@ -117,6 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
         max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars, max_job_cost=args.max_job_cost,
+        max_job_text_bytes=int(args.max_job_text_mb * 2**20),
         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         max_connections=args.max_connections, replicas=replicas,
         retention=Retention(keep_files=args.keep_files, keep_jobs=args.keep_jobs,

@@ -55,6 +55,7 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # uploaded init images
     max_batch_lines: int = 100_000  # lines in one /v1/batches body
     max_job_cost: float = 1_000_000.0  # a batch job's images x steps x megapixels (30 steps of 1024x1024: 31.5k images)
+    max_job_text_bytes: int = 64 * 1024 * 1024  # a batch job's prompts and negative prompts, UTF-8, all images
     header_timeout: float = 10.0  # seconds for a request's head (line and headers) to arrive (connections.py)
     body_timeout: float = 60.0  # seconds for a request's whole body to arrive once its head has
     max_connections: int = 500  # open connections (half the usual 1024 open files); beyond, a new one replaces

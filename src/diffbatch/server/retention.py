@@ -44,10 +44,14 @@ class Swept:
     folders: int = 0  # orphan batch folders removed
 
 
-def delete_job(store: Store, job_id: str) -> None:
-    """A batch job, its rows and its images (``DELETE /v1/batches/{id}`` and expiry)."""
-    store.delete_job(job_id)  # one transaction; images in flight are not recorded (JobRunner checks the job)
+def delete_job(store: Store, job_id: str) -> bool:
+    """A batch job, its rows and its images (``DELETE /v1/batches/{id}`` and expiry), and the disk its rows
+    took; False when another deletion took it first."""
+    deleted = store.delete_job(job_id)  # one transaction; images in flight are not recorded (JobRunner checks)
     shutil.rmtree(store.layout.job_folder(job_id), ignore_errors=True)
+    if deleted:
+        store.reclaim()
+    return deleted
 
 
 def sweep(store: Store, policy: Retention, now: float, leftover_files: bool = True) -> Swept:

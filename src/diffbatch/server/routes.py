@@ -25,9 +25,10 @@ from ..io.infotext import parse_infotext, png_parameters
 from ..io.prompts import JobSource, plan_records
 from ..io.sweep import parse_sweep
 from ..io.writer import encode_png, save_png
+from ..numbers import loads_json
 from ..samplers import SAMPLERS
 from ..seeds import JOB_BASE_SEED, job_seed, random_seed
-from ..spec import GenerationSpec, parse_size
+from ..spec import GenerationSpec, parse_size, without_nulls
 from .admission import Policy
 from .keys import KeyLimit
 from .metrics import CONTENT_TYPE
@@ -105,7 +106,7 @@ async def metrics(request: Request) -> PlainTextResponse:
 @router.post("/v1/images/generations")
 async def generations(body: ImageGenerationRequest, request: Request) -> dict:
     s = state(request)
-    fields = body.model_dump(include={"prompt", *BODY_FIELDS})  # the spec's fields; the rest are OpenAI's
+    fields = without_nulls(body.model_dump(include={"prompt", *BODY_FIELDS}))  # the spec's; the rest are OpenAI's
     specs = _specs(s, fields, body.model, body.n, body.size)
     return await _generate(request, specs, body.response_format, body.request_id)
 
@@ -178,6 +179,8 @@ def _specs(s, fields: dict[str, Any], model: str | None, n: int, size: str | Non
     (seeds ``seed + i``); ``_submit`` checks the resolved specs against the rest of the policy."""
     if model not in (None, "", s.engine.model_name):
         raise ApiError(400, f"model: {shown(model)} is not served here; available: {s.engine.model_name}", "model")
+    if not isinstance(fields.get("prompt"), str):  # a form without one (the JSON routes' schema requires it)
+        raise ApiError(400, "prompt: a text prompt is required", "prompt")
     policy = _policy(s)
     policy.check_count(n)
     policy.check_text(fields)
@@ -298,10 +301,15 @@ async def create_batch(request: Request, sweep: Annotated[list[str] | None, Quer
     s = state(request)
     source = _authoring(s, sweep or [], dynamic)
     body = await request.body()
-    records = await asyncio.get_running_loop().run_in_executor(None, _batch_records, s, body, source)
-    job_id = s.store.create_job(records, s.engine.model_hash, owner=_tenant(request))
+    owner = _tenant(request)
+    job_id = await asyncio.get_running_loop().run_in_executor(s.planning, _plan_and_store, s, body, source, owner)
     s.jobs.wake()
     return s.store.job(job_id)
+
+
+def _plan_and_store(s, body: bytes, source: JobSource, owner: str | None) -> str:
+    """On the planning thread: the job planned and written to the store; its id."""
+    return s.store.create_job(_batch_records(s, body, source), s.engine.model_hash, owner=owner)
 
 
 def _authoring(s, sweep: list[str], dynamic: str | None) -> JobSource:
@@ -312,7 +320,7 @@ def _authoring(s, sweep: list[str], dynamic: str | None) -> JobSource:
         raise ApiError(400, str(exc).replace("--sweep", "sweep").replace("--dynamic", "dynamic"),
                        exc.field) from None
     return JobSource(base_seed=JOB_BASE_SEED, sweep=plan, dynamic=expand, limit=s.config.max_batch_lines,
-                     over_limit="this server's limit on a batch's images")
+                     over_limit="this server's limit on a batch's images", max_prompt_chars=s.config.max_prompt_chars)
 
 
 def _batch_records(s, body: bytes, source: JobSource) -> list[dict[str, Any]]:
@@ -347,11 +355,13 @@ def _batch_lines(s, body: bytes, policy: Policy) -> list[tuple[dict[str, Any], s
             continue
         where = f"line {number}"
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except RecursionError:
             raise ApiError(400, f"{where}: JSON nested too deeply", "body") from None
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"{where}: malformed JSON ({exc.msg})", "body") from None
+        except ValueError as exc:  # an integer too long to read (numbers.py)
+            raise ApiError(400, f"{where}: {exc}", "body") from None
         if isinstance(record, dict) and "image" in record:
             raise ApiError(400, f"{where}: 'image' is not accepted in batch lines; use /v1/images/edits", "image")
         if len(lines) >= s.config.max_batch_lines:
@@ -388,7 +398,7 @@ async def cancel_batch(job_id: str, request: Request) -> dict:
     _job_or_404(request, job_id)
     s.store.cancel(job_id)  # first: the images aborted next are not recorded as failures
     s.jobs.cancel_job(job_id)
-    return s.store.job(job_id)
+    return _job_or_404(request, job_id)  # a DELETE may have taken it meanwhile: then it is gone
 
 
 @router.delete("/v1/batches/{job_id}")
@@ -396,8 +406,10 @@ async def delete_batch(job_id: str, request: Request) -> dict:
     """Delete a batch job and its images (its images in the engine stop before the next step)."""
     s = state(request)
     _job_or_404(request, job_id)
-    await asyncio.get_running_loop().run_in_executor(None, delete_job, s.store, job_id)
+    deleted = await asyncio.get_running_loop().run_in_executor(None, delete_job, s.store, job_id)
     s.jobs.cancel_job(job_id)
+    if not deleted:  # another DELETE of the same job took it first: one answer says deleted
+        raise ApiError(404, f"no batch {job_id!r}", "batch_id", kind="not_found_error")
     return {"id": job_id, "object": "batch.deleted", "deleted": True}
 
 

@@ -42,8 +42,8 @@ def _body_field(name: str) -> tuple[Any, Any]:
     edges = EDGES[name]
     if edges.kind is Kind.LORAS:  # LoRA name -> weight (names from --lora-dir)
         return dict[str, float], Field(default_factory=dict, description=edges.help)
-    default, kind = _DEFAULTS[name], _JSON_TYPES[edges.kind]
-    return (kind | None if default is None else kind), Field(default, description=edges.help)
+    # null is the field's default (spec.without_nulls), as a field left out is
+    return _JSON_TYPES[edges.kind] | None, Field(_DEFAULTS[name], description=edges.help)
 
 
 ImageGenerationRequest = create_model(

@@ -29,3 +29,7 @@ class ServerState:
     # Images in flight by the client's request_id (an extension field), so POST /v1/images/cancel finds them
     running: dict[str, list[concurrent.futures.Future]] = field(default_factory=dict)
     running_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Batch jobs are planned and stored one at a time on a thread of their own: a job that takes long to plan or
+    # to write (100,000 lines) never holds the event loop or the threads online requests are admitted on
+    planning: concurrent.futures.ThreadPoolExecutor = field(default_factory=lambda: (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffbatch-planning")))
