@@ -124,3 +124,25 @@ def test_the_number_parsers_refuse_what_int_and_float_would_take():
     assert loads_json('{"seed": 123}') == {"seed": 123}
     with pytest.raises(ValueError, match="41 digits"):
         loads_json('{"seed": ' + "1" * 41 + "}")
+
+
+def test_a_png_value_a_field_refuses_is_refused_naming_its_key(capsys, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Seed: 1, Cache: deepcache:٣")
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad.png", pnginfo=info)
+    refused(capsys, "generate", "--from", tmp_path / "bad.png", "--dry-run", "--out", "unused",
+            says="Cache: 'deepcache:٣' is invalid")
+
+
+def test_an_error_about_a_from_png_prompt_names_the_png(capsys, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "{unclosed\nSteps: 3, Seed: 1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "made.png", pnginfo=info)
+    code, err = run(capsys, "generate", "--from", tmp_path / "made.png", "--dynamic", "--dry-run", "--out", "unused")
+    assert code == 2 and f"--from {tmp_path / 'made.png'}: malformed dynamic prompt" in err, err

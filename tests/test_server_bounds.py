@@ -114,3 +114,29 @@ def test_racing_deletes_and_cancels_of_one_job_answer_once_and_never_500(engine,
             assert all(a.status_code in (200, 404) for a in answers), [a.text for a in answers]
             deleted = [a for a in answers if a.request.method == "DELETE" and a.status_code == 200]
             assert len(deleted) == 1
+
+
+def test_the_parameters_of_a_png_are_checked_before_a_client_is_offered_them(engine, tmp_path):
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 3, Seed: 1, Cache: deepcache:0_3")
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(data, format="PNG", pnginfo=info)
+    with serve(engine, tmp_path) as client:
+        response = client.post("/v1/images/parameters", files={"image": ("p.png", data.getvalue(), "image/png")})
+        assert response.status_code == 400 and "Cache: 'deepcache:0_3' is invalid" in response.text, response.text
+
+
+def test_an_access_log_line_keeps_a_short_path():
+    import logging
+
+    from diffbatch.server.connections import MAX_LOGGED_PATH, ShortAccessLines
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:1", "GET", "/v1/batches?sweep=" + "x" * 60_000, "1.1", 200), None)
+    assert ShortAccessLines().filter(record)
+    assert len(record.getMessage()) < MAX_LOGGED_PATH + 100 and "(60018 characters)" in record.getMessage()

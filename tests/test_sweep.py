@@ -59,8 +59,10 @@ def test_prompt_search_and_replace_a_seed_axis_size_and_lora_weights() -> None:
     items = job("a red circle", defaults={"negative_prompt": "red"}, sweep=parse_sweep(["prompt=red,blue"]))
     assert [(i.spec.prompt, i.spec.negative_prompt) for i in items] == [("a red circle", "red"),
                                                                           ("a blue circle", "blue")]
-    items = job("a", "b", sweep=parse_sweep(["seed=7,9"]), images_per_prompt=2)
-    assert [i.spec.seed for i in items] == [7, 9, 8, 10, 7, 9, 8, 10]  # the axis is each line's own seed
+    items = job("a", "b", sweep=parse_sweep(["seed=7,9"]))
+    assert [i.spec.seed for i in items] == [7, 9, 7, 9]  # the axis is each line's own seed
+    with pytest.raises(InputError, match="--sweep seed with -n 2"):  # copies on seeds no label names: refused
+        job("a", "b", sweep=parse_sweep(["seed=7,9"]), images_per_prompt=2)
     items = job("a", sweep=parse_sweep(["size=32x16,16x32"]))
     assert [(i.spec.width, i.spec.height) for i in items] == [(32, 16), (16, 32)]
     items = read_job(JobSource(prompts=("a",), defaults={"loras": {"other": 1.0}},
@@ -251,6 +253,11 @@ def test_bad_authoring_is_one_line_exit_2_and_nothing_written(
     code, _, err = run(capsys, "generate", *prompt, *argv, "--model", tiny_sd_path, "--out", out)
     assert code == 2 and err.count("\n") == 1 and named in err, err
     assert not out.exists()
+
+
+def test_a_strength_sweep_without_an_init_image_is_refused() -> None:
+    with pytest.raises(InputError, match="--sweep strength: this image has no init image"):
+        job("a", sweep=parse_sweep(["strength=0.3,0.6"]))
 
 
 def test_a_huge_authored_job_is_refused_before_it_is_listed() -> None:

@@ -314,7 +314,8 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     seed = args.seed if args.seed is not None else job_seed(found.fields.get("seed", JOB_BASE_SEED),
                                                             int(args.vary_seed))
     prompts = tuple(args.prompt) or (found.fields["prompt"],)
-    return JobSource(prompts=prompts, image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
+    return JobSource(prompts=prompts, prompts_from="--prompt" if args.prompt else f"--from {args.from_image}",
+                     image=args.image, images_per_prompt=args.images_per_prompt, base_seed=seed,
                      defaults={k: v for k, v in fields.items() if not (k == "image" and args.image)},
                      **_authoring(args))
 

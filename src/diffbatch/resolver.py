@@ -99,8 +99,9 @@ class Resolver:
         for path in candidates:
             if _is_safetensors_file(path):
                 return path.resolve()
-        where = f"--lora-dir {self.lora_dir}" if self.lora_dir is not None else "no LoRA folder given (--lora-dir)"
-        raise SpecError(f"loras: unknown LoRA {shown(name)}: not a .safetensors file, and not in {where}",
+        where = (f"not in --lora-dir {self.lora_dir}" if self.lora_dir is not None
+                 else "no LoRA folder was given (--lora-dir)")
+        raise SpecError(f"loras: unknown LoRA {shown(name)}: not a .safetensors file, and {where}",
                         field="loras", value=name, reason="unknown LoRA")
 
     @staticmethod

@@ -50,8 +50,8 @@ def parse_dynamic(text: str, wildcards: str | None = None) -> Dynamic:
     method, _, count = value.partition(":")
     if method == RANDOM and re.fullmatch(r"[0-9]{1,12}", count.strip()) and int(count) >= 1:  # ASCII, < 10**12
         return Dynamic(int(count), wildcards)
-    raise SpecError(f"--dynamic {shown(text, 60)} is invalid: use combinatorial, or random:N with N from 1 to 10**12 - 1",
-                    field="dynamic", value=text, reason="use combinatorial, or random:N with N from 1 to 10**12 - 1")
+    rule = "use combinatorial, or random:N with N from 1 to 10**12 - 1"
+    raise SpecError(f"--dynamic {shown(text, 60)} is invalid: {rule}", field="dynamic", value=text, reason=rule)
 
 
 def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where: str,
@@ -109,8 +109,8 @@ def _collections(root: Path) -> dict[str, Any]:
                 found[key] = _wildcard_file(path)
             elif path.suffix in (".json", ".yaml"):
                 prefix = path.parent.relative_to(root).as_posix()
-                found.update((f"{prefix}/{k}" if prefix != "." else k, v) for k, v in _structured(path,
-                                                                                                   parse_structured_file))
+                for name_in_file, collection in _structured(path, parse_structured_file):
+                    found[name_in_file if prefix == "." else f"{prefix}/{name_in_file}"] = collection
     return found
 
 

@@ -15,12 +15,12 @@ from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError, shown
+from ..errors import InputError, SpecError, shown
 from ..numerics import DEFAULT as DEFAULT_NUMERICS
 from ..numerics import KEY as NUMERICS_KEY
 from ..numerics import NumericPath, parse_numerics
 from ..samplers import SAMPLERS
-from ..spec import EDGES, PARSE, parse_size
+from ..spec import EDGES, PARSE, check_field, parse_size
 from .writer import PARAMETERS_KEY
 
 # The settings line is read as A1111's modules/infotext_utils.py re_param_code reads it,
@@ -90,7 +90,19 @@ def parse_infotext(text: str) -> Infotext:
     if "Init image" in settings:
         found.fields["image"] = settings["Init image"]
     _sampler(settings, found)
+    _check_fields(found.fields)
     return found
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    """Every value the PNG gives by each field's own rule, so a bad one (``Cache: deepcache:٣``) is refused here,
+    naming its key, rather than offered to a client or sent on to fail later."""
+    for name, value in fields.items():
+        try:
+            check_field(name, value)
+        except SpecError as exc:
+            key = next((k for k, (field, _) in KEYS.items() if field == name), name)
+            raise ValueError(f"{key}: {shown(value)} is invalid: {exc.reason}") from None
 
 
 def _settings(line: str, whole_line: bool = False) -> dict[str, str]:

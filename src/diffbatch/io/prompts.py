@@ -35,6 +35,7 @@ class JobSource:
 
     prompts_file: str | None = None  # a text or .jsonl file, or "-" for stdin
     prompts: tuple[str, ...] = ()  # --prompt flags (instead of a file)
+    prompts_from: str = "--prompt"  # where ``prompts`` came from, named in errors (``--from IMAGE.png``)
     image: str | None = None  # --image: one init image for all prompts, or a folder paired with prompts
     images_per_prompt: int = 1  # -n
     base_seed: int = JOB_BASE_SEED  # --seed: image k gets base_seed + k (seeds.job_seed)
@@ -83,6 +84,8 @@ def _read_lines(source: JobSource, stdin: TextIO) -> list[_PromptLine]:
     if source.prompts_file is not None and source.prompts:
         raise InputError("give a PROMPTS file or --prompt, not both")
     if source.prompts:
+        if source.prompts_from != "--prompt":  # one prompt, from a file (--from a PNG): its name
+            return [_PromptLine({"prompt": p}, source.prompts_from) for p in source.prompts]
         return [_PromptLine({"prompt": p}, f"--prompt #{i}") for i, p in enumerate(source.prompts, 1)]
     if source.prompts_file is None:
         raise InputError("no prompts: give a PROMPTS file (text or .jsonl), - for stdin, or --prompt TEXT")
@@ -165,11 +168,15 @@ def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
         shown = f"more than {source.limit}" if len(variants) > source.limit else str(total)
         raise InputError(f"the job holds {shown} images (prompts x copies x sweep cells), over the limit of "
                          f"{source.limit} for sweeps and dynamic prompts: {source.over_limit}")
+    _check_sweep_axes(source)
     cells: list[Cell | None] = list(source.sweep.cells()) if source.sweep else [None]  # counted first: 1000^3
     items: list[JobItem] = []
     image = 0  # the images of the prompts, before the sweep: the k of the seed convention
     for line, template in variants:
         fields = _merge(source.defaults, line.fields)
+        if source.sweep and "strength" in source.sweep.targets and fields.get("image") is None:
+            raise InputError(f"{line.where}: --sweep strength: this image has no init image, so every cell would "
+                             "be the same image labelled differently; give --image (or an image field)")
         for copy in range(source.images_per_prompt):
             for cell in cells:
                 swept = (source.sweep.apply(fields, cell, line.where, source.max_prompt_chars)
@@ -181,6 +188,14 @@ def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
                 items.append(JobItem(len(items), spec, line.where, notes))
             image += 1
     return items
+
+
+def _check_sweep_axes(source: JobSource) -> None:
+    """A seed axis sets each image's seed: copies (``-n``) would get seeds the grid's labels do not show."""
+    if source.sweep and "seed" in source.sweep.targets and source.images_per_prompt > 1:
+        raise InputError(f"--sweep seed with -n {source.images_per_prompt}: the seed axis gives each cell its seed, "
+                         "so copies would be made on seeds its labels do not name; put every seed on the axis "
+                         "instead of -n")
 
 
 def _variants(lines: list[_PromptLine], source: JobSource) -> list[tuple[_PromptLine, str | None]]:

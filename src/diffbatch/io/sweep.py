@@ -98,6 +98,10 @@ class Sweep:
     def size(self) -> int:
         return math.prod(len(axis.values) for axis in self.axes)
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(axis.target for axis in self.axes)
+
     def cells(self) -> Iterator[Cell]:
         """In reading order of the grids: Z outermost, then Y (rows), then X (columns)."""
         ranges = [range(len(axis.values)) for axis in reversed(self.axes)]

@@ -35,12 +35,29 @@ from .schemas import ApiError
 
 log = logging.getLogger("diffbatch.server")
 HEAD, BODY, APP = "head", "body", "app"  # what a connection waits for
+MAX_LOGGED_PATH = 200  # characters of a request's path and query an access-log line keeps
 
 
 def uvicorn_config(app: Any, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
     """The one uvicorn configuration: ``serve`` and tests differ only in ``overrides`` (log level)."""
-    return uvicorn.Config(app, host=config.host, port=config.port, http=protocol_factory(config),
+    made = uvicorn.Config(app, host=config.host, port=config.port, http=protocol_factory(config),
                           timeout_graceful_shutdown=int(config.drain_seconds), **overrides)
+    access = logging.getLogger("uvicorn.access")  # configured by the Config just made
+    if not any(isinstance(f, ShortAccessLines) for f in access.filters):
+        access.addFilter(ShortAccessLines())
+    return made
+
+
+class ShortAccessLines(logging.Filter):
+    """An access-log line with its path (query string included) cut to ``MAX_LOGGED_PATH`` characters: a client's
+    60 KB query string is not a log line, and one per request fills a disk."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and len(args[2]) > MAX_LOGGED_PATH:
+            path = args[2]
+            record.args = (*args[:2], f"{path[:MAX_LOGGED_PATH]}...({len(path)} characters)", *args[3:])
+        return True
 
 
 def protocol_factory(config: ServerConfig) -> Any:

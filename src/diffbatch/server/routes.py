@@ -228,7 +228,8 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client i
 async def _results_while_connected(request: Request, s: ServerState, futures: list) -> list[Result]:
     """The images' results; if the client goes away first, its images leave the queue, or the running batch
     at the next step (nobody will read them, and they would crowd out work somebody waits for)."""
-    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    wrapped = [asyncio.wrap_future(f) for f in futures]
+    waiting = asyncio.ensure_future(asyncio.gather(*wrapped))
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
         if done:
@@ -236,8 +237,15 @@ async def _results_while_connected(request: Request, s: ServerState, futures: li
         if await request.is_disconnected():
             dropped = s.loop.cancel(futures)
             s.metrics.cancelled.labels("disconnect").inc(dropped)
+            for future in (waiting, *wrapped):  # what they end with is read here: no "never retrieved" in the log
+                future.add_done_callback(_retrieved)
             waiting.cancel()
             raise ApiError(499, "the client disconnected", kind="cancelled")
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _submit(s, specs: list[GenerationSpec], limit: KeyLimit | None = None) -> list:
