@@ -41,7 +41,7 @@ class Writer:
         self.on_write(index)
         self.written.append((index, result.spec.prompt))
 
-    def write_encoded(self, index, spec, png, seconds):
+    def write_encoded(self, index, spec, png, seconds, numerics=""):
         self.on_write(index)
         self.written.append((index, png))
 
@@ -175,7 +175,7 @@ class Rows:
             if self.error is not None and n == len(self.order) - 1:
                 raise self.error
             self.pulled += 1
-            yield {"index": k, "png": f"png{k}".encode(), "seconds": 0.1}
+            yield {"index": k, "png": f"png{k}".encode(), "seconds": 0.1, "numerics": "float32 cpu"}
 
 
 def ray_data(monkeypatch, rows):

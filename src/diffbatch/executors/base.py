@@ -42,6 +42,7 @@ class Encoded:
 
     png: bytes
     seconds: float
+    numerics: str = ""  # the numeric path the worker made it on (numerics.py)
 
 
 class Executor(Protocol):
@@ -89,7 +90,7 @@ def run_job(executor: Executor, specs: Sequence[GenerationSpec], todo: Sequence[
                 k = pending.pop(future)
                 result = future.result()
                 if isinstance(result, Encoded):
-                    writer.write_encoded(k, specs[k], result.png, result.seconds)
+                    writer.write_encoded(k, specs[k], result.png, result.seconds, result.numerics)
                 else:
                     writer.write(k, result)
                 on_written()

@@ -78,6 +78,7 @@ class WorkResult:
     index: int
     png: bytes  # encode_png's bytes, parameters chunk included
     seconds: float
+    numerics: str  # the numeric path it was made on
 
 
 class EngineWorker:
@@ -103,12 +104,13 @@ class EngineWorker:
         results = [self._finish(item, r) for item, r in zip(items, made, strict=True)]
         return {"index": np.array([r.index for r in results], dtype=np.int64),
                 "png": np.array([r.png for r in results], dtype=object),
-                "seconds": np.array([r.seconds for r in results], dtype=np.float64)}
+                "seconds": np.array([r.seconds for r in results], dtype=np.float64),
+                "numerics": np.array([r.numerics for r in results], dtype=object)}
 
     def _finish(self, item: WorkItem, result: Result) -> WorkResult:
         # The driver's model name, as a local run writes it (a worker may see the model under another path).
         result = dataclasses.replace(result, model=self.options.model_name or result.model)
-        return WorkResult(item.index, encode_png(result, item.image_hash), result.seconds)
+        return WorkResult(item.index, encode_png(result, item.image_hash), result.seconds, result.numerics)
 
 
 class RayDataExecutor:
@@ -181,7 +183,7 @@ class RayDataExecutor:
         for row in rows.iter_rows():
             future = open_.pop(int(row["index"]), None)
             if future is not None:
-                settle(future, result=Encoded(bytes(row["png"]), float(row["seconds"])))
+                settle(future, result=Encoded(bytes(row["png"]), float(row["seconds"]), str(row["numerics"])))
                 with self._lock:
                     self._specs.pop(future, None)
             if self._stopping or (cancels != self._cancels and all(f.done() for f in open_.values())):

@@ -186,13 +186,15 @@ class OutputWriter:
         job's model as the manifest does."""
         png = encode_png(dataclasses.replace(result, model=self.model, model_hash=self.model_hash),
                          self.image_hash(result.spec))
-        return self.write_encoded(index, result.spec, png, result.seconds)
+        return self.write_encoded(index, result.spec, png, result.seconds, result.numerics)
 
-    def write_encoded(self, index: int, spec: GenerationSpec, png: bytes, seconds: float) -> Path:
-        """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``."""
+    def write_encoded(self, index: int, spec: GenerationSpec, png: bytes, seconds: float, numerics: str = "") -> Path:
+        """As ``write``, for a PNG encoded elsewhere (a Ray worker) by ``encode_png``; ``numerics``: the path it was
+        made on, recorded in its manifest line (else the job's)."""
         path = self.out_dir / png_name(index, spec.seed)
         write_bytes_atomic(path, png)
-        record = {**manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec), self.numerics),
+        numerics = numerics or self.numerics
+        record = {**manifest_record(index, spec, self.model, self.model_hash, self.image_hash(spec), numerics),
                   **self.notes.get(index, {})}
         self._append({**record, "file_sha256": hashlib.sha256(png).hexdigest(), "seconds": round(seconds, 4)})
         return path
