@@ -84,7 +84,17 @@ def write_markdown(record: dict) -> None:
     lines = [[r["workload"], *(r[name] for name in PATHS), f"{r[FIXED] / r['bfloat16 stock']:.2f}x",
               f"{r['float32 as shipped'] / r['bfloat16 as shipped']:.2f}x",
               f"{r['float32 as shipped'] / r[FIXED]:.2f}x"] for r in record["rows"]]
-    replace_section("bfloat16 on a CPU: the cost of exactness (issue 33)", body + table(header, lines))
+    rows = {r["workload"]: r for r in record["rows"]}
+    lone, full = rows.get("1 guided image"), rows.get("8 guided images")
+    summary = ""
+    if lone and full:
+        shipped = "bfloat16 as shipped"
+        summary = (f"\n\nThe fixed shapes cost a lone guided image {lone[FIXED] / lone[shipped]:.2f}x the "
+                   f"time of this CPU's exact path, and 8 guided images {full[FIXED] / full[shipped]:.2f}x "
+                   "(full calls: no padding). No AMX CPU was at hand: there the lone image's padding should cost less "
+                   "(batching gains ~2x from 2 to 8 rows with AMX, 355 -> 710 GFLOP/s, against ~1.25x here), which "
+                   "is unmeasured.")
+    replace_section("bfloat16 on a CPU: the cost of exactness (issue 33)", body + table(header, lines) + summary)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,18 @@ def _rewrite_parameters(source: Path, target: Path, parameters: str) -> None:
 
 def test_the_numeric_path_default_is_float32_on_a_cpu_with_torch():
     assert DEFAULT == NumericPath("float32", "cpu", "torch") and DEFAULT.is_default
+
+
+def test_library_warnings_a_user_cannot_act_on_stay_off_stderr(recwarn):
+    import warnings
+
+    from torch.jit import TracerWarning
+
+    from diffbatch.quiet import quiet_loading
+
+    with warnings.catch_warnings():
+        quiet_loading()
+        warnings.warn("Converting a tensor to a Python boolean might cause the trace to be incorrect", TracerWarning)
+        warnings.warn_explicit("Already found a peft_config attribute", UserWarning, "peft/tuners/tuners_utils.py",
+                               1, module="peft.tuners.tuners_utils")
+    assert not [w for w in recwarn if issubclass(w.category, TracerWarning) or "peft_config" in str(w.message)]

@@ -137,6 +137,7 @@ def test_killing_a_replica_mid_load_loses_and_duplicates_nothing(server: LiveSer
     retried = next(float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith("diffbatch_replica_retries_total"))
     assert retried >= 1  # the killed replica had images in flight: they were sent again, and made once
+    assert f'replica="{victim["name"].rsplit("#", 1)[-1]}"' not in metrics  # its series ended with it
 
 
 def _wait(url: str, job_id: str, headers: dict, timeout: float = 240) -> dict:

@@ -224,12 +224,36 @@ class ReplicaLoop:
             with self._lock:
                 self._sent.pop(item.future, None)
 
+    def live_facts(self) -> ReplicaFacts:
+        """``facts`` for the replicas alive now (Ray's named actors of this deployment): a killed replica's series
+        end with it, and its replacement shows (0 images) before its first answer. Ray unreachable: ``facts``."""
+        alive = _live_replicas()
+        if alive is None:
+            return self.facts
+        facts = self.facts
+        return ReplicaFacts({name: facts.queues.get(name, 0) for name in alive},
+                            {name: stats for name, stats in facts.stats.items() if name in alive},
+                            {name: facts.images.get(name, 0) for name in alive}, facts.retried)
+
     def _record(self, facts: dict[str, Any]) -> None:
         name = facts["replica"]
         self.facts.queues[name] = facts["queue"]
         self.facts.stats[name] = facts["stats"]
         self.facts.images[name] = self.facts.images.get(name, 0) + 1
         self.engine.stats = _summed(self.facts.stats.values())
+
+
+def _live_replicas() -> set[str] | None:
+    """The ids of this deployment's live replicas (the part of a replica actor's name after its last ``#``, which
+    ``_replica_name`` reports), or None when Ray cannot say."""
+    try:
+        import ray
+
+        actors = ray.util.list_named_actors(all_namespaces=True)
+    except Exception:  # noqa: BLE001 - no Ray, or its control store gone: the facts as answered
+        return None
+    prefix = f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#"
+    return {actor["name"][len(prefix):] for actor in actors if actor["name"].startswith(prefix)}
 
 
 def _summed(all_stats: Any) -> EngineStats:

@@ -85,7 +85,7 @@ class _EngineCollector(Collector):
 
 def _replica_metrics(replicas: Any) -> Iterator[Any]:
     """Per engine replica (``serve --ray``): its queue length at its latest answer, and the images it made."""
-    yield GaugeMetricFamily("diffbatch_replicas", "Engine replicas that have answered", value=len(replicas.queues))
+    yield GaugeMetricFamily("diffbatch_replicas", "Engine replicas alive now", value=len(replicas.queues))
     queue = GaugeMetricFamily("diffbatch_replica_queue_length", "A replica's images waiting or running, at its "
                               "latest answer", labels=["replica"])
     made = CounterMetricFamily("diffbatch_replica_images", "Images a replica made", labels=["replica"])

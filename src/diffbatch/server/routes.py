@@ -98,7 +98,9 @@ def _script_json(value: Any) -> str:
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
     s = state(request)
-    text = s.metrics.render(s.loop.queue_length(), s.engine.stats, getattr(s.loop, "facts", None))
+    live = getattr(s.loop, "live_facts", None)  # serve --ray: the replicas alive now (a GCS call: off the loop)
+    replicas = None if live is None else await asyncio.get_running_loop().run_in_executor(None, live)
+    text = s.metrics.render(s.loop.queue_length(), s.engine.stats, replicas)
     return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
