@@ -186,7 +186,7 @@ def test_a_png_with_a_bad_cache_is_refused_by_from(tmp_path, capsys):
     text = format_parameters(GenerationSpec(**EXAMPLES), "DDIM", "tiny").replace("deepcache:3", "deepcache:99")
     png.write_bytes(png_with_parameters(text))
     assert main(["generate", "--from", str(png), "--out", str(tmp_path / "out")]) == 2
-    assert "cache=" in capsys.readouterr().err
+    assert "Cache: 'deepcache:99' is invalid" in capsys.readouterr().err  # named as the PNG names it
 
 
 def test_from_a_png_made_with_a_cache_asks_for_the_same_cache(monkeypatch, tmp_path, capsys):
