@@ -10,7 +10,7 @@ demo: install
 
 test: install
 	.venv/bin/ruff check src shapes tests benchmarks
-	.venv/bin/python -m pytest -p no:cacheprovider
+	.venv/bin/python -m pytest -p no:cacheprovider --durations=15
 
 bench: install
 	.venv/bin/python benchmarks/throughput.py --model tiny --images 48

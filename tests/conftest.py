@@ -13,6 +13,14 @@ def tiny_sd_path(tmp_path_factory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
+def pytest_collection_modifyitems(items):
+    """A test that drives Chromium (the ``browser`` fixture of test_ui.py and test_gallery.py) is marked
+    ``browser``, so ``-m "not browser"`` leaves it out."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+
+
 @pytest.fixture(autouse=True)
 def _default_torch_threads():
     """Tests run at torch's default thread count, as users do (2 on CI); a test that changes it is undone."""

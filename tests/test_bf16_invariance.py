@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from diffbatch import Engine, GenerationSpec
-from diffbatch.adapters import load_adapter
-from diffbatch.adapters import invariance
+from diffbatch.adapters import invariance, load_adapter
 from diffbatch.adapters.invariance import (
     CPU_BF16_DENOISER_ROWS,
     CPU_BF16_TEXT_ROWS,

@@ -49,6 +49,7 @@ def test_batch_size_does_not_change_a_single_byte(job: Path, tmp_path: Path) -> 
     assert made["1"] == made["auto"] and made["3"] == made["auto"]
 
 
+@pytest.mark.slow  # two subprocess CLIs
 def test_a_one_thread_process_writes_the_files_of_a_default_one(job: Path, tmp_path: Path) -> None:
     args = ["generate", str(job), "--steps", "3", "-n", "2", "--seed", "5", "--no-gallery"]
     assert main([*args, "--out", str(tmp_path / "default")]) == 0

@@ -20,6 +20,7 @@ def test_script_skips_without_cuda():
     assert "no CUDA GPU here" in done.stdout and "skipped" in done.stdout
 
 
+@pytest.mark.slow
 def test_python_part_runs_on_the_tiny_sdxl_on_the_cpu():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
                            "--images", "4", "--batch-size", "2"], capture_output=True, text=True, timeout=300,

@@ -136,7 +136,8 @@ def test_library_warnings_a_user_cannot_act_on_stay_off_stderr(recwarn):
 
     with warnings.catch_warnings():
         quiet_loading()
-        warnings.warn("Converting a tensor to a Python boolean might cause the trace to be incorrect", TracerWarning)
+        warnings.warn("Converting a tensor to a Python boolean might cause the trace to be incorrect", TracerWarning,
+                      stacklevel=1)
         warnings.warn_explicit("Already found a peft_config attribute", UserWarning, "peft/tuners/tuners_utils.py",
                                1, module="peft.tuners.tuners_utils")
     assert not [w for w in recwarn if issubclass(w.category, TracerWarning) or "peft_config" in str(w.message)]

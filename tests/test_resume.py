@@ -80,6 +80,7 @@ def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL
     return proc.wait()
 
 
+@pytest.mark.slow  # a subprocess CLI per run
 @pytest.mark.parametrize("lines", [0, 1, 5])
 def test_sigkill_then_rerun_gives_the_uninterrupted_files(
         lines: int, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path,
@@ -91,6 +92,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_files(
     assert_same_files(out, reference)
 
 
+@pytest.mark.slow  # a subprocess CLI
 def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
@@ -104,6 +106,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
     assert_same_files(out, reference)
 
 
+@pytest.mark.slow  # a tmpfs in a mount namespace, a subprocess CLI
 def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     """On a real full file system: a 24 KiB tmpfs (6 pages: the manifest and 5 PNGs) mounted in a private mount

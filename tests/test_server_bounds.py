@@ -101,12 +101,11 @@ def test_racing_deletes_and_cancels_of_one_job_answer_once_and_never_500(engine,
     with serve(engine, tmp_path) as client:
         client.app.state.server.jobs.stop(timeout=1.0)
         for _ in range(5):
-            job = batch(client, [{"prompt": f"p{i}", **FAST} for i in range(20)]).json()
+            url = f"/v1/batches/{batch(client, [{'prompt': f'p{i}', **FAST} for i in range(20)]).json()['id']}"
             answers: list = []
-            calls = [lambda: client.delete(f"/v1/batches/{job['id']}"),
-                     lambda: client.delete(f"/v1/batches/{job['id']}"),
-                     lambda: client.post(f"/v1/batches/{job['id']}/cancel")]
-            threads = [threading.Thread(target=lambda c=c: answers.append(c())) for c in calls]
+            calls = [lambda u=url: client.delete(u), lambda u=url: client.delete(u),
+                     lambda u=url: client.post(f"{u}/cancel")]
+            threads = [threading.Thread(target=lambda c=c, a=answers: a.append(c())) for c in calls]
             for thread in threads:
                 thread.start()
             for thread in threads:
