@@ -123,6 +123,13 @@ def _rewrite_parameters(source: Path, target: Path, parameters: str) -> None:
         image.save(target, pnginfo=info)
 
 
+def test_an_a1111_png_records_no_numeric_path_and_a_diffbatch_png_without_the_key_was_float32_on_a_cpu():
+    settings = "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: m"
+    assert parse_infotext(f"x\n{settings}, Version: v1.10.1").numerics is None  # --from keeps the defaults
+    assert parse_infotext(f"x\n{settings}").numerics == DEFAULT
+    assert parse_infotext(f"x\n{settings}, Numerics: bfloat16 cpu").numerics == NumericPath("bfloat16", "cpu")
+
+
 def test_the_numeric_path_default_is_float32_on_a_cpu_with_torch():
     assert DEFAULT == NumericPath("float32", "cpu", "torch") and DEFAULT.is_default
 

@@ -233,7 +233,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_default_sampler(args, resolver)
     specs = resolve_all(resolver, items)
     hashes = image_hashes(s.image for s in specs)  # taken once, before any image is made from the files
-    numerics = engine.numerics if engine is not None else ""  # --ray: the workers' (not recorded in the manifest)
+    numerics = engine.numerics if engine is not None else ""  # --ray: unknown here; each worker's is recorded
     job = (resolver.model_name, args.overwrite, resolver.model_hash, hashes, numerics)
     plan_resume(args.out, specs, *job)  # a changed job: refused before any write
     _make_out_dir(args.out)

@@ -106,9 +106,11 @@ def call_shapes(device: torch.device, invariant: bool = True, dtype: torch.dtype
 
 def cpu_bf16_shapes(threads: int) -> CallShapes:
     """bfloat16 on an AMX CPU: every stage at a fixed row count and at ``threads`` threads (module docstring)."""
-    return CallShapes(text=CallShape(1, CPU_BF16_TEXT_ROWS, threads), denoiser=CallShape(1, CPU_BF16_DENOISER_ROWS,
-                                                                                            threads),
-                      vae=CallShape(1, CPU_BF16_VAE_IMAGES, threads))
+    def fixed(rows: int) -> CallShape:
+        return CallShape(minimum=1, fixed=rows, threads=threads)
+
+    return CallShapes(text=fixed(CPU_BF16_TEXT_ROWS), denoiser=fixed(CPU_BF16_DENOISER_ROWS),
+                      vae=fixed(CPU_BF16_VAE_IMAGES))
 
 
 def make_batch_invariant(modules: Sequence[nn.Module | None], device: torch.device) -> None:

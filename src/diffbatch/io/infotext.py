@@ -46,7 +46,9 @@ class Infotext:
     model: str | None = None
     default_sampler: str | None = None
     image_hash: str | None = None  # A1111's "Init image hash": the init image file's fingerprint when made
-    numerics: NumericPath = DEFAULT_NUMERICS  # the numeric path it was made on (no key: float32 on a CPU)
+    # The numeric path it was made on: diffbatch writes the key off float32 on a CPU, so its PNG without one was made
+    # there; None for an AUTOMATIC1111 PNG (``Version:``, no key): made on a path nobody recorded
+    numerics: NumericPath | None = DEFAULT_NUMERICS
 
 
 def read_infotext(path: Path) -> Infotext:
@@ -79,6 +81,8 @@ def parse_infotext(text: str) -> Infotext:
     found = Infotext(model=settings.get("Model"), image_hash=settings.get("Init image hash"))
     if NUMERICS_KEY in settings:
         found.numerics = parse_numerics(settings[NUMERICS_KEY])
+    elif "Version" in settings:  # A1111 and Forge write their version; diffbatch does not
+        found.numerics = None
     found.fields["prompt"] = "\n".join(body[:negative])
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()

@@ -13,6 +13,7 @@ takes the items again. An item is done once: ``finish_item`` only finishes an it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -44,6 +45,7 @@ MIGRATIONS = {("files", "settings"): "TEXT",  # the image's settings, for the hi
               ("files", "owner"): "TEXT",  # likewise, for the history and /files
               ("items", "claimed_by"): "TEXT",  # the job runner holding the item's lease (JobRunner.claimant)
               ("items", "lease_until"): "REAL"}  # when that lease ends (time.time()); NULL: not claimed
+log = logging.getLogger("diffbatch.server")
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental
 LEASE_S = 120.0  # how long a claim holds without renewal: a runner that died gives its items back after this
 IN_USE = "--data-dir {}: another diffbatch server is using this folder"
@@ -96,7 +98,11 @@ class Store:
         there), run before WAL mode, while nothing else has the database open (the folder lock is held)."""
         if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
             self._db.execute(f"PRAGMA auto_vacuum = {INCREMENTAL}")
-            self._db.execute("VACUUM")
+            try:
+                self._db.execute("VACUUM")  # once; it needs free disk the size of the store
+            except sqlite3.OperationalError as exc:  # a full disk: the store works, deletions free no disk yet
+                log.warning("could not convert %s to incremental vacuum (%s); tried again at the next start",
+                            self.layout.database, exc)
 
     def reclaim(self) -> None:
         """Give the free pages back to the file system and empty the write-ahead log: after deleting a job (a
