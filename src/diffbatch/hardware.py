@@ -17,17 +17,20 @@ import torch
 from .numerics import NumericPath
 
 
+def _cpu_has(probe: str) -> bool:
+    """torch's answer to one of its ``torch.cpu._is_*_supported`` probes (False where this torch lacks it)."""
+    return bool(getattr(torch.cpu, probe, lambda: False)())
+
+
 def amx() -> bool:
     """Whether this CPU has AMX tiles, whose bfloat16 kernels move a row's bits with its batch and thread count
     (adapters/invariance.py runs bfloat16 at fixed call shapes there)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return _cpu_has("_is_amx_tile_supported")
 
 
 def native_bfloat16() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AVX512_BF16 or AMX) that torch's kernels use."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                 "_is_amx_tile_supported"))
+    return _cpu_has("_is_avx512_bf16_supported") or amx()
 
 
 @functools.cache
@@ -50,7 +53,7 @@ def cpu_features() -> str:
     """The vector features that decide CPU speed, e.g. ``AVX2 AVX512 AVX512_BF16`` (no AMX)."""
     names = {"AVX2": "_is_avx2_supported", "AVX512": "_is_avx512_supported",
              "AVX512_BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
-    found = [name for name, probe in names.items() if getattr(torch.cpu, probe, lambda: False)()]
+    found = [name for name, probe in names.items() if _cpu_has(probe)]
     return " ".join(found) or "no AVX2"
 
 

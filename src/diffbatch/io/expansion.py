@@ -41,6 +41,8 @@ def expand_all(templates: list[Template], dynamic: Dynamic, limit: int | None, m
     """The prompts of each template, stopping once more than ``limit`` are found (the caller refuses the job);
     ``InputError`` for a malformed template, an unknown wildcard, a prompt over ``max_chars`` characters, or a job
     whose templates take longer than ``budget_s`` seconds (default ``BUDGET_S``)."""
+    if not templates:
+        return []  # nothing to expand: no worker started
     request = {"templates": [asdict(t) for t in templates], "dynamic": asdict(dynamic), "limit": limit,
                "max_chars": max_chars}
     with _LOCK:
@@ -68,10 +70,11 @@ class _Worker:
                 return {"error": f"{where}: the dynamic prompts took longer than {budget_s:g} s to expand (nested "
                                  "variables or wildcards, or many random draws of many variants); refused"}
         line = process.stdout.readline()
-        if not line:  # the child died (out of memory, killed)
+        try:
+            return json.loads(line)
+        except ValueError:  # the child died (out of memory, killed): an empty or cut line
             self.stop()
             return {"error": "the dynamic prompts could not be expanded: the expansion process ended"}
-        return json.loads(line)
 
     def _running(self) -> subprocess.Popen:
         """The child, started if needed; the budget starts once it is ready (its imports are not the job's)."""
@@ -130,9 +133,10 @@ def _serve() -> None:
         os.nice(NICENESS)
     import dynamicprompts.generators  # noqa: F401 - loaded before READY: the budget is the expansion's own
 
-    sys.stdout.write(READY + "\n")
-    sys.stdout.flush()
+    answers, sys.stdout = sys.stdout, sys.stderr  # the answers' channel is this module's alone: no library prints
+    answers.write(READY + "\n")
+    answers.flush()
     for line in sys.stdin:
-        sys.stdout.write(json.dumps(_answer(json.loads(line))) + "\n")
-        sys.stdout.flush()
+        answers.write(json.dumps(_answer(json.loads(line))) + "\n")
+        answers.flush()
 
