@@ -146,3 +146,22 @@ def test_an_error_about_a_from_png_prompt_names_the_png(capsys, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "made.png", pnginfo=info)
     code, err = run(capsys, "generate", "--from", tmp_path / "made.png", "--dynamic", "--dry-run", "--out", "unused")
     assert code == 2 and f"--from {tmp_path / 'made.png'}: malformed dynamic prompt" in err, err
+
+
+def test_a_cache_value_is_recorded_exactly_and_without_an_exponent():
+    assert canonical_cache("fbcache:0.00005") == "fbcache:0.00005"
+    assert canonical_cache("fbcache:0.123456789") == "fbcache:0.123456789"
+    assert parse_cache(canonical_cache("fbcache:0.00005")).value == 0.00005
+
+
+def test_a_link_to_a_wildcard_folder_elsewhere_leaves_both_names_working(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "x.txt").write_text("red\n")
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    found = expand_all([Template("__real/x__ __alias/x__", 0, "t")], Dynamic(None, str(tmp_path)), None, 1000)
+    assert found == [["red red"]]
+
+
+def test_the_prompts_of_a_job_are_budgeted_in_the_worker():
+    with pytest.raises(Exception, match="over this job's budget of 1,000"):
+        expand_all([Template("{a|b}" * 12 + "x" * 100, 0, "t")], Dynamic(), None, 1000, max_total_chars=1000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 from .numbers import parse_int, parse_number
 
@@ -59,9 +60,14 @@ def parse_cache(text: str) -> CacheSetting | None:
 
 
 def canonical_cache(text: str) -> str:
-    """``text`` as written into PNGs and manifests: ``deepcache:05`` -> ``deepcache:5`` (one image, one text)."""
+    """``text`` as written into PNGs and manifests, one text for one setting: ``deepcache:05`` -> ``deepcache:5``,
+    ``fbcache:0.10`` -> ``fbcache:0.1``; exact, and without an exponent (which ``parse_cache`` would refuse)."""
     setting = parse_cache(text)
-    return text if setting is None else f"{setting.method}:{setting.value:g}"
+    if setting is None:
+        return text
+    raw = text.partition(":")[2]
+    number = str(int(raw)) if METHODS[setting.method].parse is int else format(Decimal(raw).normalize(), "f")
+    return f"{setting.method}:{number}"
 
 
 def cache_ok(value: object) -> bool:

@@ -336,8 +336,10 @@ def _recorded_numerics(args: argparse.Namespace) -> None:
     """``--from`` a PNG made on a numeric path this machine lacks (a CUDA device, native bfloat16): say so, and
     run on this machine's default path instead (another image than the PNG's, said rather than silent)."""
     recorded: NumericPath | None = getattr(args, "recorded_numerics", None)
-    if recorded is None:
+    if recorded is None or args.ray is not None:  # --ray: the workers' hardware decides, not this machine's
         return
+    import torch
+
     from .hardware import missing_numerics
 
     lacking = missing_numerics(recorded)
@@ -345,6 +347,9 @@ def _recorded_numerics(args: argparse.Namespace) -> None:
         print(f"diffbatch: --from {args.from_image}: made on {recorded}, but this machine {lacking}; making it on "
               "this machine's default dtype and device instead (the pixels will differ)", file=sys.stderr)
         args.dtype, args.device = AUTO_DTYPE, None
+    elif recorded.device == "cpu" and torch.cuda.is_available():  # a GPU left idle: said, not silent
+        print(f"diffbatch: --from {args.from_image}: making it on {recorded}, as it was made; give --device cuda "
+              "(and --dtype) to make it on the GPU instead (other pixels)", file=sys.stderr)
 
 
 def _check_from_image(png: Path, image: str, recorded: str) -> None:

@@ -83,7 +83,7 @@ def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where:
 def wildcard_manager(folder: str | None) -> Any:
     """The library's wildcard manager over ``folder``'s files, its ``.txt`` files read as prompts files are
     (io/text.py: UTF-8 or a byte-order mark, anything else refused naming the file; the library dropped Latin-1
-    bytes and kept a UTF-8 mark in the prompt), each folder walked once (a symlink loop is not followed twice)."""
+    bytes and kept a UTF-8 mark in the prompt), a symlink loop not followed round (``_loops_back``)."""
     from dynamicprompts.wildcards.wildcard_manager import WildcardManager
 
     if not folder:
@@ -95,13 +95,8 @@ def _collections(root: Path) -> dict[str, Any]:
     from dynamicprompts.wildcards.collection.structured import parse_structured_file
 
     found: dict[str, Any] = {}
-    seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        subfolders[:] = [] if real in seen else [d for d in subfolders if not d.startswith(".")]
-        if real in seen:
-            continue
-        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and not _loops_back(folder, d)]
         for name in sorted(files):
             path = Path(folder) / name
             key = path.relative_to(root).with_suffix("").as_posix()
@@ -112,6 +107,13 @@ def _collections(root: Path) -> dict[str, Any]:
                 for name_in_file, collection in _structured(path, parse_structured_file):
                     found[name_in_file if prefix == "." else f"{prefix}/{name_in_file}"] = collection
     return found
+
+
+def _loops_back(folder: str, name: str) -> bool:
+    """Whether ``folder/name`` is ``folder`` itself or a folder above it (a symlink loop: walking it never ends); a
+    link to a folder elsewhere is walked under its own name too, as the library does."""
+    here, there = os.path.realpath(folder), os.path.realpath(os.path.join(folder, name))
+    return here == there or here.startswith(there.rstrip(os.sep) + os.sep)
 
 
 def _structured(path: Path, parse: Any) -> list[tuple[str, Any]]:
@@ -168,7 +170,8 @@ def _unknown_wildcards(where: str, folder: str | None) -> Iterator[None]:
         logger.propagate = propagate
     if handler.names:
         name = handler.names[0]
-        if folder and (Path(folder) / f"{name}.txt").is_file():
+        file = Path(folder) / f"{name}.txt" if folder else None
+        if file is not None and file.is_file() and not _wildcard_file(file).get_values():
             raise InputError(f"{where}: wildcard __{name}__: {Path(folder) / name}.txt holds no values (every line "
                              "blank or a # comment)")
         place = f"no {name}.txt in --wildcards {folder}" if folder else "no --wildcards folder given"

@@ -45,6 +45,7 @@ class JobSource:
     limit: int | None = AUTHORED_LIMIT  # most images a sweep or dynamic prompts may make (None: --yes)
     over_limit: str = "give --yes to run it"  # what the refusal of a job over ``limit`` says to do
     max_prompt_chars: int = MAX_PROMPT_CHARS  # longest prompt authoring may make (Prompt S/R, dynamic templates)
+    max_text_chars: int | None = None  # all the prompts dynamic templates may make together (None: no budget)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,8 @@ def _variants(lines: list[_PromptLine], source: JobSource) -> list[tuple[_Prompt
         return [(line, None) for line in lines]
     templates = [Template(line.fields["prompt"], job_seed(source.base_seed, n), line.where)
                  for n, line in enumerate(lines) if isinstance(line.fields.get("prompt"), str)]
-    expanded = iter(expand_all(templates, source.dynamic, source.limit, source.max_prompt_chars))
+    expanded = iter(expand_all(templates, source.dynamic, source.limit, source.max_prompt_chars,
+                               max_total_chars=source.max_text_chars))
     found: list[tuple[_PromptLine, str | None]] = []
     for line in lines:
         template = line.fields.get("prompt")

@@ -330,7 +330,8 @@ def _authoring(s, sweep: list[str], dynamic: str | None) -> JobSource:
         raise ApiError(400, str(exc).replace("--sweep", "sweep").replace("--dynamic", "dynamic"),
                        exc.field) from None
     return JobSource(base_seed=JOB_BASE_SEED, sweep=plan, dynamic=expand, limit=s.config.max_batch_lines,
-                     over_limit="this server's limit on a batch's images", max_prompt_chars=s.config.max_prompt_chars)
+                     over_limit="this server's limit on a batch's images", max_prompt_chars=s.config.max_prompt_chars,
+                     max_text_chars=s.config.max_job_text_bytes)  # characters <= UTF-8 bytes: checked again after
 
 
 def _batch_records(s, body: bytes, source: JobSource) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ MIGRATIONS = {("files", "settings"): "TEXT",  # the image's settings, for the hi
               ("items", "lease_until"): "REAL"}  # when that lease ends (time.time()); NULL: not claimed
 log = logging.getLogger("diffbatch.server")
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental
+RECLAIM_PAGES = 4096  # free pages given back per step of reclaim (16 MiB of 4 KiB pages)
 LEASE_S = 120.0  # how long a claim holds without renewal: a runner that died gives its items back after this
 IN_USE = "--data-dir {}: another diffbatch server is using this folder"
 
@@ -98,6 +99,8 @@ class Store:
         there), run before WAL mode, while nothing else has the database open (the folder lock is held)."""
         if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
             self._db.execute(f"PRAGMA auto_vacuum = {INCREMENTAL}")
+            log.info("converting %s to incremental auto-vacuum (once; a large store takes a while)",
+                     self.layout.database)
             try:
                 self._db.execute("VACUUM")  # once; it needs free disk the size of the store
             except sqlite3.OperationalError as exc:  # a full disk: the store works, deletions free no disk yet
@@ -106,10 +109,19 @@ class Store:
 
     def reclaim(self) -> None:
         """Give the free pages back to the file system and empty the write-ahead log: after deleting a job (a
-        100,000-image job is 1.6 GB of rows and log, kept on disk until then)."""
-        with self._lock:
-            self._db.executescript("PRAGMA incremental_vacuum;")  # a page a step: executescript steps them all
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        100,000-image job is 1.6 GB of rows and log, kept on disk until then). In chunks, the lock let go between
+        them, so other store calls are not held for the whole; a failure (a full disk) is logged, the job stays
+        deleted."""
+        try:
+            before = None  # a store not converted (a full disk at start) frees nothing: stop, not spin
+            while (free := self._query("PRAGMA freelist_count")[0][0]) > 0 and free != before:
+                before = free
+                with self._lock:  # a page a step: executescript steps them all
+                    self._db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_PAGES});")
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("could not give a deleted job's disk back (%s); it is reused by later jobs", exc)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
