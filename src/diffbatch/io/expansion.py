@@ -50,8 +50,11 @@ def expand_all(templates: list[Template], dynamic: Dynamic, limit: int | None, m
         return []  # nothing to expand: no worker started
     request = {"templates": [asdict(t) for t in templates], "dynamic": asdict(dynamic), "limit": limit,
                "max_chars": max_chars, "max_total_chars": max_total_chars}
-    with _LOCK:
-        answer = _WORKER.ask(request, BUDGET_S if budget_s is None else budget_s)
+    if os.name != "posix":  # select() on pipes is POSIX: elsewhere the templates expand here, without a budget
+        answer = _answer(request)
+    else:
+        with _LOCK:
+            answer = _WORKER.ask(request, BUDGET_S if budget_s is None else budget_s)
     if "error" in answer:
         raise InputError(answer["error"])
     return answer["prompts"]
