@@ -143,3 +143,18 @@ def test_a_sweep_submits_one_batch_job_and_shows_its_grid(browser, server, tiny_
     expected = np.asarray(Image.open(out / "00000-7.png").convert("RGB"))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB")), expected)
     page.close()
+
+
+def test_a_seed_past_what_a_browser_holds_exactly_is_refused_not_rounded(browser, server):  # noqa: F811
+    page = open_ui(browser, server.url, KEY)
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url) if request.method == "POST" else None)
+    page.fill("#prompt", "a red circle")
+    page.fill("#seed", "9007199254740993")  # 2**53 + 1: Number() would send 2**53
+    page.click("#generate")
+    assert page.eval_on_selector("#seed", "e => e.validity.rangeOverflow")  # the form is not submitted
+    page.fill("#seed", "9007199254740990")
+    page.fill("#n", "4")  # its images' seeds would pass 2**53 - 1
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.includes('9007199254740991')")
+    assert sent == []
