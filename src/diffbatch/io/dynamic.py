@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, SpecError, shown
+from ..numbers import parse_int
 from .text import decode_text
 
 COMBINATORIAL = "combinatorial"
 RANDOM = "random"
+MAX_DRAWS = 10**12  # random:N takes N below this
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,18 @@ def parse_dynamic(text: str, wildcards: str | None = None) -> Dynamic:
     if value == COMBINATORIAL:
         return Dynamic(None, wildcards)
     method, _, count = value.partition(":")
-    if method == RANDOM and re.fullmatch(r"[0-9]{1,12}", count.strip()) and int(count) >= 1:  # ASCII, < 10**12
-        return Dynamic(int(count), wildcards)
+    if method == RANDOM and 1 <= _count(count.strip()) < MAX_DRAWS:
+        return Dynamic(_count(count.strip()), wildcards)
     rule = "use combinatorial, or random:N with N from 1 to 10**12 - 1"
     raise SpecError(f"--dynamic {shown(text, 60)} is invalid: {rule}", field="dynamic", value=text, reason=rule)
+
+
+def _count(text: str) -> int:
+    """A draw count as numbers.py reads every number, unsigned; 0 (refused) for anything it refuses."""
+    try:
+        return parse_int(text, "N") if text[:1] in "0123456789" and text else 0
+    except ValueError:
+        return 0
 
 
 def expand(template: str, dynamic: Dynamic, seed: int, limit: int | None, where: str,
