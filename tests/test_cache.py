@@ -185,10 +185,10 @@ def flow_paths(tmp_path_factory):
 
 def flow_specs(family: str) -> list[GenerationSpec]:
     """Mixed: uncached and cached, thresholds that skip often, seldom and never on the tiny models, guided and
-    unguided (SD3), steps varying."""
+    unguided (SD3), steps varying. 32x32 (SD3's tiny default): Flux's would be 256x256, ~1 s an image."""
     negative = "blurry" if family == "sd3" else ""  # Flux refuses a negative prompt
     return [GenerationSpec(prompt=p, negative_prompt=negative, seed=seed, num_inference_steps=steps,
-                           guidance_scale=guidance, cache=cache)
+                           guidance_scale=guidance, cache=cache, height=32, width=32)
             for p, seed, steps, guidance, cache in (("a red circle", 1, 8, 5.0, "fbcache:0.4"),
                                                     ("a blue star", 2, 6, 1.0, "off"),
                                                     ("a green square", 3, 7, 4.0, "fbcache:0.2"),
