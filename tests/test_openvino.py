@@ -30,11 +30,50 @@ SPECS = [GenerationSpec(prompt="a red circle", seed=1, num_inference_steps=3),
          GenerationSpec(prompt="a pink ring", seed=4, num_inference_steps=4, image=noise_image(32, 5), strength=0.6)]
 
 
+@pytest.fixture(scope="module")
+def converted(tiny_sd_path, tmp_path_factory) -> dict:
+    """The tiny SD converted once, into a fresh cache, watched: which OpenVINO conversions ran and which torch
+    methods ran during them, the images the converting engine made (text-to-image and image-to-image: every
+    model). The tests below read this cache instead of converting the same modules again (~8 s each time)."""
+    cache = tmp_path_factory.mktemp("openvino-sd")
+    converting, torch_calls, convert = [], [], ov.convert_model
+
+    def converting_now(*args, **kwargs):
+        converting.append(True)
+        try:
+            return convert(*args, **kwargs)
+        finally:
+            converting.pop()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFBATCH_CACHE", str(cache))
+        first = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
+        pipe = first.adapter.pipe
+        patch.setattr(ov, "convert_model", converting_now)
+        for module, name in ((pipe.text_encoder, "forward"), (pipe.vae, "decode"), (pipe.vae, "_encode")):
+            torch_method = getattr(type(module), name)
+
+            def counting(*args, _method=torch_method, _name=name, **kwargs):
+                torch_calls.append((_name, bool(converting)))
+                return _method(*args, **kwargs)
+
+            patch.setattr(type(module), name, counting)
+        made = [r.pixels for r in first.generate([SPECS[0], SPECS[3]])]  # text-to-image and image-to-image
+    return {"cache": cache, "torch_calls": torch_calls, "made": made, "pipe": pipe}
+
+
 @pytest.fixture(autouse=True)
 def cache(tmp_path_factory, monkeypatch) -> Path:
+    """The cache every test converts into unless it sets its own."""
     folder = tmp_path_factory.getbasetemp() / "openvino-cache"
     monkeypatch.setenv("DIFFBATCH_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture
+def sd_converted(converted, monkeypatch) -> None:
+    """This test reads the tiny SD's watched conversions (it converts nothing)."""
+    monkeypatch.setenv("DIFFBATCH_CACHE", str(converted["cache"]))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +81,7 @@ def oracle(tiny_sd_path):
     return DiffusersOracle(tiny_sd_path)
 
 
-def test_images_equal_diffusers_and_do_not_depend_on_the_batch(tiny_sd_path, oracle):
+def test_images_equal_diffusers_and_do_not_depend_on_the_batch(tiny_sd_path, oracle, sd_converted):
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
     batched = engine.generate(SPECS)
     for spec, result in zip(SPECS, batched, strict=True):
@@ -52,7 +91,7 @@ def test_images_equal_diffusers_and_do_not_depend_on_the_batch(tiny_sd_path, ora
         assert np.array_equal(alone.generate([result.spec], resolved=True)[0].pixels, result.pixels)
 
 
-def test_every_denoiser_call_has_the_fixed_row_count(tiny_sd_path, monkeypatch):
+def test_every_denoiser_call_has_the_fixed_row_count(tiny_sd_path, sd_converted, monkeypatch):
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
     rows = []
     denoiser = engine.adapter.denoiser
@@ -67,34 +106,12 @@ def test_every_denoiser_call_has_the_fixed_row_count(tiny_sd_path, monkeypatch):
     assert rows and set(rows) == {DENOISER_ROWS}
 
 
-def test_every_model_runs_on_openvino_and_a_second_engine_loads_the_cached_conversions(tiny_sd_path, tmp_path,
-                                                                                        monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DIFFBATCH_CACHE", str(cache))
-    first = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
-    pipe = first.adapter.pipe
-    converting, torch_calls, convert = [], [], ov.convert_model
-
-    def converting_now(*args, **kwargs):
-        converting.append(True)
-        try:
-            return convert(*args, **kwargs)
-        finally:
-            converting.pop()
-
-    monkeypatch.setattr(ov, "convert_model", converting_now)
-    for module, name in ((pipe.text_encoder, "forward"), (pipe.vae, "decode"), (pipe.vae, "_encode")):
-        torch_method = getattr(type(module), name)
-
-        def counting(*args, _method=torch_method, _name=name, **kwargs):
-            torch_calls.append((_name, bool(converting)))
-            return _method(*args, **kwargs)
-
-        monkeypatch.setattr(type(module), name, counting)
-    made = [r.pixels for r in first.generate([SPECS[0], SPECS[3]])]  # text-to-image and image-to-image
+def test_every_model_runs_on_openvino_and_a_second_engine_loads_the_cached_conversions(tiny_sd_path, converted,
+                                                                                        sd_converted, monkeypatch):
+    torch_calls, cache = converted["torch_calls"], converted["cache"]
     # torch ran each of them, and only while OpenVINO traced it
     assert {name for name, _ in torch_calls} == {"forward", "decode", "_encode"} and all(t for _, t in torch_calls)
-    assert isinstance(pipe.text_encoder.forward, OpenVINOModule)
+    assert isinstance(converted["pipe"].text_encoder.forward, OpenVINOModule)
     folders = {p.parent for p in cache.rglob("*.xml")}
     assert len(folders) == 4 and not list(cache.rglob(".tmp-*"))  # UNet, text encoder, VAE decoder and encoder
 
@@ -103,7 +120,8 @@ def test_every_model_runs_on_openvino_and_a_second_engine_loads_the_cached_conve
 
     monkeypatch.setattr(ov, "convert_model", no_conversion)
     second = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
-    assert all(np.array_equal(r.pixels, m) for r, m in zip(second.generate([SPECS[0], SPECS[3]]), made, strict=True))
+    made = second.generate([SPECS[0], SPECS[3]])
+    assert all(np.array_equal(r.pixels, m) for r, m in zip(made, converted["made"], strict=True))
 
 
 def test_sdxl_nested_conditioning_converts_and_matches_diffusers(tmp_path):
@@ -123,13 +141,12 @@ def test_flux_unbatched_ids_and_guidance_convert_and_match_diffusers(tmp_path):
 
 
 @pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16 (AMX or AVX512_BF16)")
-def test_bfloat16_converts_every_model_from_a_float32_copy(tiny_sd_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFBATCH_CACHE", str(tmp_path / "cache"))
+def test_bfloat16_converts_every_model_from_a_float32_copy(tiny_sd_path, converted, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFBATCH_CACHE", str(tmp_path / "cache"))  # bfloat16 converts here, from a float32 copy
     specs = [SPECS[0], SPECS[3]]  # every model: text encoder, UNet, VAE decoder and encoder
     fast = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="bfloat16", backend="openvino")
-    exact = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", backend="openvino")
-    for low, high in zip(fast.generate(specs), exact.generate(specs), strict=True):
-        assert np.abs(low.pixels - high.pixels).mean() < 0.05  # bfloat16 rounding, not another image
+    for low, high in zip(fast.generate(specs), converted["made"], strict=True):  # float32 OpenVINO's images
+        assert np.abs(low.pixels - high).mean() < 0.05  # bfloat16 rounding, not another image
     assert isinstance(fast.adapter.pipe.vae.decode, OpenVINOModule)  # the copy left the installed models
 
 
