@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from diffbatch.cli import main
 from diffbatch.io.resume import lock_folder, plan_resume
 from diffbatch.io.writer import MANIFEST
 from diffbatch.spec import GenerationSpec
+from forked import start_cli
 from helpers import in_mount_namespace
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
@@ -58,29 +58,22 @@ def assert_same_files(out: Path, reference: Path) -> None:
     assert sorted(got, key=lambda r: r["index"]) == records(reference)
 
 
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL, stderr=subprocess.DEVNULL) -> int:
-    """Start the CLI, send it ``sig`` once the manifest has ``lines`` lines (0: once the folder exists)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # The child gets the signal dispositions a shell gives it (SIGINT: KeyboardInterrupt), whatever an earlier
-    # test left in this process: Python leaves SIGINT ignored in a child started with it ignored
-    proc = subprocess.Popen([sys.executable, "-m", "diffbatch", *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=stderr, preexec_fn=_default_signals)
+def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL, stderr: Path | None = None) -> int:
+    """Start the CLI in a process of its own (forked, torch already imported: tests/forked.py), send it ``sig``
+    once the manifest has ``lines`` lines (0: once the folder exists); its exit code (-N: killed by signal N)."""
+    proc = start_cli(argv, stderr=stderr)
     manifest = out / MANIFEST
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
+    while proc.exitcode is None and time.monotonic() < deadline:
         written = manifest.read_bytes().count(b"\n") if manifest.exists() else -1
         if written >= lines if lines else out.exists():
             break
         time.sleep(0.002)
-    proc.send_signal(sig)
-    return proc.wait()
+    os.kill(proc.pid, sig)
+    proc.join()
+    return proc.exitcode
 
 
-@pytest.mark.slow  # a subprocess CLI per run
 @pytest.mark.parametrize("lines", [0, 1, 5])
 def test_sigkill_then_rerun_gives_the_uninterrupted_files(
         lines: int, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path,
@@ -92,35 +85,55 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_files(
     assert_same_files(out, reference)
 
 
-@pytest.mark.slow  # a subprocess CLI
 def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     argv = job_args(tiny_sd_path, prompts, out)
     before = signal.getsignal(signal.SIGINT)
-    with open(log, "wb") as stderr:
-        assert kill_after(argv, out, 2, signal.SIGINT, stderr) == 130, (before, log.read_text())
+    assert kill_after(argv, out, 2, signal.SIGINT, log) == 130, (before, log.read_text())
     err = log.read_text()
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("diffbatch: error: interrupted")
     assert main(argv) == 0
     assert_same_files(out, reference)
 
 
+RUN_TWICE = """
+import os, subprocess, sys
+from diffbatch.cli import main
+argv, disk, tmp = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
+
+
+def run(err):  # one run of the CLI, its stderr to a file of its own, its exit code written down
+    fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        code = main(argv)
+    finally:
+        sys.stderr.flush()
+    return code
+
+
+open(tmp + "/rc1", "w").write(str(run(tmp + "/err1")))
+subprocess.run(["cp", "-r", disk + "/out", tmp + "/after-failure"], check=True)
+subprocess.run(["mount", "-o", "remount,size=4m", disk], check=True)  # as a user freeing space would
+open(tmp + "/rc2", "w").write(str(run(tmp + "/err2")))
+subprocess.run(["cp", "-r", disk + "/out", tmp + "/copy"], check=True)
+"""
+
+
 @pytest.mark.slow  # a tmpfs in a mount namespace, a subprocess CLI
 def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     """On a real full file system: a 24 KiB tmpfs (6 pages: the manifest and 5 PNGs) mounted in a private mount
-    namespace, grown to 4 MiB after the failure, as a user freeing space would."""
+    namespace, grown to 4 MiB after the failure. Both runs in one interpreter in that namespace (one import of
+    torch, not two); each run's stderr and exit code are its own."""
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
-    argv = " ".join(f"'{a}'" for a in job_args(tiny_sd_path, prompts, disk / "out"))
-    python = f"HF_HUB_OFFLINE=1 '{sys.executable}' -m diffbatch"
+    args = " ".join(f"'{a}'" for a in [*job_args(tiny_sd_path, prompts, disk / "out"), disk, tmp_path])
+    (tmp_path / "run_twice.py").write_text(RUN_TWICE)
     script = (f"mount -t tmpfs -o size=24k tmpfs '{disk}' || exit 99\n"
-              f"{python} {argv} 2> '{tmp_path}/err1'; echo $? > '{tmp_path}/rc1'\n"
-              f"cp -r '{disk}/out' '{tmp_path}/after-failure'\n"
-              f"mount -o remount,size=4m '{disk}'\n"
-              f"{python} {argv} 2> '{tmp_path}/err2'; echo $? > '{tmp_path}/rc2'\n"
-              f"cp -r '{disk}/out' '{copy}'\n")
+              f"HF_HUB_OFFLINE=1 '{sys.executable}' '{tmp_path}/run_twice.py' {args}\n")
     in_mount_namespace(script, tmp_path / "rc1", "mount a small tmpfs")
     err = (tmp_path / "err1").read_text()
     assert (tmp_path / "rc1").read_text().strip() == "1", err

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from diffbatch import Engine
 from diffbatch.server import ServerConfig, create_app
+from forked import start_cli
 from helpers import noise_image
 from server_helpers import LiveServer, free_port, offline, png_pixels
 
@@ -61,15 +61,14 @@ def test_official_openai_client_sees_auth_and_input_errors(live_server):
         client.images.generate(prompt="x", size="huge")
 
 
-def start_server(model: Path, data_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "diffbatch", "serve", "--model", str(model), "--data-dir", str(data_dir),
-           "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-batch-size", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "ab") as sink:  # a file, not a pipe: access logs must never block the server
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=sink)
+def start_server(model: Path, data_dir: Path, port: int, log: Path) -> multiprocessing.Process:
+    """``diffbatch serve`` in a process of its own (forked, torch already imported: tests/forked.py), once it
+    answers /health."""
+    process = start_cli(["serve", "--model", model, "--data-dir", data_dir, "--port", port, "--device", "cpu",
+                         "--dtype", "float32", "--max-batch-size", "4"], stderr=log)  # a file: logs never block
     deadline = time.monotonic() + 90
     while True:
-        assert process.poll() is None, log.read_text()[-2000:]
+        assert process.exitcode is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, "server did not start"
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -98,20 +97,20 @@ def test_batch_job_survives_sigkill_with_no_lost_and_no_duplicated_image(tiny_sd
     try:
         job = httpx.post(f"{base}/v1/batches", content="\n".join(map(json.dumps, lines))).json()
         before = wait_done(base, job["id"], at_least=2)["request_counts"]["completed"]
-        server.send_signal(signal.SIGKILL)
-        server.wait(10)
+        os.kill(server.pid, signal.SIGKILL)
+        server.join(10)
         assert before < len(lines), "the job finished before the crash; the test proves nothing"
         server = start_server(tiny_sd_path, data, port, log)
         final = wait_done(base, job["id"], at_least=len(lines))
         assert final["status"] == "completed" and final["request_counts"]["failed"] == 0
         rows = [json.loads(x) for x in httpx.get(f"{base}/v1/batches/{job['id']}/results").text.splitlines()]
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)  # uvicorn shuts down gracefully, then re-raises the signal (exit code -15)
+        os.kill(server.pid, signal.SIGTERM)
+        server.join(30)  # uvicorn shuts down gracefully, then re-raises the signal (exit code -15)
         assert log.read_text().rstrip().endswith(f"Finished server process [{server.pid}]")
     finally:
-        if server.poll() is None:
+        if server.exitcode is None:
             server.kill()
-            server.wait(10)
+            server.join(10)
     assert [r["index"] for r in rows] == list(range(len(lines)))
     files = sorted((data / "batches" / job["id"]).iterdir())
     assert [f.name for f in files] == [f"{i:05d}-{i}.png" for i in range(len(lines))]  # no extra, no tmp

@@ -1,0 +1,67 @@
+"""The CLI in a process of its own, without paying the ~5 s import of torch and diffusers each time: children
+forked from one interpreter that imported them once (multiprocessing's forkserver, started at the first use and
+kept for the test run). For tests where the process is the thing tested (killed mid-write, interrupted, crashed
+and restarted), not Python's start-up: ``python -m diffbatch`` and the installed entry point are run as
+subprocesses in test_cli.py, test_cli_invariance.py and test_instant_answers.py.
+
+The child is what a shell would start, but for the imports: ``main(argv)`` of ``diffbatch.cli``, its exit code
+the process's (``raise SystemExit(main())`` as in ``__main__``), SIGINT raising KeyboardInterrupt, stdout and
+stderr where asked, and torch at the given thread count (as ``OMP_NUM_THREADS`` would set it)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from multiprocessing import forkserver
+from pathlib import Path
+
+# what `diffbatch generate` and `diffbatch serve` import for an SD-1.5 folder, so that a child imports nothing
+PRELOAD = ["diffbatch.cli", "diffbatch.engine", "diffbatch.adapters.stable_diffusion", "diffbatch.server.app",
+           "diffbatch.executors.local", "transformers.models.clip.modeling_clip", "uvicorn"]
+
+
+def _context() -> multiprocessing.context.ForkServerContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported: by the server, at its start
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+    return context
+
+
+def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it in a process a shell starts
+    for fd, path in ((1, stdout), (2, stderr)):
+        target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(target, fd)
+        os.close(target)
+    import torch
+
+    from diffbatch.cli import main
+
+    torch.set_num_threads(threads)
+    try:
+        code = main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def start_cli(argv: Sequence[str], stdout: Path | None = None, stderr: Path | None = None,
+              threads: int = 1) -> multiprocessing.Process:
+    """``diffbatch <argv>`` in a forked process, started; stdout and stderr appended to the files given (else
+    discarded). ``.pid``, ``.exitcode`` (``-N``: killed by signal N), ``.join()``, ``.kill()`` as usual."""
+    process = _context().Process(target=_child, args=([str(a) for a in argv], stdout and str(stdout),
+                                                       stderr and str(stderr), threads))
+    process.start()
+    return process
