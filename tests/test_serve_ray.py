@@ -107,14 +107,17 @@ def test_a_batch_job_equals_generate_and_the_metrics_show_each_replica(
 
 
 def test_killing_a_replica_mid_load_loses_and_duplicates_nothing(server: LiveServer, engine: Engine) -> None:
+    """Eight requests spread over the two replicas; when the 2-step one is answered the 12-step ones are a few
+    steps in on both (step-level batching), and one replica is killed then, not after a guessed sleep."""
     import ray
 
     auth = {"Authorization": f"Bearer {KEY}"}
     answers: dict[int, bytes] = {}
+    steps = {k: 2 if k == 0 else 12 for k in range(8)}
 
     def ask(k: int) -> None:
         reply = httpx.post(f"{server.url}/v1/images/generations", headers=auth, timeout=300,
-                           json={"prompt": "a blue star", "seed": 100 + k, "num_inference_steps": 30})
+                           json={"prompt": "a blue star", "seed": 100 + k, "num_inference_steps": steps[k]})
         assert reply.status_code == 200, reply.text
         answers[k] = base64.b64decode(reply.json()["data"][0]["b64_json"])
 
@@ -122,7 +125,9 @@ def test_killing_a_replica_mid_load_loses_and_duplicates_nothing(server: LiveSer
     for thread in threads:
         thread.start()
     began = time.monotonic()
-    time.sleep(2)  # the replicas are busy with them
+    while 0 not in answers:  # the replicas are busy with the others
+        assert time.monotonic() - began < 120 and any(t.is_alive() for t in threads), answers.keys()
+        time.sleep(0.01)
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if "SERVE_REPLICA" in a["name"] and APP in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
@@ -131,7 +136,7 @@ def test_killing_a_replica_mid_load_loses_and_duplicates_nothing(server: LiveSer
     print(f"answered in {time.monotonic() - began:.1f} s")
     assert sorted(answers) == list(range(8))
     for k, png in answers.items():
-        [result] = engine.generate([GenerationSpec(prompt="a blue star", seed=100 + k, num_inference_steps=30)])
+        [result] = engine.generate([GenerationSpec(prompt="a blue star", seed=100 + k, num_inference_steps=steps[k])])
         assert png == encode_png(result)
     metrics = httpx.get(f"{server.url}/metrics", headers=auth).text
     retried = next(float(line.split()[-1]) for line in metrics.splitlines()
