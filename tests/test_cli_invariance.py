@@ -4,14 +4,12 @@ same files, byte for byte, whatever ``--batch-size`` and whatever thread count t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from diffbatch.cli import main
+from forked import start_cli
 from helpers import noise_image
 
 JOB = [{"prompt": "a red circle"}, {"prompt": "a blue star", "guidance_scale": 1.0},
@@ -49,11 +47,12 @@ def test_batch_size_does_not_change_a_single_byte(job: Path, tmp_path: Path) -> 
     assert made["1"] == made["auto"] and made["3"] == made["auto"]
 
 
-@pytest.mark.slow  # two subprocess CLIs
 def test_a_one_thread_process_writes_the_files_of_a_default_one(job: Path, tmp_path: Path) -> None:
+    """The one-thread run is a process of its own at one torch thread (forked from a pre-imported interpreter:
+    tests/forked.py); OMP_NUM_THREADS=1 set by a launcher is what Ray gives its actors, run in test_ray.py."""
     args = ["generate", str(job), "--steps", "3", "-n", "2", "--seed", "5", "--no-gallery"]
     assert main([*args, "--out", str(tmp_path / "default")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "diffbatch", *args, "--out", str(tmp_path / "one")], env=env, check=True,
-                   capture_output=True)
+    one = start_cli([*args, "--out", tmp_path / "one"], threads=1)
+    one.join()
+    assert one.exitcode == 0
     assert files(tmp_path / "one") == files(tmp_path / "default")
