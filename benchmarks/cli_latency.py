@@ -3,8 +3,10 @@
 the import floor: a bare interpreter, ``import torch``, and torch + the diffusers and transformers classes a Stable
 Diffusion pipeline loads (what any model-using command pays before diffbatch adds anything).
 
-    python benchmarks/cli_latency.py --repeats 3
+    python benchmarks/cli_latency.py --repeats 3 --before 4a03aac~1
 
+``--before REV`` also runs the diffbatch commands from that commit's source (a git worktree on PYTHONPATH, ahead
+of the installed package), alternating with the current tree, so before and after are measured side by side.
 Writes results/cli_latency.json and its section of RESULTS.md.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,30 +47,58 @@ def commands(out: Path) -> dict[str, list[str]]:
     }
 
 
-def best(cmd: list[str], repeats: int) -> float:
+def best(cmd: list[str], repeats: int, env: dict[str, str] | None = None) -> float:
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, check=False)
+        subprocess.run(cmd, capture_output=True, check=False, env=env)
         times.append(time.perf_counter() - began)
     return min(times)
+
+
+def measure(repeats: int, before: str | None, tmp: Path) -> dict[str, dict[str, float]]:
+    """Seconds per command: ``now`` (this tree) and, with ``before``, that commit's source on PYTHONPATH."""
+    columns: dict[str, dict[str, float]] = {"now": {}}
+    old_env = None
+    if before:
+        tree = tmp / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True,
+                       capture_output=True)
+        old_env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+        columns["before"] = {}
+    try:
+        for name, cmd in FLOOR.items():
+            columns["now"][name] = round(best(cmd, repeats), 2)
+        for name, cmd in commands(tmp).items():
+            columns["now"][name] = round(best(cmd, repeats), 2)
+            if old_env is not None:
+                columns["before"][name] = round(best(cmd, repeats, old_env), 2)
+    finally:
+        if before:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
+                           check=False, capture_output=True)
+    return columns
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", help="a commit whose source to time beside this tree's (git worktree)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {name: round(best(cmd, args.repeats), 2) for name, cmd in {**FLOOR, **commands(Path(tmp))}.items()}
-    record = {"cpu": cpu_model(), "repeats": args.repeats, "seconds": rows}
+        columns = measure(args.repeats, args.before, Path(tmp))
+    record = {"cpu": cpu_model(), "repeats": args.repeats, "before": args.before, "seconds": columns}
     print(json.dumps(record, indent=2))
     (ROOT / "benchmarks" / "results" / "cli_latency.json").write_text(json.dumps(record, indent=2) + "\n")
-    body = (f"`python benchmarks/cli_latency.py --repeats {args.repeats}` on {record['cpu']}: each a fresh process, "
-            "best of the repeats, seconds. The first three rows are the floor no diffbatch code sets. Before issue "
-            "34's first change `diffbatch --help` took 8.9 s here (it imported the server app, and with it torch "
-            "and diffusers).\n\n")
-    replace_section("CLI answers and the import floor (issue 34)",
-                    body + table(["command", "seconds"], [[name, s] for name, s in rows.items()]))
+    body = (f"`python benchmarks/cli_latency.py --repeats {args.repeats}"
+            f"{f' --before {args.before}' if args.before else ''}` on {record['cpu']}: each a fresh process, best "
+            "of the repeats, seconds. The first three rows are the floor no diffbatch code sets (the same for both "
+            "columns). `before`: the diffbatch commands run from that commit's source, alternating with this "
+            "tree's.\n\n")
+    headers = ["command", "seconds now"] + ([f"before ({args.before})"] if args.before else [])
+    rows = [[name, now] + ([columns["before"].get(name, "floor")] if args.before else [])
+            for name, now in columns["now"].items()]
+    replace_section("CLI answers and the import floor (issue 34)", body + table(headers, rows))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ error shape (never a 5xx), and the server keeps serving."""
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx")  # before the imports that need them: a clear skip without the extra
+
 import io
 import json
 import struct

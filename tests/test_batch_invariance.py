@@ -25,6 +25,8 @@ SAMPLERS = (None, "euler_a", "dpm++_2m", "ddim", "heun", "euler", "dpm++_2m_karr
 PROMPTS = ("a red circle", "a blue star on a white background", "a small green square at the top", "a pink triangle")
 
 
+pytestmark = pytest.mark.slow  # ~45 s of trials: the full run (make test) has them, -m "not slow" not
+
 # float32, and what dtype="auto" (the default) picks on this CPU: bfloat16 where it is native
 DTYPES = sorted({"float32", str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")})
 

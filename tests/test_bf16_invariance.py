@@ -28,6 +28,7 @@ from diffbatch.adapters.invariance import (
 from diffbatch.hardware import native_bfloat16
 from helpers import noise_image
 
+pytestmark = pytest.mark.slow  # ~20 s: 4 designs x 8 batch sizes and thread counts
 native = pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no AVX512_BF16 or AMX: bfloat16 is refused")
 SAMPLERS = ("euler_a", "dpm++_2m", "ddim", None)
 

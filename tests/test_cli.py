@@ -181,6 +181,7 @@ def test_bad_input_is_one_line_naming_it_exit_2_and_no_output(
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output folder
 
 
+@pytest.mark.slow  # the installed script: a fresh interpreter importing torch
 def test_installed_entry_point_reads_prompts_from_stdin(tmp_path: Path, tiny_sd_path: Path) -> None:
     exe = shutil.which("diffbatch", path=str(Path(sys.executable).parent))
     assert exe is not None, "run `pip install -e .` to install the diffbatch entry point"

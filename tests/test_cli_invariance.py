@@ -17,6 +17,8 @@ JOB = [{"prompt": "a red circle"}, {"prompt": "a blue star", "guidance_scale": 1
        {"prompt": "a pink triangle", "scheduler": "ddim", "negative_prompt": "blurry"},
        {"prompt": "a yellow circle", "image": "init.png", "strength": 0.7}]
 
+pytestmark = pytest.mark.slow  # ~11 s: whole CLI runs, one of them a process of its own
+
 
 @pytest.fixture
 def job(tmp_path: Path) -> Path:

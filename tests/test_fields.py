@@ -11,7 +11,6 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -21,9 +20,9 @@ from diffbatch.errors import SpecError
 from diffbatch.io.gallery import parameters_line
 from diffbatch.io.infotext import parse_infotext
 from diffbatch.io.writer import format_parameters
-from diffbatch.server import ServerConfig, create_app
-from diffbatch.server.schemas import EDIT_FIELDS, ImageGenerationRequest
+from diffbatch.server import ServerConfig
 from diffbatch.spec import BODY, EDGES, EDITS, FIELDS, GenerationSpec, ModelDefaults
+from extras import need
 
 # A valid value of every field but ``image`` (which each edge takes its own way: an upload, a path, a line).
 EXAMPLES = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 7, "num_inference_steps": 3,
@@ -68,7 +67,12 @@ def engine(tiny_sd_path) -> Engine:
 
 
 @pytest.fixture
-def client(engine, tmp_path) -> Iterator[TestClient]:
+def client(engine, tmp_path) -> Iterator:
+    need("fastapi", "httpx")  # the server extra, for the tests that use it
+    from fastapi.testclient import TestClient
+
+    from diffbatch.server import create_app
+
     with TestClient(create_app(ServerConfig(data_dir=tmp_path / "data"), engine)) as client:
         yield client
 
@@ -113,6 +117,8 @@ def test_the_generations_body_takes_every_body_field_to_the_spec(client, capture
     assert client.post("/v1/images/generations", json={**body, **SIZE}).status_code == 400  # refused by Capture
     names = ("prompt", "height", "width", *http_names(BODY))
     assert record(captured.specs[0], names) == expected(names)
+    from diffbatch.server.schemas import ImageGenerationRequest  # the server extra (the client fixture)
+
     assert set(http_names(EDITS)).isdisjoint(ImageGenerationRequest.model_fields)
 
 
@@ -122,6 +128,8 @@ def test_the_edits_form_takes_every_form_field_to_the_spec(client, captured):
     assert response.status_code == 400 and response.json()["error"]["param"] == "captured"
     names = ("prompt", "height", "width", *http_names(BODY, EDITS))
     assert record(captured.specs[0], names) == expected(names)
+    from diffbatch.server.schemas import EDIT_FIELDS  # the server extra (the client fixture)
+
     assert set(http_names(BODY, EDITS)) <= set(EDIT_FIELDS)
 
 

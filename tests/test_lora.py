@@ -5,6 +5,10 @@ pipelines, saved by diffusers, one converted to kohya's key names."""
 
 from __future__ import annotations
 
+from extras import need
+
+need("peft")  # before the imports that need them: a clear skip without the extra
+
 import dataclasses
 import json
 from pathlib import Path
@@ -13,19 +17,17 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save_file
 
 from diffbatch import Engine, GenerationSpec
 from diffbatch.cli import main
 from diffbatch.errors import SpecError
-from diffbatch.server import ServerConfig, create_app
+from diffbatch.server import ServerConfig
 from tiny import save_tiny_sd
 from tiny_lora import save_random_lora, to_kohya
 from tiny_sdxl import save_tiny_sdxl
 
-pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[lora]')")
 STEPS = 3
 
 
@@ -175,6 +177,11 @@ def test_api_loras_field_and_a_bad_lora_leave_the_server_serving(sd, tmp_path):
     engine = Engine.from_pretrained(model, device="cpu", dtype="float32", lora_dir=loras)
     folder = tmp_path / "loras"
     config = ServerConfig(data_dir=tmp_path / "data", lora_dir=loras)
+    need("fastapi", "httpx")  # the server extra, for this test alone
+    from fastapi.testclient import TestClient
+
+    from diffbatch.server import create_app
+
     with TestClient(create_app(config, engine)) as client:
         body = {"prompt": "a red circle", "seed": 1, "num_inference_steps": STEPS, "loras": {"a": 0.5}}
         good = client.post("/v1/images/generations", json=body)

@@ -4,22 +4,23 @@ it nor learn whether one exists (every refusal is the same message, with no path
 
 from __future__ import annotations
 
+from extras import need
+
+need("peft")  # before the imports that need them: a clear skip without the extra
+
 import json
 from pathlib import Path
 
 import pytest
 from diffusers import StableDiffusionPipeline
-from fastapi.testclient import TestClient
 
 from diffbatch import Engine, GenerationSpec
 from diffbatch.cli import main
 from diffbatch.errors import SpecError, shown
 from diffbatch.resolver import Resolver
-from diffbatch.server import ServerConfig, create_app
+from diffbatch.server import ServerConfig
 from tiny import save_tiny_sd
 from tiny_lora import save_random_lora
-
-pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[lora]')")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,11 @@ def test_the_server_refuses_paths_in_loras_and_in_tags_with_one_message(disk):
     engine = Engine.from_pretrained(disk["model"], device="cpu", dtype="float32", lora_dir=disk["loras"])
     config = ServerConfig(data_dir=disk["root"] / "data", lora_dir=disk["loras"])
     body = {"prompt": "a red circle", "seed": 1, "num_inference_steps": 2, "size": "32x32"}
+    need("fastapi", "httpx")  # the server extra, for this test alone
+    from fastapi.testclient import TestClient
+
+    from diffbatch.server import create_app
+
     with TestClient(create_app(config, engine)) as client:
         answers = {}
         for name in ("../secret/x", "../secret/missing", str(disk["secret"] / "x"), "nope"):

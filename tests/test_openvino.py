@@ -21,7 +21,7 @@ from tiny_flow import PipelineOracle, save_tiny_flux, save_tiny_sd3
 from tiny_sdxl import SDXLOracle, save_tiny_sdxl
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
-pytestmark = pytest.mark.slow  # each test converts models: 17-39 s
+pytestmark = pytest.mark.slow  # each family's conversion: 10-17 s
 
 SPECS = [GenerationSpec(prompt="a red circle", seed=1, num_inference_steps=3),
          GenerationSpec(prompt="a blue star", seed=2, num_inference_steps=2, scheduler="euler_a", guidance_scale=1.0),

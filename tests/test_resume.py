@@ -74,6 +74,7 @@ def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL
     return proc.exitcode
 
 
+@pytest.mark.slow  # a process of its own per run
 @pytest.mark.parametrize("lines", [0, 1, 5])
 def test_sigkill_then_rerun_gives_the_uninterrupted_files(
         lines: int, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path,
@@ -85,6 +86,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_files(
     assert_same_files(out, reference)
 
 
+@pytest.mark.slow  # a process of its own
 def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
@@ -144,6 +146,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_jo
     assert_same_files(copy, reference)
 
 
+@pytest.mark.slow  # three runs of the job
 def test_a_full_disk_anywhere_in_the_writer_is_resumable(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:

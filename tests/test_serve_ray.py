@@ -8,6 +8,10 @@ changes what it sees)."""
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx", "uvicorn", "ray.serve")  # before the imports that need them: a clear skip without the extra
+
 import base64
 import json
 import os
@@ -29,7 +33,6 @@ from diffbatch.io.writer import encode_png
 from diffbatch.server import ServerConfig, create_app
 from server_helpers import LiveServer, png_pixels
 
-pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
 pytestmark = pytest.mark.ray
 KEY = "ray-key"
 STEPS = 4

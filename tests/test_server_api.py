@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx", "uvicorn")  # before the imports that need them: a clear skip without the extra
+
 import io
 import json
 import time

@@ -4,6 +4,10 @@ racing another answers once, and missing or null fields are 4xx or defaults, nev
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx")  # before the imports that need them: a clear skip without the extra
+
 import json
 import threading
 import time
@@ -55,6 +59,7 @@ def test_a_job_whose_prompts_are_over_the_text_budget_is_refused_naming_the_line
         assert nothing_queued(client)
 
 
+@pytest.mark.slow  # three 2 s expansion budgets run out, one after another
 def test_a_slow_template_is_refused_and_online_requests_and_health_do_not_wait_behind_it(engine, tmp_path,
                                                                                          monkeypatch):
     monkeypatch.setattr(expansion, "BUDGET_S", 2.0)

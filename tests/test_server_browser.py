@@ -5,6 +5,10 @@ head or body is closed within its deadline while others are served, and connecti
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx", "uvicorn")  # before the imports that need them: a clear skip without the extra
+
 import contextlib
 import http.server
 import json

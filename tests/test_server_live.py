@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx", "uvicorn", "openai")  # before the imports that need them: a clear skip without the extra
+
 import base64
 import json
 import multiprocessing

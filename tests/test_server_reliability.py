@@ -4,6 +4,10 @@ the queue for all."""
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx", "uvicorn")  # before the imports that need them: a clear skip without the extra
+
 import errno
 import json
 import os

@@ -3,6 +3,10 @@ that frees the engine, and tenants (with --api-keys, each key sees and touches o
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx")  # before the imports that need them: a clear skip without the extra
+
 import io
 import json
 import threading

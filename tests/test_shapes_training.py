@@ -57,6 +57,7 @@ def test_v_weights_are_min_snr_in_x0_space_with_an_optional_floor():
     assert torch.allclose(eps, torch.tensor([1.0, 5 / snr[2].item()]))
 
 
+@pytest.mark.slow  # three short training runs
 def test_a_few_step_run_writes_a_standard_folder_and_vae_from_reuses_its_vae(tmp_path):
     few = ["--num-images", "48", "--vae-steps", "2", "--vae-minutes", "0", "--decoder-steps", "2",
            "--decoder-minutes", "0", "--unet-steps", "2", "--unet-minutes", "0", "--vae-batch", "4",
@@ -134,6 +135,7 @@ def test_growing_the_unet_keeps_every_trained_weight_one_level_up():
         shapes.grow_unet(small, 5)
 
 
+@pytest.mark.slow  # a short training run
 def test_the_position_probe_runs_and_measures_against_the_data():
     """Issue 25's probe (a 2x2 UNet level is what lets position train): a two-step run on the embedded
     model's VAE reports the left/right gap of its predictions and the data's own gap."""

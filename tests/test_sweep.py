@@ -14,6 +14,7 @@ from diffbatch.io.dynamic import parse_dynamic
 from diffbatch.io.gallery import INDEX_HTML
 from diffbatch.io.prompts import JobSource, read_job
 from diffbatch.io.sweep import parse_sweep
+from extras import need
 
 
 def job(*prompts: str, **source) -> list:
@@ -272,6 +273,7 @@ def test_a_huge_authored_job_is_refused_before_it_is_listed() -> None:
 def test_a_batch_job_with_a_sweep_and_dynamic_prompts(tiny_sd_path: Path, tmp_path: Path) -> None:
     import time
 
+    need("fastapi", "httpx")  # the server extra, for this test alone
     from fastapi.testclient import TestClient
 
     from diffbatch import Engine, GenerationSpec

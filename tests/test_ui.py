@@ -5,6 +5,10 @@ docs/ui.png (linked from the README); otherwise to the test's temporary folder."
 
 from __future__ import annotations
 
+from extras import need
+
+need("fastapi", "httpx", "uvicorn")  # before the imports that need them: a clear skip without the extra
+
 import io
 import json
 import os
