@@ -5,12 +5,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+fi
+if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('torch')" >/dev/null 2>&1; then
   .venv/bin/pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/pip install -q torch
 fi
-.venv/bin/pip install -q -e ".[test]" -e ./shapes  # shapes/: the embedded model's training and evaluation
+# The pip step re-resolves every dependency (~8 s) even when nothing changed: it runs only when what it installs
+# from changed (the two pyproject.toml files, this script, the interpreter) or diffbatch is not importable.
+STAMP=.venv/.install-stamp
+WANT=$(cat pyproject.toml shapes/pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)-$(.venv/bin/python -V)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] \
+    || ! .venv/bin/python -c "import diffbatch, diffbatch_shapes, pytest" >/dev/null 2>&1; then
+  rm -f "$STAMP"
+  .venv/bin/pip install -q -e ".[test]" -e ./shapes  # shapes/: the embedded model's training and evaluation
+  echo "$WANT" > "$STAMP"
+fi
 # The gallery test drives a headless Chromium: Debian's package, installed only when missing and when running
 # as root with apt-get (elsewhere nothing happens and that one test is skipped, saying why).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
