@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.browser)
 
 
+def pytest_collection_finish(session):
+    """Where a collected test starts CLI processes forked from a pre-imported interpreter (tests/forked.py), that
+    interpreter starts now: its import of torch runs on the other core while the first tests run."""
+    if any(hasattr(getattr(item, "module", None), "start_cli") for item in session.items):
+        import forked
+
+        forked.warm_up()
+
+
 @pytest.fixture(autouse=True)
 def _default_torch_threads():
     """Tests run at torch's default thread count, as users do (2 on CI); a test that changes it is undone."""

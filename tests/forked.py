@@ -23,6 +23,12 @@ PRELOAD = ["diffbatch.cli", "diffbatch.engine", "diffbatch.adapters.stable_diffu
            "diffbatch.executors.local", "transformers.models.clip.modeling_clip", "uvicorn"]
 
 
+def warm_up() -> None:
+    """Start the pre-importing interpreter now (it imports in the background, ~5 s on another core): conftest
+    calls this once a test that uses it is collected, so that the first ``start_cli`` does not wait for it."""
+    _context()
+
+
 def _context() -> multiprocessing.context.ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
