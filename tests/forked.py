@@ -14,9 +14,10 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import forkserver
 from pathlib import Path
+from typing import Any
 
 # what `diffbatch generate` and `diffbatch serve` import for an SD-1.5 folder, so that a child imports nothing
 PRELOAD = ["diffbatch.cli", "diffbatch.engine", "diffbatch.adapters.stable_diffusion", "diffbatch.server.app",
@@ -61,6 +62,13 @@ def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int
         sys.stdout.flush()
         sys.stderr.flush()
     raise SystemExit(code)
+
+
+def start_function(target: Callable[..., None], *args: Any) -> multiprocessing.Process:
+    """``target(*args)`` in a forked process, started (``target``: a module-level function, found by name)."""
+    process = _context().Process(target=target, args=args)
+    process.start()
+    return process
 
 
 def start_cli(argv: Sequence[str], stdout: Path | None = None, stderr: Path | None = None,

@@ -14,8 +14,7 @@ from diffbatch.cli import main
 from diffbatch.io.resume import lock_folder, plan_resume
 from diffbatch.io.writer import MANIFEST
 from diffbatch.spec import GenerationSpec
-from forked import start_cli
-from helpers import in_mount_namespace
+from forked import start_cli, start_function
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 N_IMAGES = 8  # 4 prompts x 2
@@ -99,44 +98,52 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
     assert_same_files(out, reference)
 
 
-RUN_TWICE = """
-import os, subprocess, sys
-from diffbatch.cli import main
-argv, disk, tmp = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
+CLONE_NEWNS = 0x00020000  # unshare(2): a private mount namespace
 
 
-def run(err):  # one run of the CLI, its stderr to a file of its own, its exit code written down
-    fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        code = main(argv)
-    finally:
-        sys.stderr.flush()
-    return code
+def full_disk_runs(argv: list[str], disk: str, tmp: str) -> None:
+    """In a process of its own (forked: tests/forked.py), in a private mount namespace: a 24 KiB tmpfs at ``disk``,
+    the job run until the disk is full, the tmpfs grown to 4 MiB (as a user freeing space would), the job run
+    again; each run's stderr and exit code written under ``tmp``. Exits 99 where the machine refuses the
+    namespace or the mount (the test skips)."""
+    import ctypes
+    import subprocess
+
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNS) != 0:
+        raise SystemExit(99)
+    for cmd in (["mount", "--make-rprivate", "/"], ["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", disk]):
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            raise SystemExit(99)
+
+    def run(err: str) -> int:  # one run of the CLI, its stderr to a file of its own
+        fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            return main(argv)
+        finally:
+            sys.stderr.flush()
+
+    Path(tmp, "rc1").write_text(str(run(f"{tmp}/err1")))
+    subprocess.run(["cp", "-r", f"{disk}/out", f"{tmp}/after-failure"], check=True)
+    subprocess.run(["mount", "-o", "remount,size=4m", disk], check=True)
+    Path(tmp, "rc2").write_text(str(run(f"{tmp}/err2")))
+    subprocess.run(["cp", "-r", f"{disk}/out", f"{tmp}/copy"], check=True)
 
 
-open(tmp + "/rc1", "w").write(str(run(tmp + "/err1")))
-subprocess.run(["cp", "-r", disk + "/out", tmp + "/after-failure"], check=True)
-subprocess.run(["mount", "-o", "remount,size=4m", disk], check=True)  # as a user freeing space would
-open(tmp + "/rc2", "w").write(str(run(tmp + "/err2")))
-subprocess.run(["cp", "-r", disk + "/out", tmp + "/copy"], check=True)
-"""
-
-
-@pytest.mark.slow  # a tmpfs in a mount namespace, a subprocess CLI
+@pytest.mark.slow  # a tmpfs in a mount namespace, a process of its own
 def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     """On a real full file system: a 24 KiB tmpfs (6 pages: the manifest and 5 PNGs) mounted in a private mount
-    namespace, grown to 4 MiB after the failure. Both runs in one interpreter in that namespace (one import of
-    torch, not two); each run's stderr and exit code are its own."""
+    namespace, grown to 4 MiB after the failure. Both runs in one forked process in that namespace; each run's
+    stderr and exit code are its own."""
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
-    args = " ".join(f"'{a}'" for a in [*job_args(tiny_sd_path, prompts, disk / "out"), disk, tmp_path])
-    (tmp_path / "run_twice.py").write_text(RUN_TWICE)
-    script = (f"mount -t tmpfs -o size=24k tmpfs '{disk}' || exit 99\n"
-              f"HF_HUB_OFFLINE=1 '{sys.executable}' '{tmp_path}/run_twice.py' {args}\n")
-    in_mount_namespace(script, tmp_path / "rc1", "mount a small tmpfs")
+    child = start_function(full_disk_runs, job_args(tiny_sd_path, prompts, disk / "out"), str(disk), str(tmp_path))
+    child.join(300)
+    if child.exitcode == 99 or not (tmp_path / "rc1").exists():
+        pytest.skip("this machine does not allow to mount a small tmpfs in a private mount namespace")
+    assert child.exitcode == 0, child.exitcode
     err = (tmp_path / "err1").read_text()
     assert (tmp_path / "rc1").read_text().strip() == "1", err
     assert "Traceback" not in err and "diffbatch: error: the disk is full" in err.strip().splitlines()[-1]
