@@ -22,6 +22,8 @@ from typing import Any
 # what `diffbatch generate` and `diffbatch serve` import for an SD-1.5 folder, so that a child imports nothing
 PRELOAD = ["diffbatch.cli", "diffbatch.engine", "diffbatch.adapters.stable_diffusion", "diffbatch.server.app",
            "diffbatch.executors.local", "transformers.models.clip.modeling_clip", "uvicorn"]
+# offline, as the old subprocesses ran; transformers' import-time notices (torchvision) off, as the CLI sets them
+SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def warm_up() -> None:
@@ -33,15 +35,16 @@ def warm_up() -> None:
 def _context() -> multiprocessing.context.ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported: by the server, at its start
+    saved = {name: os.environ.get(name) for name in SERVER_ENV}
+    os.environ.update(SERVER_ENV)  # read by the server as it starts (it imports huggingface_hub and transformers)
     try:
         forkserver.ensure_running()
     finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE")
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     return context
 
 
