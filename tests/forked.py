@@ -54,11 +54,16 @@ def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int
         target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(target, fd)
         os.close(target)
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     from diffbatch.cli import main
 
     torch.set_num_threads(threads)
+    tqdm.set_lock(threading.RLock())  # not a named semaphore, which a killed child leaves to multiprocessing's
+    # resource tracker (it warns of "leaked semaphore objects" at the end of the run)
     try:
         code = main(argv)
     finally:
