@@ -6,7 +6,7 @@ Diffusion pipeline loads (what any model-using command pays before diffbatch add
     python benchmarks/cli_latency.py --repeats 3 --before 4a03aac~1
 
 ``--before REV`` also runs the diffbatch commands from that commit's source (a git worktree on PYTHONPATH, ahead
-of the installed package), alternating with the current tree, so before and after are measured side by side.
+of the installed package), command by command beside the current tree's, so both are measured in one run.
 Writes results/cli_latency.json and its section of RESULTS.md.
 """
 
@@ -93,8 +93,8 @@ def main() -> None:
     body = (f"`python benchmarks/cli_latency.py --repeats {args.repeats}"
             f"{f' --before {args.before}' if args.before else ''}` on {record['cpu']}: each a fresh process, best "
             "of the repeats, seconds. The first three rows are the floor no diffbatch code sets (the same for both "
-            "columns). `before`: the diffbatch commands run from that commit's source, alternating with this "
-            "tree's.\n\n")
+            "columns). `before`: the diffbatch commands run from that commit's source, command by command beside "
+            "this tree's.\n\n")
     headers = ["command", "seconds now"] + ([f"before ({args.before})"] if args.before else [])
     rows = [[name, now] + ([columns["before"].get(name, "floor")] if args.before else [])
             for name, now in columns["now"].items()]

@@ -13,11 +13,16 @@ if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('torch'
   .venv/bin/pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/pip install -q torch
 fi
 # The pip step re-resolves every dependency (~8 s) even when nothing changed: it runs only when what it installs
-# from changed (the two pyproject.toml files, this script, the interpreter) or diffbatch is not importable.
+# from changed (the two pyproject.toml files, this script, the interpreter), or diffbatch is not this checkout's,
+# or a test extra is missing (the tests would skip what needs it).
 STAMP=.venv/.install-stamp
 WANT=$(cat pyproject.toml shapes/pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)-$(.venv/bin/python -V)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] \
-    || ! .venv/bin/python -c "import diffbatch, diffbatch_shapes, pytest" >/dev/null 2>&1; then
+    || ! .venv/bin/python -c "
+import importlib.util as u, pathlib, diffbatch, diffbatch_shapes
+assert pathlib.Path(diffbatch.__file__).resolve().is_relative_to(pathlib.Path('src').resolve())
+assert all(u.find_spec(m) for m in ('pytest', 'pytest_timeout', 'ruff', 'fastapi', 'uvicorn', 'httpx', 'openai',
+                                    'ray', 'openvino', 'peft', 'playwright', 'schemathesis'))" >/dev/null 2>&1; then
   rm -f "$STAMP"
   .venv/bin/pip install -q -e ".[test]" -e ./shapes  # shapes/: the embedded model's training and evaluation
   echo "$WANT" > "$STAMP"

@@ -2,11 +2,14 @@
 forked from one interpreter that imported them once (multiprocessing's forkserver, started at the first use and
 kept for the test run). For tests where the process is the thing tested (killed mid-write, interrupted, crashed
 and restarted), not Python's start-up: ``python -m diffbatch`` and the installed entry point are run as
-subprocesses in test_cli.py, test_cli_invariance.py and test_instant_answers.py.
+subprocesses in test_cli.py and test_instant_answers.py.
 
 The child is what a shell would start, but for the imports: ``main(argv)`` of ``diffbatch.cli``, its exit code
 the process's (``raise SystemExit(main())`` as in ``__main__``), SIGINT raising KeyboardInterrupt, stdout and
-stderr where asked, and torch at the given thread count (as ``OMP_NUM_THREADS`` would set it)."""
+stderr where asked, and torch at the given thread count (as ``OMP_NUM_THREADS`` would set it). Unlike a shell's
+child: its environment and working directory are the test run's when the forkserver started (a test's
+``monkeypatch.setenv`` or ``chdir`` does not reach it), and it exits through ``os._exit`` (no ``atexit``
+handlers). More than one thread is safe because the forkserver never runs an OpenMP region before forking."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ PRELOAD = ["diffbatch.cli", "diffbatch.engine", "diffbatch.adapters.stable_diffu
            "diffbatch.executors.local", "transformers.models.clip.modeling_clip", "uvicorn"]
 # offline, as the old subprocesses ran; transformers' import-time notices (torchvision) off, as the CLI sets them
 SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+_started: list[bool] = []  # the forkserver was started (the environment is set once, before any server thread)
 
 
 def warm_up() -> None:
@@ -32,8 +36,20 @@ def warm_up() -> None:
     _context()
 
 
+def joined(process: multiprocessing.Process, timeout: float) -> int | None:
+    """Wait for ``process`` at most ``timeout`` seconds, then kill it if it still runs (a live non-daemon child
+    would hold the test run's exit); its exit code (-N: killed by signal N)."""
+    process.join(timeout)
+    if process.exitcode is None:
+        process.kill()
+        process.join(10)
+    return process.exitcode
+
+
 def _context() -> multiprocessing.context.ForkServerContext:
     context = multiprocessing.get_context("forkserver")
+    if _started:  # (restarted by ensure_running only if it died: the environment is then the current one)
+        return context
     context.set_forkserver_preload(PRELOAD)
     saved = {name: os.environ.get(name) for name in SERVER_ENV}
     os.environ.update(SERVER_ENV)  # read by the server as it starts (it imports huggingface_hub and transformers)
@@ -45,6 +61,7 @@ def _context() -> multiprocessing.context.ForkServerContext:
                 os.environ.pop(name)
             else:
                 os.environ[name] = value
+    _started.append(True)
     return context
 
 

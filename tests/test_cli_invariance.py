@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffbatch.cli import main
-from forked import start_cli
+from forked import joined, start_cli
 from helpers import noise_image
 
 JOB = [{"prompt": "a red circle"}, {"prompt": "a blue star", "guidance_scale": 1.0},
@@ -55,6 +55,5 @@ def test_a_one_thread_process_writes_the_files_of_a_default_one(job: Path, tmp_p
     args = ["generate", str(job), "--steps", "3", "-n", "2", "--seed", "5", "--no-gallery"]
     assert main([*args, "--out", str(tmp_path / "default")]) == 0
     one = start_cli([*args, "--out", tmp_path / "one"], threads=1)
-    one.join()
-    assert one.exitcode == 0
+    assert joined(one, 120) == 0
     assert files(tmp_path / "one") == files(tmp_path / "default")

@@ -21,10 +21,17 @@ def test_script_skips_without_cuda():
     assert "no CUDA GPU here" in done.stdout and "skipped" in done.stdout
 
 
-def test_python_part_runs_on_the_tiny_sdxl_on_the_cpu(monkeypatch, capsys):
+def test_python_part_runs_on_the_tiny_sdxl_on_the_cpu(monkeypatch, capsys, request):
     """In this process (runpy, as ``python gpu_check.py`` runs it): the script is what is tested, not Python's
     start-up; the shell part is run for real above."""
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts tests/ and benchmarks/ on it
+    # the script puts tests/ and benchmarks/ on sys.path itself and imports from them: it must, as on the GPU
+    # machine, so neither is there before it runs and nothing it imports from them is loaded yet
+    here = {str(ROOT / "tests"), str(ROOT / "benchmarks")}
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in here and p != ""])
+    for name in ("tiny", "tiny_sdxl", "helpers", "results_md", "throughput"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    rng = torch.random.get_rng_state()
+    request.addfinalizer(lambda: torch.random.set_rng_state(rng))
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--device", "cpu", "--images", "4",
                                       "--batch-size", "2"])
     runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"), run_name="__main__")

@@ -59,7 +59,9 @@ def converted(tiny_sd_path, tmp_path_factory) -> dict:
 
             patch.setattr(type(module), name, counting)
         made = [r.pixels for r in first.generate([SPECS[0], SPECS[3]])]  # text-to-image and image-to-image
-    return {"cache": cache, "torch_calls": torch_calls, "made": made, "pipe": pipe}
+    folders = {p.parent for p in cache.rglob("*.xml")}  # as the conversion left them, before any test reads them
+    return {"cache": cache, "torch_calls": torch_calls, "made": made, "pipe": pipe, "folders": folders,
+            "scratch": list(cache.rglob(".tmp-*"))}
 
 
 @pytest.fixture(autouse=True)
@@ -108,12 +110,12 @@ def test_every_denoiser_call_has_the_fixed_row_count(tiny_sd_path, sd_converted,
 
 def test_every_model_runs_on_openvino_and_a_second_engine_loads_the_cached_conversions(tiny_sd_path, converted,
                                                                                         sd_converted, monkeypatch):
-    torch_calls, cache = converted["torch_calls"], converted["cache"]
+    torch_calls = converted["torch_calls"]
     # torch ran each of them, and only while OpenVINO traced it
     assert {name for name, _ in torch_calls} == {"forward", "decode", "_encode"} and all(t for _, t in torch_calls)
     assert isinstance(converted["pipe"].text_encoder.forward, OpenVINOModule)
-    folders = {p.parent for p in cache.rglob("*.xml")}
-    assert len(folders) == 4 and not list(cache.rglob(".tmp-*"))  # UNet, text encoder, VAE decoder and encoder
+    # UNet, text encoder, VAE decoder and encoder
+    assert len(converted["folders"]) == 4 and not converted["scratch"]
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of reading the cache")

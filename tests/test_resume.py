@@ -14,7 +14,7 @@ from diffbatch.cli import main
 from diffbatch.io.resume import lock_folder, plan_resume
 from diffbatch.io.writer import MANIFEST
 from diffbatch.spec import GenerationSpec
-from forked import start_cli, start_function
+from forked import joined, start_cli, start_function
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 N_IMAGES = 8  # 4 prompts x 2
@@ -68,9 +68,9 @@ def kill_after(argv: list[str], out: Path, lines: int, sig: int = signal.SIGKILL
         if written >= lines if lines else out.exists():
             break
         time.sleep(0.002)
-    os.kill(proc.pid, sig)
-    proc.join()
-    return proc.exitcode
+    if proc.exitcode is None:  # not a pid the forkserver has reaped already
+        os.kill(proc.pid, sig)
+    return joined(proc, 120)
 
 
 @pytest.mark.slow  # a process of its own per run
@@ -90,8 +90,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_finishes_the_job(
         tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     argv = job_args(tiny_sd_path, prompts, out)
-    before = signal.getsignal(signal.SIGINT)
-    assert kill_after(argv, out, 2, signal.SIGINT, log) == 130, (before, log.read_text())
+    assert kill_after(argv, out, 2, signal.SIGINT, log) == 130, log.read_text()
     err = log.read_text()
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("diffbatch: error: interrupted")
     assert main(argv) == 0
@@ -102,9 +101,10 @@ CLONE_NEWNS = 0x00020000  # unshare(2): a private mount namespace
 
 
 def full_disk_runs(argv: list[str], disk: str, tmp: str) -> None:
-    """In a process of its own (forked: tests/forked.py), in a private mount namespace: a 24 KiB tmpfs at ``disk``,
-    the job run until the disk is full, the tmpfs grown to 4 MiB (as a user freeing space would), the job run
-    again; each run's stderr and exit code written under ``tmp``. Exits 99 where the machine refuses the
+    """In a process of its own (forked: tests/forked.py), in a private mount namespace: a 24 KiB tmpfs at ``disk``
+    (``mounted`` written once it is there), the job run until the disk is full, the tmpfs grown to 4 MiB (as a
+    user freeing space would), the job run again. Each run is a fresh process forked from this one (which runs no
+    model itself), its stderr and exit code written under ``tmp``. Exits 99 where the machine refuses the
     namespace or the mount (the test skips)."""
     import ctypes
     import subprocess
@@ -114,21 +114,33 @@ def full_disk_runs(argv: list[str], disk: str, tmp: str) -> None:
     for cmd in (["mount", "--make-rprivate", "/"], ["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", disk]):
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             raise SystemExit(99)
-
-    def run(err: str) -> int:  # one run of the CLI, its stderr to a file of its own
-        fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 2)
-        os.close(fd)
-        try:
-            return main(argv)
-        finally:
-            sys.stderr.flush()
-
-    Path(tmp, "rc1").write_text(str(run(f"{tmp}/err1")))
+    Path(tmp, "mounted").touch()
+    Path(tmp, "rc1").write_text(str(_cli_process(argv, f"{tmp}/err1")))
     subprocess.run(["cp", "-r", f"{disk}/out", f"{tmp}/after-failure"], check=True)
     subprocess.run(["mount", "-o", "remount,size=4m", disk], check=True)
-    Path(tmp, "rc2").write_text(str(run(f"{tmp}/err2")))
+    Path(tmp, "rc2").write_text(str(_cli_process(argv, f"{tmp}/err2")))
     subprocess.run(["cp", "-r", f"{disk}/out", f"{tmp}/copy"], check=True)
+
+
+def _cli_process(argv: list[str], err: str) -> int:
+    """``main(argv)`` in a forked child, stderr to ``err``; its exit code as a shell reports it (an uncaught
+    exception: its traceback on stderr and 1, as the interpreter does)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 2)
+            os.close(fd)
+            code = main(argv)
+        except BaseException:  # noqa: BLE001 - reported as the interpreter would, then exit 1
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @pytest.mark.slow  # a tmpfs in a mount namespace, a process of its own
@@ -140,8 +152,8 @@ def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_finishes_the_jo
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
     child = start_function(full_disk_runs, job_args(tiny_sd_path, prompts, disk / "out"), str(disk), str(tmp_path))
-    child.join(300)
-    if child.exitcode == 99 or not (tmp_path / "rc1").exists():
+    joined(child, 240)
+    if child.exitcode == 99 or not (tmp_path / "mounted").exists():
         pytest.skip("this machine does not allow to mount a small tmpfs in a private mount namespace")
     assert child.exitcode == 0, child.exitcode
     err = (tmp_path / "err1").read_text()

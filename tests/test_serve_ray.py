@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from extras import need
 
-need("fastapi", "httpx", "uvicorn", "ray.serve")  # before the imports that need them: a clear skip without the extra
+need("fastapi", "httpx", "uvicorn", "openai", "ray.serve")  # before the imports that need them
 
 import base64
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -107,8 +108,9 @@ def test_a_batch_job_equals_generate_and_the_metrics_show_each_replica(
 
 
 def test_killing_a_replica_mid_load_loses_and_duplicates_nothing(server: LiveServer, engine: Engine) -> None:
-    """Eight requests spread over the two replicas; when the 2-step one is answered the 12-step ones are a few
-    steps in on both (step-level batching), and one replica is killed then, not after a guessed sleep."""
+    """Eight requests spread over the two replicas; when the 2-step one is answered, the replica that answered it
+    says how many images it still holds (its queue length on /metrics, step-level batching: the 12-step ones are
+    a few steps in), and it is killed then if it holds any, not after a guessed sleep."""
     import ray
 
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -128,8 +130,13 @@ def test_killing_a_replica_mid_load_loses_and_duplicates_nothing(server: LiveSer
     while 0 not in answers:  # the replicas are busy with the others
         assert time.monotonic() - began < 120 and any(t.is_alive() for t in threads), answers.keys()
         time.sleep(0.01)
+    queues = {m[1]: float(m[2]) for m in re.finditer(r'^diffbatch_replica_queue_length\{replica="([^"]+)"\} (\S+)$',
+                                                        httpx.get(f"{server.url}/metrics", headers=auth).text,
+                                                        re.MULTILINE)}
+    busy = [name for name, queue in queues.items() if queue > 0]
+    assert busy, f"no replica held images when the 2-step one was answered ({queues}): nothing to prove"
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if "SERVE_REPLICA" in a["name"] and APP in a["name"])
+                  if "SERVE_REPLICA" in a["name"] and APP in a["name"] and a["name"].endswith("#" + busy[0]))
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     for thread in threads:
         thread.join(300)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from extras import need
 
-need("fastapi", "httpx")  # before the imports that need them: a clear skip without the extra
+need("fastapi", "httpx", "uvicorn")  # before the imports that need them: a clear skip without the extra
 
 import json
 import threading

@@ -273,7 +273,7 @@ def test_a_huge_authored_job_is_refused_before_it_is_listed() -> None:
 def test_a_batch_job_with_a_sweep_and_dynamic_prompts(tiny_sd_path: Path, tmp_path: Path) -> None:
     import time
 
-    need("fastapi", "httpx")  # the server extra, for this test alone
+    need("fastapi", "httpx", "uvicorn")  # the server extra, for this test alone
     from fastapi.testclient import TestClient
 
     from diffbatch import Engine, GenerationSpec
