@@ -71,16 +71,12 @@ def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int
         target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(target, fd)
         os.close(target)
-    import threading
-
     import torch
-    from tqdm import tqdm
 
     from diffbatch.cli import main
 
     torch.set_num_threads(threads)
-    tqdm.set_lock(threading.RLock())  # not a named semaphore, which a killed child leaves to multiprocessing's
-    # resource tracker (it warns of "leaked semaphore objects" at the end of the run)
+    _thread_locked_progress_bars()
     try:
         code = main(argv)
     finally:
@@ -91,9 +87,24 @@ def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int
 
 def start_function(target: Callable[..., None], *args: Any) -> multiprocessing.Process:
     """``target(*args)`` in a forked process, started (``target``: a module-level function, found by name)."""
-    process = _context().Process(target=target, args=args)
+    process = _context().Process(target=_call, args=(target, *args))
     process.start()
     return process
+
+
+def _call(target: Callable[..., None], *args: Any) -> None:
+    _thread_locked_progress_bars()
+    target(*args)
+
+
+def _thread_locked_progress_bars() -> None:
+    """Progress bars lock with a thread lock, not a named semaphore, which a killed (or ``os._exit``-ed) child
+    leaves to multiprocessing's resource tracker: it warns of "leaked semaphore objects" at the end of the run."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def start_cli(argv: Sequence[str], stdout: Path | None = None, stderr: Path | None = None,
