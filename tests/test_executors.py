@@ -109,6 +109,7 @@ def test_a_write_error_cancels_the_rest():
     assert len(executor.cancelled) == 1 and executor.events == ["start", "stop"]
 
 
+@pytest.mark.slow  # a long job through the loop
 def test_the_local_loop_holds_only_the_images_in_flight(tiny_sd_path):
     """A job of any length: each finished image is dropped once written (``Engine.generate`` keeps them all)."""
     engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", max_batch_size=2)

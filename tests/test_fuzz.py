@@ -33,6 +33,7 @@ def app(tiny_sd_path, tmp_path_factory):
     return create_app(config, engine)
 
 
+@pytest.mark.slow  # generated requests against the app
 def test_generated_requests_never_meet_a_server_error(app):
     from schemathesis.python import asgi
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the script would run for real")
+@pytest.mark.slow  # the shell script in a fresh interpreter
 def test_script_skips_without_cuda():
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           env={**os.environ, "PYTHON": sys.executable}, timeout=120)
@@ -21,6 +22,7 @@ def test_script_skips_without_cuda():
     assert "no CUDA GPU here" in done.stdout and "skipped" in done.stdout
 
 
+@pytest.mark.slow  # the whole check on the tiny SDXL
 def test_python_part_runs_on_the_tiny_sdxl_on_the_cpu(monkeypatch, capsys, request):
     """In this process (runpy, as ``python gpu_check.py`` runs it): the script is what is tested, not Python's
     start-up; the shell part is run for real above."""

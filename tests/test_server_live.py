@@ -91,6 +91,7 @@ def wait_done(base: str, job_id: str, at_least: int, timeout: float = 120) -> di
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # a server process of its own, killed and restarted
 def test_batch_job_survives_sigkill_with_no_lost_and_no_duplicated_image(tiny_sd_path, engine, tmp_path):
     port, data = free_port(), tmp_path / "data"
     base = f"http://127.0.0.1:{port}"

@@ -42,6 +42,7 @@ def test_engine_defaults_to_the_embedded_model(engine):
     assert (engine.defaults.height, engine.defaults.width) == (64, 64)
 
 
+@pytest.mark.slow  # the embedded model's pictures, scored
 def test_generated_pictures_follow_the_prompt(engine):
     """The first six eval prompts, seed 0, default settings. The model learned background, shape colour,
     shape class and position (100%, 96.9%, 87.5%, 100% over the full eval), so a broken sampler, guidance
