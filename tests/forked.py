@@ -67,10 +67,8 @@ def _context() -> multiprocessing.context.ForkServerContext:
 
 def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it in a process a shell starts
-    for fd, path in ((1, stdout), (2, stderr)):
-        target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(target, fd)
-        os.close(target)
+    _redirect(1, stdout)
+    _redirect(2, stderr)
     import torch
 
     from diffbatch.cli import main
@@ -83,6 +81,35 @@ def _child(argv: list[str], stdout: str | None, stderr: str | None, threads: int
         sys.stdout.flush()
         sys.stderr.flush()
     raise SystemExit(code)
+
+
+def _redirect(fd: int, path: str | None, flags: int = os.O_APPEND) -> None:
+    """File descriptor ``fd`` (1 or 2) writes to ``path`` (created if missing), or nowhere."""
+    target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | flags)
+    os.dup2(target, fd)
+    os.close(target)
+
+
+def cli_in_fork(argv: list[str], stderr: str) -> int:
+    """``main(argv)`` in a child forked from the calling process, its stderr written to ``stderr``; its exit code as
+    a shell reports it (an uncaught exception: its traceback on stderr and 1, as the interpreter does). For a
+    ``start_function`` target (which has run no model, so no OpenMP region, before forking)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _redirect(2, stderr, os.O_TRUNC)
+            from diffbatch.cli import main
+
+            code = main(argv)
+        except BaseException:  # noqa: BLE001 - reported as the interpreter would, then exit 1
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def start_function(target: Callable[..., None], *args: Any) -> multiprocessing.Process:

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from diffbatch.cli import main
 from diffbatch.io.resume import lock_folder, plan_resume
 from diffbatch.io.writer import MANIFEST
 from diffbatch.spec import GenerationSpec
-from forked import joined, start_cli, start_function
+from forked import cli_in_fork, joined, start_cli, start_function
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 N_IMAGES = 8  # 4 prompts x 2
@@ -115,32 +114,11 @@ def full_disk_runs(argv: list[str], disk: str, tmp: str) -> None:
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             raise SystemExit(99)
     Path(tmp, "mounted").touch()
-    Path(tmp, "rc1").write_text(str(_cli_process(argv, f"{tmp}/err1")))
+    Path(tmp, "rc1").write_text(str(cli_in_fork(argv, f"{tmp}/err1")))
     subprocess.run(["cp", "-r", f"{disk}/out", f"{tmp}/after-failure"], check=True)
     subprocess.run(["mount", "-o", "remount,size=4m", disk], check=True)
-    Path(tmp, "rc2").write_text(str(_cli_process(argv, f"{tmp}/err2")))
+    Path(tmp, "rc2").write_text(str(cli_in_fork(argv, f"{tmp}/err2")))
     subprocess.run(["cp", "-r", f"{disk}/out", f"{tmp}/copy"], check=True)
-
-
-def _cli_process(argv: list[str], err: str) -> int:
-    """``main(argv)`` in a forked child, stderr to ``err``; its exit code as a shell reports it (an uncaught
-    exception: its traceback on stderr and 1, as the interpreter does)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 2)
-            os.close(fd)
-            code = main(argv)
-        except BaseException:  # noqa: BLE001 - reported as the interpreter would, then exit 1
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @pytest.mark.slow  # a tmpfs in a mount namespace, a process of its own
