@@ -34,7 +34,14 @@ PROMPT_BATCH = 64  # texts per text-encoder call
 
 
 Cached = dict[str, torch.Tensor]  # what a request's step cache keeps from a step (Request.cached)
-PromptKey = tuple[bool, str, Loras]  # (is a negative prompt, text, LoRAs: text-encoder LoRAs change it)
+# (is a negative prompt, text, LoRAs (text-encoder LoRAs change it), emphasis, clip skip (prompts only, as diffusers))
+PromptKey = tuple[bool, str, Loras, str, int]
+
+
+def prompt_keys(spec: GenerationSpec) -> tuple[PromptKey, PromptKey]:
+    """The keys of a resolved spec's prompt and negative prompt conditioning."""
+    return ((False, spec.prompt, spec.loras, spec.emphasis, spec.clip_skip),
+            (True, spec.negative_prompt, spec.loras, spec.emphasis, 1))
 
 
 class PromptCache:
@@ -115,29 +122,60 @@ class Runner:
 
     def _attach_conditioning(self, requests: list[Request]) -> None:
         guided = [r for r in requests if self.adapter.uses_cfg(r.spec)]
-        self._encode_missing([(False, r.spec.prompt, r.spec.loras) for r in requests])
-        self._encode_missing([(True, r.spec.negative_prompt, r.spec.loras) for r in guided])
+        self._encode_missing([prompt_keys(r.spec)[0] for r in requests])
+        self._encode_missing([prompt_keys(r.spec)[1] for r in guided])
         for r in requests:
-            r.cond = self.adapter.request_cond(self.prompts.get((False, r.spec.prompt, r.spec.loras)), r.spec)
+            r.cond = self.adapter.request_cond(self.prompts.get(prompt_keys(r.spec)[0]), r.spec)
         for r in guided:
-            key = (True, r.spec.negative_prompt, r.spec.loras)
-            r.uncond = self.adapter.request_cond(self.prompts.get(key), r.spec, True)
+            r.uncond = self.adapter.request_cond(self.prompts.get(prompt_keys(r.spec)[1]), r.spec, True)
 
     def _encode_missing(self, keys: list[PromptKey]) -> None:
+        """Encode the keys not cached yet: those diffusers' ``encode_prompt`` encodes as they are, in batches by
+        clip skip; the others (A1111's language, long prompts) by their chunks (clip_prompts.py)."""
         for negative in (False, True):
             missing = self.prompts.missing([k for k in keys if k[0] == negative])
-            for i in range(0, len(missing), PROMPT_BATCH):
-                batch = missing[i : i + PROMPT_BATCH]
-                conds = run_in_calls(self.adapter.call_shapes.text, len(batch), functools.partial(
-                    self._encode_call, batch, negative))
-                for key, cond in zip(batch, conds, strict=True):
-                    self.prompts.put(key, cond)
+            field = "negative_prompt" if negative else "prompt"
+            windows = {k: self.adapter.windows(k[1], k[3], field, k[4]) for k in missing}
+            by_skip: dict[int, list[PromptKey]] = {}
+            for k in missing:
+                by_skip.setdefault(k[4], []).append(k)
+            for clip_skip, group in by_skip.items():
+                plain = [k for k in group if windows[k] is None]
+                for i in range(0, len(plain), PROMPT_BATCH):
+                    batch = plain[i : i + PROMPT_BATCH]
+                    conds = run_in_calls(self.adapter.call_shapes.text, len(batch), functools.partial(
+                        self._encode_call, batch, negative, clip_skip))
+                    for key, cond in zip(batch, conds, strict=True):
+                        self.prompts.put(key, cond)
+                chunked = [k for k in group if windows[k] is not None]
+                for i in range(0, len(chunked), PROMPT_BATCH):
+                    self._encode_chunks(chunked[i : i + PROMPT_BATCH], windows, clip_skip)
 
-    def _encode_call(self, batch: list[PromptKey], negative: bool, real: slice, size: int) -> list[Cond]:
+    def _encode_call(self, batch: list[PromptKey], negative: bool, clip_skip: int, real: slice, size: int
+                     ) -> list[Cond]:
         keys = batch[real]
         keys = keys + keys[-1:] * (size - len(keys))  # padded to the call shape
-        with self._lora_rows([loras for _, _, loras in keys]):
-            return self.adapter.encode_prompts([text for _, text, _ in keys], negative)
+        with self._lora_rows([k[2] for k in keys]):
+            return self.adapter.encode_prompts([k[1] for k in keys], negative, clip_skip)
+
+    def _encode_chunks(self, keys: list[PromptKey], windows: dict[PromptKey, Any], clip_skip: int) -> None:
+        """Prompts encoded by their chunks: every chunk a row of the text encoders' calls (with its prompt's
+        LoRAs), then each prompt's rows joined (clip_prompts.py)."""
+        ids = batch_rows([windows[k].ids for k in keys])  # [R, E, L]
+        loras = [k[2] for k in keys for _ in range(len(windows[k].ids))]
+
+        def call(real: slice, size: int) -> dict[str, torch.Tensor]:
+            rows = loras[real]
+            with self._lora_rows(rows + rows[-1:] * (size - len(rows))):
+                return self.adapter.encode_windows(pad_rows(ids[real], size), clip_skip)
+
+        out = run_in_calls(self.adapter.call_shapes.text, len(ids), call)
+        start = 0
+        for k in keys:
+            n = len(windows[k].ids)
+            rows = {name: value[start : start + n] for name, value in out.items()}
+            self.prompts.put(k, self.adapter.join_windows(rows, windows[k], k[3]))
+            start += n
 
     def _lora_rows(self, per_row: list[Loras]) -> contextlib.AbstractContextManager:
         return self.loras.rows(per_row) if self.loras is not None else contextlib.nullcontext()
@@ -229,8 +267,26 @@ class Runner:
             timesteps += [t.reshape(1).to(torch.float32)] * len(rows)  # the UNet casts timesteps to float32
             conds += rows
         sample, timestep = batch_rows(samples), batch_rows(timesteps)  # [N, ...], [N]
-        cond = {key: batch_rows([c[key] for c in conds]) for key in conds[0]}
+        # Rows whose conditioning differs in length (a prompt of two chunks beside one of one) run in calls of
+        # their own, as A1111 runs a prompt and a negative prompt of different lengths
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(conds):
+            groups.setdefault(tuple(tuple(c[key].shape[1:]) for key in sorted(c)), []).append(i)
+        outs = []
+        for rows in groups.values():
+            cond = {key: batch_rows([conds[i][key] for i in rows]) for key in conds[rows[0]]}
+            picked = torch.tensor(rows) if len(groups) > 1 else slice(None)
+            outs.append(self._calls(model, sample[picked], timestep[picked], cond,
+                                    {key: value[picked] for key, value in extra.items()}, [loras[i] for i in rows]))
+        if len(outs) == 1:
+            return outs[0]
+        order = torch.tensor([i for rows in groups.values() for i in rows]).argsort()  # back to the rows' order
+        if isinstance(outs[0], dict):
+            return {key: torch.cat([out[key] for out in outs])[order] for key in outs[0]}
+        return torch.cat(outs)[order]
 
+    def _calls(self, model: Callable[..., Any], sample: torch.Tensor, timestep: torch.Tensor, cond: Cond,
+               extra: dict[str, torch.Tensor], loras: list[Loras]) -> Any:
         def call(real: slice, size: int) -> Any:  # padded to the device's call shape (invariance.py)
             rows = loras[real]
             with self._lora_rows(rows + rows[-1:] * (size - len(rows))):

@@ -18,10 +18,12 @@ from typing import Any
 from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
 from .errors import SpecError, shown
+from .prompt_language import EMPHASES, EMPHASIS_RULE, ORIGINAL, has_syntax
 from .samplers import SAMPLERS
 from .seeds import SEED_RULE, is_seed
 
 MIN_SIDE, MAX_SIDE = 8, 4096
+MAX_CLIP_SKIP = 12  # A1111's slider; a model's text encoder may have fewer layers (its adapter checks)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ModelDefaults:
     guidance_scale: float = 7.5
     strength: float = 0.8  # img2img only
     vae_scale_factor: int = 8  # height and width must be multiples of this
+    emphasis: str = ORIGINAL  # how prompts are read: A1111's language where the family's encoders are CLIP's
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ class GenerationSpec:
     loras: tuple[tuple[str, float], ...] = ()
     # Step caching (caching.py): off (every step computes the whole denoiser), auto, or METHOD:VALUE.
     cache: str = "off"
+    # How the prompts are read (prompt_language.py): AUTOMATIC1111's language with its "Original" emphasis,
+    # "no_norm", "ignore" (brackets parsed, weights dropped) or "none" (literally); None: the model's default
+    # (original where its text encoders are CLIP's). Long prompts are encoded in chunks whatever the emphasis.
+    emphasis: str | None = None
+    # A1111's "Clip skip": 1 = the text encoder's last layer (the default), N = its N-th layer from the end;
+    # diffusers' clip_skip N - 1 (applied, as diffusers does, to the prompt and not to the negative prompt).
+    clip_skip: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", _lora_pairs(self.loras))
@@ -87,6 +97,8 @@ class GenerationSpec:
             height=height or defaults.height,
             width=width or defaults.width,
             strength=_first(self.strength, defaults.strength) if self.is_img2img else self.strength,
+            emphasis=_first(self.emphasis, defaults.emphasis),
+            clip_skip=_first(self.clip_skip, 1),
         )
         check_size(resolved, defaults.vae_scale_factor)
         if (resolved.variation_seed is None) != (resolved.variation_strength is None):
@@ -133,6 +145,8 @@ class Key:
 
     name: str
     when: Callable[[GenerationSpec], bool] = lambda spec: True
+    write: Callable[[Any], str] | None = None  # the value as written, where it is not the kind's form
+    read: Callable[[str], Any] | None = None  # and read back
 
 
 BODY = "body"  # Edges.http: the generations JSON body and the edits form
@@ -160,6 +174,19 @@ CACHE_HELP = ("step caching: off (default: every step computes the whole denoise
 
 def _variation(spec: GenerationSpec) -> bool:
     return spec.variation_seed is not None
+
+
+def _emphasis_written(spec: GenerationSpec) -> bool:
+    """As A1111: ``Emphasis`` only when a prompt has syntax it changes and it is not A1111's default."""
+    return spec.emphasis not in (None, ORIGINAL) and (has_syntax(spec.prompt) or has_syntax(spec.negative_prompt))
+
+
+EMPHASIS_LABELS = {label.lower(): name for name, label in EMPHASES.items()}
+
+
+def _read_emphasis(label: str) -> str:
+    """A1111's label (``No norm``), or the field's own value (``no_norm``); else the text, for the rule to refuse."""
+    return EMPHASIS_LABELS.get(label.strip().lower(), label.strip().lower())
 
 
 # In A1111's order of the keys (io/writer.py places the settings that are no field's own between them).
@@ -193,6 +220,15 @@ EDGES: dict[str, Edges] = {
                    no_key="<lora:NAME:WEIGHT> tags after the prompt, and Lora hashes"),
     "cache": Edges(Kind.TEXT, flag="--cache", metavar="off|auto|METHOD:VALUE", help=CACHE_HELP,
                    key=Key("Cache", lambda spec: spec.cache != OFF)),
+    "emphasis": Edges(Kind.TEXT, flag="--emphasis", metavar="|".join(EMPHASES),
+                      help="how prompts are read: AUTOMATIC1111's prompt language ((x:1.3), [x], BREAK) with its "
+                      "Original emphasis (the default on CLIP models), no_norm, ignore (weights dropped), or none "
+                      "(literally); prompts longer than the text encoder's window are encoded in chunks",
+                      key=Key("Emphasis", _emphasis_written, write=lambda value: EMPHASES[value],
+                              read=_read_emphasis)),
+    "clip_skip": Edges(Kind.INT, flag="--clip-skip", metavar="N",
+                       help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before...",
+                       key=Key("Clip skip", lambda spec: (spec.clip_skip or 1) > 1)),
 }
 
 
@@ -265,6 +301,9 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
               "must be a path or an image"),
     "loras": (_loras_ok, "must map LoRA names (no < > :) to finite weights, each name once"),
     "cache": (cache_ok, CACHE_RULE),
+    "emphasis": (_optional(lambda v: v in EMPHASES), EMPHASIS_RULE),
+    "clip_skip": (_optional(lambda v: _is_int(v) and 1 <= v <= MAX_CLIP_SKIP),
+                  f"must be an integer from 1 to {MAX_CLIP_SKIP}"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
     "width": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),
 }

@@ -20,6 +20,7 @@ from PIL import Image
 from ..caching import AUTO, METHODS, OFF, parse_cache
 from ..errors import SpecError
 from ..numerics import NumericPath
+from ..prompt_language import NONE, has_syntax, parse_attention
 from ..samplers import SAMPLERS, is_stochastic
 from ..spec import GenerationSpec, ModelDefaults
 from .config import PipelineConfig
@@ -37,6 +38,10 @@ class Adapter(ABC):
     # changes move more of the image, so it computes more often); benchmarks/cache.py measured them
     auto_cache: ClassVar[str] = OFF
     auto_cache_stochastic: ClassVar[str] = OFF
+    # Reads AUTOMATIC1111's prompt language and encodes long prompts in chunks (clip_prompts.py); a family
+    # without reads prompts literally (``emphasis: none``), as diffusers does
+    prompt_language: ClassVar[bool] = False
+    clip_skip: ClassVar[bool] = True  # its pipeline's encode_prompt takes diffusers' clip_skip
 
     def __init__(self, config: PipelineConfig, name: str, pipe: Any = None, invariant: bool = True,
                  backend: str = "torch") -> None:
@@ -112,9 +117,15 @@ class Adapter(ABC):
 
     # Conditioning ----------------------------------------------------------------------------------------
     @abstractmethod
-    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
-        """Encode a batch of texts in one call; one conditioning (batch dim 1) per text. ``negative``: the
-        texts are negative prompts (SDXL zeroes an empty one)."""
+    def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
+        """Encode a batch of texts in one call as diffusers' ``encode_prompt`` does; one conditioning (batch dim
+        1) per text. ``negative``: the texts are negative prompts (SDXL zeroes an empty one); ``clip_skip``:
+        A1111's, 1 = none (diffusers' ``clip_skip`` is one less, and applies to prompts only)."""
+
+    def windows(self, text: str, emphasis: str, field: str = "prompt", clip_skip: int = 1) -> Any:
+        """How ``text`` is encoded when not by ``encode_prompts``: its chunks (clip_prompts.py); None: by
+        ``encode_prompts``, as in every family without A1111's prompt language."""
+        return None
 
     def request_cond(self, text_cond: Cond, spec: GenerationSpec, negative: bool = False) -> Cond:
         """Per-request additions to a prompt's conditioning (SDXL time ids); none by default."""
@@ -122,8 +133,23 @@ class Adapter(ABC):
 
     def check_spec(self, spec: GenerationSpec) -> None:
         """Raise ``SpecError`` at admission for a resolved spec this model cannot run (an SDXL refiner refuses
-        text-to-image); by default every spec the engine accepts is fine."""
-        return None
+        text-to-image). The base checks how its prompts are read."""
+        self.check_reading(spec)
+
+    def check_reading(self, spec: GenerationSpec) -> None:
+        """The prompts parse in the language ``emphasis`` names (a weight that is not a number, brackets nested
+        past the limit: refused naming the field), and the family reads it."""
+        texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
+        if spec.emphasis != NONE:
+            if not self.prompt_language and any(has_syntax(t) for t in texts.values()):
+                raise SpecError(f"emphasis={spec.emphasis!r}: {self.family} models read prompts literally here "
+                                "(A1111's prompt language is read on CLIP text encoders); give emphasis none",
+                                field="emphasis", value=spec.emphasis, reason="none on this model")
+            for name, text in texts.items():
+                parse_attention(text, name)
+        if spec.clip_skip > 1 and not self.clip_skip:
+            raise SpecError(f"clip_skip={spec.clip_skip}: {self.family} models take no clip skip", field="clip_skip",
+                            value=spec.clip_skip, reason="1 on this model")
 
     def resolve_cache(self, spec: GenerationSpec) -> str:
         """A resolved spec's ``cache`` as it will run: ``auto`` made concrete for its sampler (``off`` where this

@@ -28,6 +28,7 @@ class FlowMatchAdapter(Adapter):
     auto_cache = auto_cache_stochastic = "fbcache:0.08"
 
     def check_spec(self, spec: GenerationSpec) -> None:
+        super().check_spec(spec)
         if spec.scheduler is not None:
             raise SpecError(f"scheduler={spec.scheduler!r} is invalid for {self.family} model {self.name!r}: it "
                             f"samples with flow matching ({self.default_scheduler_class.__name__}), which the "

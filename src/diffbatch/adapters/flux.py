@@ -15,6 +15,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ..errors import SpecError
+from ..prompt_language import NONE
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
 from .flow_match import FlowMatchAdapter
@@ -24,6 +25,7 @@ DEFAULT_SAMPLE_SIZE = 128  # latent pixels: FluxPipeline's fixed default_sample_
 
 
 class FluxAdapter(FlowMatchAdapter):
+    clip_skip = False  # FluxPipeline.encode_prompt takes none
     family = "flux"
     max_sequence_length = 512  # T5 tokens: FluxPipeline's default
 
@@ -43,7 +45,8 @@ class FluxAdapter(FlowMatchAdapter):
         f = self.vae_scale_factor
         # Sizes are multiples of twice the VAE factor: 2x2 latent patches (diffusers would silently round down).
         return ModelDefaults(height=DEFAULT_SAMPLE_SIZE * f, width=DEFAULT_SAMPLE_SIZE * f,
-                             num_inference_steps=28, guidance_scale=3.5, strength=0.6, vae_scale_factor=2 * f)
+                             num_inference_steps=28, guidance_scale=3.5, strength=0.6, vae_scale_factor=2 * f,
+                             emphasis=NONE)
 
     def _latent_grid(self, spec: GenerationSpec) -> tuple[int, int, int]:
         """Unpacked latent ``(C, h, w)`` as FluxPipeline.prepare_latents computes it."""
@@ -67,7 +70,7 @@ class FluxAdapter(FlowMatchAdapter):
         return False  # FluxPipeline never runs CFG rows from guidance_scale (an embedding input, or unused)
 
     # Conditioning ----------------------------------------------------------------------------------------
-    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
+    def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
         embeds, pooled, _ = self.pipe.encode_prompt(texts, None, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)  # [B, L, D], [B, P]
         return [{"encoder_hidden_states": e[None], "pooled_projections": p[None]}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
+from ..prompt_language import NONE
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
 from .flow_match import FlowMatchAdapter
@@ -34,7 +35,7 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         size = self.config.component("transformer").get("sample_size", 128) * self.vae_scale_factor
         # Latents are cut into patch_size^2 patches, so sizes are multiples of both factors (as check_inputs).
         return ModelDefaults(height=size, width=size, num_inference_steps=28, guidance_scale=7.0, strength=0.6,
-                             vae_scale_factor=self.vae_scale_factor * self.patch_size)
+                             vae_scale_factor=self.vae_scale_factor * self.patch_size, emphasis=NONE)
 
     @property
     def patch_size(self) -> int:
@@ -45,11 +46,11 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         return (1, self.config.component("transformer")["in_channels"], spec.height // f, spec.width // f)
 
     # Conditioning ----------------------------------------------------------------------------------------
-    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
+    def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
         # Without clip_skip, diffusers encodes a negative prompt exactly like a prompt: one cache serves both.
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             texts, None, None, device=self.device, do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length)  # [B, 77 + 256, D], [B, P]
+            clip_skip=clip_skip - 1 or None, max_sequence_length=self.max_sequence_length)  # [B, 77 + 256, D], [B, P]
         return [{"encoder_hidden_states": e[None], "pooled_projections": p[None]}
                 for e, p in zip(embeds, pooled, strict=True)]
 

@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ..errors import SpecError
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond
+from .clip_prompts import Encoder
 from .config import PipelineConfig
 from .hub import from_pretrained, read_model_index
 from .stable_diffusion import StableDiffusionAdapter
@@ -76,14 +77,28 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                             field="image", reason="required by an SDXL refiner")
 
     # Conditioning ----------------------------------------------------------------------------------------
-    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(texts, device=self.device, do_classifier_free_guidance=False)
+    def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(texts, device=self.device, do_classifier_free_guidance=False,
+                                                       clip_skip=clip_skip - 1 or None)
         conds = [{"encoder_hidden_states": e[None], "text_embeds": p[None]}
                  for e, p in zip(embeds, pooled, strict=True)]
         if negative and self.pipe.config.force_zeros_for_empty_prompt:
             # diffusers zeroes the unconditional embeddings when no negative prompt is given (ours: "").
             conds = [_zeros(c) if not t else c for t, c in zip(texts, conds, strict=True)]
         return conds  # encoder_hidden_states [1, L, D1 + D2], text_embeds [1, P]
+
+    def encoders(self) -> list[Encoder]:
+        pipe = self.pipe  # a refiner has the second encoder only
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        return [Encoder(tokenizer, model) for tokenizer, model in pairs if model is not None]
+
+    def select_hidden(self, index: int, out: Any, clip_skip: int) -> torch.Tensor:
+        """As ``encode_prompt``: the penultimate hidden state, ``clip_skip - 1`` more from the end, unnormalised."""
+        return out.hidden_states[-(clip_skip + 1)]
+
+    def join_windows(self, rows: dict[str, torch.Tensor], windows: Any, emphasis: str) -> Cond:
+        cond = super().join_windows(rows, windows, emphasis)
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "text_embeds": cond["pooled"]}
 
     def request_cond(self, text_cond: Cond, spec: GenerationSpec, negative: bool = False) -> Cond:
         return {**text_cond, "time_ids": self._time_ids(spec, negative)}

@@ -11,10 +11,11 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from ..spec import GenerationSpec, ModelDefaults
 from . import step_cache
 from .base import Adapter, Cond
+from .clip_prompts import ClipPrompts, Encoder
 from .hub import from_pretrained
 
 
-class StableDiffusionAdapter(Adapter):
+class StableDiffusionAdapter(ClipPrompts, Adapter):
     family = "stable-diffusion"
     cache_methods = ("deepcache",)
     # Measured on the embedded model (benchmarks/RESULTS.md, "Step caching"): PSNR >= 30 dB against the uncached
@@ -39,10 +40,21 @@ class StableDiffusionAdapter(Adapter):
         f = self.vae_scale_factor
         return (1, self.config.component("unet")["in_channels"], spec.height // f, spec.width // f)
 
-    def encode_prompts(self, texts: list[str], negative: bool = False) -> list[Cond]:
-        # diffusers encodes the negative prompt exactly like a prompt, so one cache serves both.
-        embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)  # [B, L, D]
-        return [{"encoder_hidden_states": e[None]} for e in embeds]
+    def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
+        # diffusers encodes the negative prompt exactly like a prompt (clip skip aside), so one cache serves both;
+        # a clip skip goes by windows() (clip_prompts.py)
+        embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)
+        return [{"encoder_hidden_states": e[None]} for e in embeds]  # [1, L, D]
+
+    def encoders(self) -> list[Encoder]:
+        return [Encoder(self.pipe.tokenizer, self.pipe.text_encoder)]
+
+    def select_hidden(self, index: int, out: Any, clip_skip: int) -> torch.Tensor:
+        """As ``encode_prompt``: the last hidden state, or the ``clip_skip``-th from the end, normalised."""
+        if clip_skip == 1:
+            return out[0]
+        encoder = self.pipe.text_encoder  # transformers 5's CLIPTextModel has its layers at the top
+        return getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
 
     def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         vae = self.pipe.vae

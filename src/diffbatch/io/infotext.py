@@ -34,7 +34,8 @@ QUOTED = re.compile(r'"(?:\\.|[^\\"])++"')
 NEGATIVE = "Negative prompt:"
 LABELS = {sampler.label: name for name, sampler in SAMPLERS.items()}  # "Euler a" -> "euler_a"
 KARRAS = {"DPM++ 2M": "dpm++_2m_karras"}  # A1111 >= 1.9 writes "Sampler: DPM++ 2M, Schedule type: Karras"
-KEYS = {edges.key.name: (name, PARSE[edges.kind]) for name, edges in EDGES.items() if edges.key is not None}
+KEYS = {edges.key.name: (name, edges.key.read or PARSE[edges.kind]) for name, edges in EDGES.items()
+        if edges.key is not None}
 
 
 @dataclass

@@ -61,7 +61,8 @@ def _field_settings(spec: GenerationSpec) -> Iterator[tuple[str, str, str]]:
     """(field, key, value as written) of each field with a key of its own, in the table's (A1111's) order."""
     for name, edges in EDGES.items():
         if edges.key is not None and edges.key.when(spec):
-            yield name, edges.key.name, FORMATS[edges.kind](getattr(spec, name))
+            write = edges.key.write or FORMATS[edges.kind]
+            yield name, edges.key.name, write(getattr(spec, name))
 
 
 def _context(spec: GenerationSpec, sampler: str, model: str, model_hash: str, image_hash: str,

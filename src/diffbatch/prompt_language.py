@@ -1,0 +1,186 @@
+"""AUTOMATIC1111's prompt language, read as A1111 reads it: ``(x)`` x1.1, ``[x]`` /1.1, ``(x:1.3)``, escapes
+``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\``, ``BREAK``, and prompts longer than the text encoder's window split into
+chunks of its length (75 tokens for CLIP) at a comma where one is near. Pure Python: the parse and the chunking;
+the encoders' side is adapters/clip_prompts.py.
+
+What is A1111's, and what is ours (README, "The prompt language"):
+- the parse is ``modules/prompt_parser.py`` ``parse_prompt_attention``'s (its documented examples are tests),
+  computed in time linear in the prompt (A1111's multiplies every piece again for every bracket around it); a
+  piece nested deeper than ``MAX_DEPTH`` brackets is refused (no prompt does that but an attack on the server);
+- the chunks are ``sd_hijack_clip``'s ``tokenize_line``'s, with its default comma backtrack (20 tokens);
+- emphasis is applied per prompt and chunk, as A1111 computes it for a batch of one prompt: A1111's "Original"
+  takes the mean over the whole batch of prompts, which would make an image depend on its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import SpecError, shown
+
+# The ``emphasis`` field's values and how A1111 writes each in its ``Emphasis`` key ("Original" is its default,
+# written only when it is not what ran, as A1111 does)
+EMPHASES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
+ORIGINAL, NONE = "original", "none"
+EMPHASIS_RULE = "must be one of " + ", ".join(EMPHASES)
+MAX_DEPTH = 100  # brackets around a piece of text
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: move up to 20 tokens after a comma to the next chunk
+ROUND, SQUARE = 1.1, 1 / 1.1
+
+# A1111's re_attention, token by token: escapes, brackets, a weight closing a round bracket, a run of text, a colon
+ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+SPLIT_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+BREAK = "BREAK"  # a piece ("BREAK", -1.0) starts a new chunk, as in A1111 (a BREAK inside brackets is text)
+
+
+Piece = tuple[str, float]
+
+
+def has_syntax(text: str) -> bool:
+    """Whether A1111's reading could differ from the literal text: brackets, escapes or BREAK (A1111 writes
+    ``Emphasis`` only for a prompt with a bracket)."""
+    return any(c in text for c in "()[]\\") or BREAK in text
+
+
+def parse_attention(text: str, field: str = "prompt") -> list[Piece]:
+    """The text's pieces and their weights, as ``parse_prompt_attention`` returns them (a ``BREAK`` piece has
+    weight -1, times the brackets around it); ``SpecError`` naming ``field`` for a weight that is not a finite
+    number or brackets nested deeper than ``MAX_DEPTH``."""
+    reader = _Reader(text, field)
+    for match in ATTENTION.finditer(text):
+        reader.take(match[0], match[1])
+    return reader.pieces()
+
+
+class _Reader:
+    """parse_prompt_attention's state: the pieces so far, the open brackets, and each closed bracket's range.
+    A run of text with no bracket between is one piece (A1111 merges such runs at the end: same weights)."""
+
+    def __init__(self, text: str, field: str) -> None:
+        self.text, self.field = text, field
+        self.parts: list[tuple[list[str], float]] = []  # (text parts, weight before the brackets)
+        self.ranges: list[tuple[int, int, float]] = []  # (first piece, end, multiplier) in A1111's order
+        self.round: list[int] = []  # the first piece of each open bracket
+        self.square: list[int] = []
+        self.joinable = False  # the last piece takes more text (no bracket since it began)
+
+    def take(self, token: str, weight: str | None) -> None:
+        if token.startswith("\\"):
+            self.add(token[1:])
+        elif token in "([":
+            (self.round if token == "(" else self.square).append(len(self.parts))
+            self.joinable = False
+        elif weight is not None and self.round:
+            self.close(self.round, _weight(weight, self.field, self.text))
+        elif token == ")" and self.round:
+            self.close(self.round, ROUND)
+        elif token == "]" and self.square:
+            self.close(self.square, SQUARE)
+        else:
+            for i, part in enumerate(SPLIT_BREAK.split(token)):
+                if i:
+                    self.add(BREAK, -1.0)
+                self.add(part)
+
+    def add(self, part: str, weight: float = 1.0) -> None:
+        if len(self.round) + len(self.square) > MAX_DEPTH:
+            raise SpecError(f"{self.field}: brackets nested more than {MAX_DEPTH} deep at {shown(part)}",
+                            field=self.field, value=self.text[:200], reason=f"nest brackets at most {MAX_DEPTH} deep")
+        if self.joinable and weight == 1.0:
+            self.parts[-1][0].append(part)
+        else:
+            self.parts.append(([part], weight))
+        self.joinable = weight == 1.0
+
+    def close(self, stack: list[int], multiplier: float) -> None:
+        self.ranges.append((stack.pop(), len(self.parts), multiplier))
+        self.joinable = False
+
+    def pieces(self) -> list[Piece]:
+        """Unclosed brackets reach the end, the outermost first (as A1111); each piece is multiplied once per
+        bracket around it (at most MAX_DEPTH times), in A1111's order; runs of equal weights merged."""
+        import numpy as np  # here: the spec layer imports this module, and the CLI's instant answers need no numpy
+
+        end = len(self.parts)
+        self.ranges += [(start, end, ROUND) for start in self.round] + [(start, end, SQUARE) for start in self.square]
+        weights = np.array([w for _, w in self.parts], dtype=np.float64)
+        for start, stop, multiplier in self.ranges:
+            weights[start:stop] *= multiplier
+        merged: list[tuple[list[str], float]] = []
+        for (parts, _), w in zip(self.parts, weights.tolist(), strict=True):
+            if not math.isfinite(w):
+                raise SpecError(f"{self.field}: a weight overflows ({w}) in {shown(self.text[:200])}",
+                                field=self.field, value=self.text[:200], reason="weights must stay finite")
+            if merged and merged[-1][1] == w:
+                merged[-1][0].extend(parts)
+            else:
+                merged.append((list(parts), w))
+        return [("".join(parts), w) for parts, w in merged] or [("", 1.0)]
+
+
+def _weight(text: str, field: str, prompt: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SpecError(f"{field}: the weight {shown(text)} is not a number (write (text:1.3))", field=field,
+                        value=prompt[:200], reason=f"weight {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SpecError(f"{field}: the weight {shown(text)} is not a finite number", field=field,
+                        value=prompt[:200], reason=f"weight {text!r} is not finite")
+    return value
+
+
+def pieces(text: str, emphasis: str, field: str = "prompt") -> list[Piece]:
+    """How ``emphasis`` reads ``text``: ``none`` literally (one piece), the others by A1111's parse
+    (``ignore`` keeps the parse and drops the weights later)."""
+    if emphasis == NONE:
+        return [(text, 1.0)]
+    return parse_attention(text, field)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One window of the text encoder: up to ``length`` tokens and their weights (BOS, EOS and padding are the
+    encoder's: adapters/clip_prompts.py)."""
+
+    tokens: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+def chunk(parts: Sequence[Piece], tokenize: Callable[[list[str]], list[list[int]]], length: int,
+          comma: int | None, backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+    """A1111's ``tokenize_line``: the pieces' tokens in chunks of ``length``; a ``BREAK`` piece ends a chunk;
+    a full chunk with a comma among its last ``backtrack`` tokens moves what follows the comma to the next."""
+    chunks: list[Chunk] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def end_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append(Chunk(tuple(tokens), tuple(weights)))
+        tokens, weights, last_comma = [], [], -1
+
+    for (text, weight), ids in zip(parts, tokenize([text for text, _ in parts]), strict=True):
+        if text == BREAK and weight == -1:
+            end_chunk()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif backtrack and len(tokens) == length and last_comma != -1 and len(tokens) - last_comma <= backtrack:
+                cut = last_comma + 1
+                moved = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                end_chunk()
+                tokens, weights = list(moved[0]), list(moved[1])
+            if len(tokens) == length:
+                end_chunk()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        end_chunk()
+    return chunks
