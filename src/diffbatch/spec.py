@@ -18,7 +18,7 @@ from typing import Any
 from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
 from .errors import SpecError, shown
-from .prompt_language import EMPHASES, EMPHASIS_RULE, ORIGINAL, has_syntax
+from .prompt_language import EMPHASES, EMPHASIS_RULE, NONE, ORIGINAL, has_syntax
 from .samplers import SAMPLERS
 from .seeds import SEED_RULE, is_seed
 
@@ -177,8 +177,11 @@ def _variation(spec: GenerationSpec) -> bool:
 
 
 def _emphasis_written(spec: GenerationSpec) -> bool:
-    """As A1111: ``Emphasis`` only when a prompt has syntax it changes and it is not A1111's default."""
-    return spec.emphasis not in (None, ORIGINAL) and (has_syntax(spec.prompt) or has_syntax(spec.negative_prompt))
+    """``Emphasis`` when it is not A1111's default (Original); ``None`` only where a prompt has syntax it reads
+    differently (the default of the families that read prompts literally, and A1111's rule)."""
+    if spec.emphasis in (None, ORIGINAL):
+        return False
+    return spec.emphasis != NONE or has_syntax(spec.prompt) or has_syntax(spec.negative_prompt)
 
 
 EMPHASIS_LABELS = {label.lower(): name for name, label in EMPHASES.items()}
