@@ -94,7 +94,7 @@ def test_a1111_png_gives_the_settings_it_names(capsys, tmp_path, tiny_sd_path):
     found = parse_infotext(A1111)
     assert found.fields == {"prompt": "a castle on a hill\nwith a moat", "negative_prompt": "ugly, blurry",
                             "num_inference_steps": 3, "scheduler": "dpm++_2m_karras", "guidance_scale": 5.5,
-                            "seed": 1234, "width": 32, "height": 16}
+                            "seed": 1234, "width": 32, "height": 16, "clip_skip": 2}
     assert found.model == "v1-5, pruned"
     out, direct = tmp_path / "from", tmp_path / "direct"
     code, err = run(capsys, "generate", "--from", png_with(tmp_path / "a1111.png", A1111), "--out", out,

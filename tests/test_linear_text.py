@@ -128,6 +128,17 @@ PROMPTS = {
     "a long weight": "<lora:a:" + "1" * MB + ">",
     "a long bad weight": "<lora:a:" + "x" * MB + ">",
     "angle brackets": "<" * MB,
+    # A1111's prompt language (prompt_language.py), read at resolve time: its parse multiplied each piece once
+    # per bracket around it, again at every bracket (quadratic in nesting), and re-split blanks from every blank
+    "opening brackets": "(" * MB,
+    "closing brackets": ")]" * (MB // 2),
+    "nested words, each in brackets": "(a" * 99 + "a(b)" * (MB // 4),
+    "crossing brackets": "[a(b]c)" * (MB // 7),
+    "weights": "(a:1.1)" * (MB // 7),
+    "an unclosed weight": "(a:" + "1" * MB,
+    "escapes": "\\(" * (MB // 2),
+    "breaks": " BREAK" * (MB // 6),
+    "blanks before a word like BREAK": " \t\u3000" * (MB // 3) + "BREAKS",
 }
 
 

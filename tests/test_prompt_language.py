@@ -4,6 +4,8 @@ and in a mixed batch; a prompt without the language's syntax is the image diffus
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from diffbatch import Engine, GenerationSpec
 from diffbatch.errors import SpecError
 from diffbatch.io.infotext import parse_infotext
 from diffbatch.io.writer import format_parameters
-from diffbatch.prompt_language import BREAK, chunk, parse_attention
+from diffbatch.prompt_language import BREAK, chunk, parse_attention, split_break
 from diffbatch.spec import ModelDefaults
 from helpers import DiffusersOracle
 from tiny import tiny_sd_components
@@ -65,6 +67,15 @@ def test_bad_weights_and_nesting_are_refused_naming_the_field(text, says):
     with pytest.raises(SpecError, match=says) as caught:
         parse_attention(text, "negative_prompt")
     assert caught.value.field == "negative_prompt"
+
+
+def test_break_splits_as_a1111s_expression():
+    expression = re.compile(r"\s*\bBREAK\b\s*", re.S)  # A1111's re_break, here on short texts only
+    rng = random.Random(0)
+    alphabet = [" ", "\t", "\n", "\u3000", "BREAK", "a", "B", "_", "BREAKS", "x BREAK", "é"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+        assert split_break(text) == expression.split(text), text
 
 
 def _by_char(texts: list[str]) -> list[list[int]]:
@@ -149,7 +160,8 @@ def _embeds(pipe: StableDiffusionPipeline, text: str, clip_skip: int = 1) -> tor
     zs = []
     for c in chunks:
         pad = window - len(c.tokens)
-        ids = torch.tensor([[tokenizer.bos_token_id, *c.tokens, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * pad]])
+        ends = [tokenizer.eos_token_id, *[tokenizer.pad_token_id] * pad]
+        ids = torch.tensor([[tokenizer.bos_token_id, *c.tokens, *ends]])
         weights = torch.tensor([1.0, *c.weights, *[1.0] * (pad + 1)])
         with torch.no_grad():
             out = encoder(ids, output_hidden_states=True)

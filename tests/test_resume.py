@@ -295,12 +295,13 @@ def test_a_second_run_on_a_folder_being_written_is_refused(
     assert list(out.iterdir()) == []
 
 
-def test_a_folder_written_before_the_variation_fields_existed_still_resumes(
+def test_a_folder_written_before_the_variation_emphasis_and_clip_skip_fields_existed_still_resumes(
         capsys: pytest.CaptureFixture, tiny_sd_path: Path, prompts: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     lines = (reference / MANIFEST).read_text(encoding="utf-8").splitlines()[:2]
-    older = [{k: v for k, v in json.loads(line).items() if not k.startswith("variation_")} for line in lines]
+    older = [{k: v for k, v in json.loads(line).items() if not k.startswith("variation_")
+              and k not in ("emphasis", "clip_skip")} for line in lines]
     (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in older), encoding="utf-8")
     for record in older:
         (out / record["file"]).write_bytes((reference / record["file"]).read_bytes())
@@ -309,6 +310,17 @@ def test_a_folder_written_before_the_variation_fields_existed_still_resumes(
     for path in reference.glob("*.png"):
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
     assert sorted(r["index"] for r in records(out)) == sorted(r["index"] for r in records(reference))
+
+
+def test_an_older_line_read_a_bracketed_prompt_literally_so_its_image_is_another_one() -> None:
+    """Before the prompt language, brackets went to the text encoder as text: such a line is not the image the
+    job (A1111's reading, the default) makes now; a prompt without the syntax is."""
+    from diffbatch.io.resume import _same
+
+    for prompt, same in (("a red circle", True), ("a (red) circle", False)):
+        expected = {"prompt": prompt, "negative_prompt": "", "emphasis": "original", "clip_skip": 1}
+        assert _same({"prompt": prompt, "negative_prompt": ""}, [expected], 0) is same
+        assert _same({**expected, "emphasis": "none"}, [expected], 0) is False
 
 
 def test_a_retrained_model_at_the_same_path_is_another_job(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import InputError
+from ..prompt_language import NONE, has_syntax
 from ..spec import GenerationSpec
 from .images import image_hashes as init_image_hashes
 from .writer import MANIFEST, NOTES, PARAMETERS_KEY, manifest_record, spec_image_hash, write_bytes_atomic
@@ -195,9 +196,22 @@ def _same(record: dict[str, Any], expected: list[dict[str, Any]], k: int) -> boo
            if key not in RUN_FIELDS and not (key in FINGERPRINTS and key not in expected[k])}
     # A key the line lacks was written before it existed: a spec field (variation_seed, ...) reads as its
     # default; a fingerprint as unknown, which is not a difference (a different one is).
-    missing = {key: expected[k][key] if key in FINGERPRINTS else SPEC_DEFAULTS.get(key)
+    missing = {key: expected[k][key] if key in FINGERPRINTS else _unwritten(key, expected[k])
                for key in expected[k] if key not in got}
     return {**missing, **got} == expected[k]
+
+
+def _unwritten(key: str, expected: dict[str, Any]) -> Any:
+    """What a spec field a line lacks was when it was written. Before ``emphasis`` and ``clip_skip`` existed,
+    prompts were read literally with no clip skip: the same image as A1111's reading, unless a prompt has its
+    syntax (a prompt longer than the encoder's window was cut then, which a line does not show: its image is
+    kept)."""
+    if key == "emphasis":
+        literal = has_syntax(expected.get("prompt", "")) or has_syntax(expected.get("negative_prompt", ""))
+        return NONE if literal else expected[key]
+    if key == "clip_skip":
+        return 1
+    return SPEC_DEFAULTS.get(key)
 
 
 def _check_png(out: Path, line: _ManifestLine) -> _Png:
