@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 
 from diffbatch import Engine, GenerationSpec, SpecError
 from diffbatch.adapters.hub import has_fp16_variant
@@ -229,3 +230,56 @@ def test_empty_negative_prompt_is_zeros_and_other_negatives_are_encoded(engine):
     [positive_empty] = engine.adapter.encode_prompts([""])
     assert all(not v.any() for v in empty.values())
     assert all(v.any() for v in other.values()) and all(v.any() for v in positive_empty.values())
+
+
+def _sdxl_embeds(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111's reading on SDXL, written out independently of diffbatch's encoder: per encoder, each chunk's
+    penultimate hidden states times its tokens' weights, its mean restored; the encoders joined along features;
+    the pooled output the second encoder's for the first chunk."""
+    from diffbatch.prompt_language import chunk, parse_attention
+
+    tokenizer = pipe.tokenizer
+    window = tokenizer.model_max_length - 2
+    chunks = chunk(parse_attention(text), lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], window,
+                   tokenizer.get_vocab().get(",</w>"))
+    joined, pooled = [], None
+    for c in chunks:
+        pad = window - len(c.tokens)
+        weights = torch.tensor([1.0, *c.weights, *[1.0] * (pad + 1)])[None, :, None]
+        per_encoder = []
+        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = torch.tensor([[tok.bos_token_id, *c.tokens, tok.eos_token_id, *[tok.pad_token_id] * pad]])
+            with torch.no_grad():
+                out = encoder(ids, output_hidden_states=True)
+            z = out.hidden_states[-2]
+            per_encoder.append(z * weights * (z.mean() / (z * weights).mean()))
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+        joined.append(torch.cat(per_encoder, dim=-1))
+    return torch.cat(joined, dim=1), pooled
+
+
+def test_the_prompt_language_on_both_encoders_is_diffusers_given_its_embeddings(engine, base_oracle):
+    prompt, negative = "(red:1.3) [dot]", "((blue))"  # one window each (the tiny tokenizer's 14 characters)
+    result = engine.generate([GenerationSpec(prompt=prompt, negative_prompt=negative, seed=4, num_inference_steps=3,
+                                             guidance_scale=5.0)])[0]
+    pipe = StableDiffusionXLPipeline(**base_oracle.pipe.components, add_watermarker=False)
+    embeds, pooled = _sdxl_embeds(pipe, prompt)
+    negative_embeds, negative_pooled = _sdxl_embeds(pipe, negative)
+    reference = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_embeds,
+                     negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=3, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert np.abs(result.pixels - reference).max() <= TOLERANCE
+
+
+def test_weighted_long_and_clip_skipped_prompts_in_a_batch_are_their_images_alone(engine):
+    long = "a red circle on a blue ground, top left, " * 2  # six windows
+    specs = [GenerationSpec(prompt=p, seed=i, num_inference_steps=2, **extra) for i, (p, extra) in enumerate([
+        ("red dot", {}), ("red (dot:1.0)", {}), ("red (dot:1.3)", {}), (long, {"negative_prompt": "dark"}),
+        ("red dot", {"clip_skip": 2}), ("red BREAK dot", {"emphasis": "no_norm", "guidance_scale": 1.0})])]
+    batched = engine.generate(specs)
+    for spec, result in zip(specs, batched, strict=True):
+        assert np.array_equal(result.pixels, engine.generate([spec])[0].pixels), spec.prompt
+    one = engine.generate([GenerationSpec(prompt="red dot", seed=1, num_inference_steps=2)])[0]
+    assert np.array_equal(one.pixels, batched[1].pixels)  # (dot:1.0) is dot, to the bit
+    assert not np.array_equal(batched[1].pixels, batched[2].pixels)
