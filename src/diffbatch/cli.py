@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import DiffbatchError, InputError, SpecError, is_disk_full
+from .io.a1111 import A1111_IMAGE_HASH, a1111_image_hash, differs_note, lora_hashes, refusal
 from .io.dynamic import parse_dynamic
 from .io.gallery import GRID_PNG, INDEX_HTML, write_gallery
 from .io.images import image_hash, image_hashes
@@ -140,6 +141,9 @@ def register(subparsers: Subparsers) -> None:
                    help="every setting (and the model) from a PNG written by diffbatch or AUTOMATIC1111; flags "
                         "override, --prompt replaces the prompt; alone it regenerates the same file")
     p.add_argument("--vary-seed", action="store_true", help="with --from: seeds S+1, S+2, ... instead of S, ...")
+    p.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                   help="with --from: make the image without a setting of the PNG that diffbatch does not honour "
+                        "(it says which), or without checking a hash it records (repeatable)")
     p.add_argument("--size", type=_parse_size, metavar="WxH", help="width x height in pixels")
     p.add_argument("--image", metavar="PATH_OR_DIR", help="init image, or a folder paired with prompts")
     _add_spec_flags(p)
@@ -232,6 +236,7 @@ def run_generate(args: argparse.Namespace) -> int:
         _check_size_flag(args.size, resolver.defaults.vae_scale_factor)
     _check_default_sampler(args, resolver)
     specs = resolve_all(resolver, items)
+    _check_from_hashes(args, resolver)
     hashes = image_hashes(s.image for s in specs)  # taken once, before any image is made from the files
     numerics = engine.numerics if engine is not None else ""  # --ray: unknown here; each worker's is recorded
     job = (resolver.model_name, args.overwrite, resolver.model_hash, hashes, numerics)
@@ -303,8 +308,22 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     if args.prompts_file is not None:
         raise UsageError("give a PROMPTS file or --from IMAGE, not both")
     found = read_infotext(args.from_image)
+    where = f"--from {args.from_image}"
+    refused = {key: why for key, why in found.refused.items() if key not in args.ignore}
+    if refused:
+        raise InputError(refusal(where, refused, found.settings))
+    if found.a1111 is not None:
+        print(differs_note(where, found.a1111), file=sys.stderr)
     if found.image_hash and "image" in found.fields and not args.image:
         _check_from_image(args.from_image, found.fields["image"], found.image_hash)
+    elif found.image_hash and "image" not in found.fields:  # A1111 keeps no init image, only its fingerprint
+        _check_a1111_image(where, args.image, found.image_hash, "Init image hash" in args.ignore)
+    # The PNG's model is checked when it is the one used (--model chooses another); an A1111 model hash is of its
+    # checkpoint file, which a diffusers folder is not
+    checked = args.model is None and found.a1111 is None and "Model hash" not in args.ignore
+    args.from_hashes = {key: found.settings[key] for key in ("Model hash",) if checked and key in found.settings}
+    if "Lora hashes" in found.settings and "Lora hashes" not in args.ignore:
+        args.from_hashes["Lora hashes"] = found.settings["Lora hashes"]
     fields = {k: v for k, v in found.fields.items() if k not in ("prompt", "seed")}
     fields.update(_flag_fields(args))
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
@@ -350,6 +369,43 @@ def _recorded_numerics(args: argparse.Namespace) -> None:
     elif recorded.device == "cpu" and torch.cuda.is_available():  # a GPU left idle: said, not silent
         print(f"diffbatch: --from {args.from_image}: making it on {recorded}, as it was made; give --device cuda "
               "(and --dtype) to make it on the GPU instead (other pixels)", file=sys.stderr)
+
+
+def _check_a1111_image(where: str, image: str | None, recorded: str, ignored: bool) -> None:
+    """An AUTOMATIC1111 image-to-image PNG records its init picture by fingerprint only: ``--image`` gives it,
+    and only the same picture makes the same image."""
+    if image is None:
+        raise InputError(f"{where}: made from an init image that A1111 does not keep (Init image hash {recorded}): "
+                         "give it with --image FILE (its fingerprint is checked)")
+    if ignored or not A1111_IMAGE_HASH.fullmatch(recorded):
+        return
+    from PIL import Image
+
+    with Image.open(image) as picture:
+        now = a1111_image_hash(picture)
+    if recorded not in now:
+        raise InputError(f"{where}: --image {image} is not the init image it was made from (Init image hash "
+                         f"{recorded}, this one {sorted(now)[0]}); give --ignore 'Init image hash' to use it anyway")
+
+
+def _check_from_hashes(args: argparse.Namespace, resolver: Resolver | Engine) -> None:
+    """``--from`` a PNG that records the model's and the LoRAs' fingerprints: only the same files make the same
+    image (``--ignore`` the key to use others)."""
+    recorded: dict[str, str] = getattr(args, "from_hashes", {})
+    if not recorded:
+        return
+    from .adapters.lora import file_hash
+
+    where = f"--from {args.from_image}"
+    model = recorded.get("Model hash")
+    if model and resolver.model_hash and model != resolver.model_hash:
+        raise InputError(f"{where}: made with model hash {model}, but this model's is {resolver.model_hash}; give "
+                         "--ignore 'Model hash' to make it with this model anyway")
+    for name, digest in lora_hashes(recorded.get("Lora hashes", "")):
+        now = file_hash(resolver.lora_path(name))
+        if now != digest:
+            raise InputError(f"{where}: made with LoRA {name} of hash {digest}, but its file now has hash {now}; "
+                             "give --ignore 'Lora hashes' to use it anyway")
 
 
 def _check_from_image(png: Path, image: str, recorded: str) -> None:

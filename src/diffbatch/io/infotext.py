@@ -21,6 +21,7 @@ from ..numerics import KEY as NUMERICS_KEY
 from ..numerics import NumericPath, parse_numerics
 from ..samplers import SAMPLERS
 from ..spec import EDGES, PARSE, check_field, parse_size
+from .a1111 import REASONS, exif_parameters, unhonoured
 from .writer import PARAMETERS_KEY
 
 # The settings line is read as A1111's modules/infotext_utils.py re_param_code reads it,
@@ -47,6 +48,9 @@ class Infotext:
     model: str | None = None
     default_sampler: str | None = None
     image_hash: str | None = None  # A1111's "Init image hash": the init image file's fingerprint when made
+    settings: dict[str, str] = field(default_factory=dict)  # every key of its settings line, as written
+    refused: dict[str, str] = field(default_factory=dict)  # the keys diffbatch does not honour, and why (a1111.py)
+    a1111: str | None = None  # the AUTOMATIC1111 (or Forge) version that made it; None: diffbatch
     # The numeric path it was made on: diffbatch writes the key off float32 on a CPU, so its PNG without one was made
     # there; None for an AUTOMATIC1111 PNG (``Version:``, no key): made on a path nobody recorded
     numerics: NumericPath | None = DEFAULT_NUMERICS
@@ -65,10 +69,13 @@ def png_parameters(source: str | os.PathLike | BinaryIO) -> str:
     try:
         with Image.open(source) as image:
             text = image.info.get(PARAMETERS_KEY)
+            if text is None and image.format in ("JPEG", "WEBP"):  # A1111 writes them into the EXIF there
+                text = exif_parameters(image)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read it as an image: {exc}") from None
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"no '{PARAMETERS_KEY}' text in it (not written by diffbatch or AUTOMATIC1111)")
+        raise ValueError(f"no '{PARAMETERS_KEY}' text in it (a PNG's text chunk, or a JPEG's or WebP's EXIF "
+                         "UserComment: not written by diffbatch or AUTOMATIC1111)")
     return text
 
 
@@ -79,11 +86,15 @@ def parse_infotext(text: str) -> Infotext:
         raise ValueError("its parameters have no settings line (Steps: ..., Seed: ...)")
     body = lines[:-1]
     negative = next((i for i, line in enumerate(body) if line.startswith(NEGATIVE)), len(body))
-    found = Infotext(model=settings.get("Model"), image_hash=settings.get("Init image hash"))
+    found = Infotext(model=settings.get("Model"), image_hash=settings.get("Init image hash"), settings=settings,
+                     refused=unhonoured(settings, set(KEYS)))
     if NUMERICS_KEY in settings:
         found.numerics = parse_numerics(settings[NUMERICS_KEY])
     elif "Version" in settings:  # A1111 and Forge write their version; diffbatch does not
         found.numerics = None
+        found.a1111 = settings["Version"]
+    if "Denoising strength" in settings and not ({"Init image", "Init image hash"} & set(settings)):
+        found.refused["Denoising strength"] = REASONS["Denoising strength"]  # a txt2img's: hires fix's
     found.fields["prompt"] = "\n".join(body[:negative])
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()
@@ -164,11 +175,15 @@ def _value(key: str, value: str, kind: type) -> int | float | str:
 
 def _sampler(settings: dict[str, str], found: Infotext) -> None:
     label = settings.get("Sampler")
+    schedule = settings.get("Schedule type", "Automatic")
     if label is None:
         return
-    if settings.get("Schedule type") == "Karras" and label in KARRAS:
+    if schedule == "Karras" and label in KARRAS:
         found.fields["scheduler"] = KARRAS[label]
-    elif label in LABELS:
+        return
+    if schedule != "Automatic":  # the sampler's own schedule; any other, diffbatch does not have for it
+        found.refused["Schedule type"] = f"diffbatch has no {schedule} schedule for {label}"
+    if label in LABELS:
         found.fields["scheduler"] = LABELS[label]
     elif label.endswith("Scheduler"):  # diffbatch writes the model's own sampler as its class name
         found.default_sampler = label

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from ..engine import Result
 from ..errors import DiffbatchError, InputError, SpecError, shown
 from ..executors.base import Cancelled, QueueFull, ShuttingDown
+from ..io.a1111 import differs_note, refusal
 from ..io.dynamic import parse_dynamic
 from ..io.images import as_rgb
 from ..io.infotext import parse_infotext, png_parameters
@@ -135,16 +136,23 @@ async def history(request: Request, limit: int = 100) -> dict:
 async def parameters(request: Request) -> dict:
     """The settings in a PNG's parameters chunk (diffbatch's or AUTOMATIC1111's), as spec fields: what
     ``generate --from`` reads, for a client that lets users drop a PNG."""
-    form = await request.form(max_files=1, max_fields=1)
-    upload = form.get("image")
+    form = await request.form(max_files=1, max_fields=2)
+    upload, ignore = form.get("image"), form.get("ignore") or ""
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "image: a PNG file is required", "image")
+    if not isinstance(ignore, str):
+        raise ApiError(400, "ignore: a comma-separated list of setting names", "ignore")
     data = await upload.read()
     try:  # decoding and parsing a large text chunk takes time: off the event loop, which serves everyone
         found = await asyncio.get_running_loop().run_in_executor(None, _infotext, data)
     except ValueError as exc:
         raise ApiError(400, f"image: {exc}", "image") from None
-    return {"fields": found.fields, "model": found.model, "sampler": found.default_sampler}
+    ignored = {key.strip() for key in ignore.split(",")}
+    refused = {key: why for key, why in found.refused.items() if key not in ignored}
+    if refused:
+        raise ApiError(400, refusal("image", refused, found.settings, http=True), "image")
+    return {"fields": found.fields, "model": found.model, "sampler": found.default_sampler,
+            "notes": [differs_note("image", found.a1111).removeprefix("diffbatch: ")] if found.a1111 else []}
 
 
 def _infotext(data: bytes):  # noqa: ANN202 - io.infotext.Infotext

@@ -89,7 +89,8 @@ _FORM_SCHEMAS = {**_SCHEMAS, Kind.LORAS: _TEXT}  # a form field holds the JSON o
 EDIT_BODY = _form({"image": _IMAGE, "prompt": _TEXT, "n": _INT, "size": _TEXT,
                    "response_format": {"type": "string", "enum": ["b64_json", "url"]},
                    **{name: _FORM_SCHEMAS[EDGES[name].kind] for name in FORM_FIELDS}}, ["image", "prompt"])
-PARAMETERS_BODY = _form({"image": _IMAGE}, ["image"])
+PARAMETERS_BODY = _form({"image": _IMAGE, "ignore": {**_TEXT, "description": "settings of the PNG diffbatch does "
+                                                       "not honour to leave aside (comma-separated keys)"}}, ["image"])
 BATCH_BODY = {"requestBody": {"required": True, "content": {"application/jsonl": {"schema": {
     "type": "array", "description": "one JSON object per line, with any GenerationSpec field",
     "items": {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
