@@ -49,7 +49,7 @@ def test_a_plain_a1111_png_is_made_and_says_once_that_a1111s_image_differs(capsy
 REFUSED = {
     "Tiling: True": "Tiling", "Face restoration: CodeFormer": "Face restoration",
     "Token merging ratio: 0.5": "Token merging ratio", "Refiner: sd_xl_refiner_1.0": "Refiner",
-    "Seed resize from: 64x64": "Seed resize from", "Eta DDIM: 0.3": "Eta DDIM", "Eta: 0.67": "Eta",
+    "Seed resize from: 64x64": "Seed resize from", "Eta: 0.67": "Eta",
     "NGMS: 0.2": "NGMS", "VAE hash: 63aeecb90f": "VAE hash", "Pad conds: True": "Pad conds",
     'Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent, Denoising strength: 0.5': "Hires upscale",
     "Schedule type: Exponential": "Schedule type", "TI hashes: \"bad-hands: 6f5a2c3d4e5f\"": "TI hashes",
@@ -76,7 +76,12 @@ def test_a_key_that_changes_pixels_is_refused_by_name_or_ignored_on_request(caps
 def test_settings_diffbatch_honours_are_read(capsys):
     found = parse_infotext(PROMPT + BASE.replace("Euler a, Schedule type: Automatic", "DPM++ 2M, Schedule type: Karras")
                            + ", Clip skip: 2, Emphasis: No norm")
-    assert found.fields["scheduler"] == "dpm++_2m_karras" and found.fields["clip_skip"] == 2
+    assert found.fields["scheduler"] == "dpm++_2m" and found.fields["schedule"] == "karras"
+    assert found.fields["clip_skip"] == 2
+    ddim = parse_infotext(PROMPT + BASE.replace("Euler a", "DDIM") + ", Eta DDIM: 0.3")
+    assert ddim.fields["scheduler"] == "ddim" and ddim.fields["eta"] == 0.3 and not ddim.refused
+    old = parse_infotext(PROMPT + BASE.replace("Euler a, Schedule type: Automatic", "DPM2 a Karras"))  # A1111 < 1.9
+    assert (old.fields["scheduler"], old.fields["schedule"]) == ("dpm2_a", "karras")
     assert found.fields["emphasis"] == "no_norm" and not found.refused
     assert found.a1111 == "v1.10.1"
 

@@ -93,7 +93,8 @@ def test_vary_seed_makes_the_next_seeds(capsys, tmp_path, tiny_sd_path):
 def test_a1111_png_gives_the_settings_it_names(capsys, tmp_path, tiny_sd_path):
     found = parse_infotext(A1111)
     assert found.fields == {"prompt": "a castle on a hill\nwith a moat", "negative_prompt": "ugly, blurry",
-                            "num_inference_steps": 3, "scheduler": "dpm++_2m_karras", "guidance_scale": 5.5,
+                            "num_inference_steps": 3, "scheduler": "dpm++_2m", "schedule": "karras",
+                            "guidance_scale": 5.5,
                             "seed": 1234, "width": 32, "height": 16, "clip_skip": 2}
     assert found.model == "v1-5, pruned"
     out, direct = tmp_path / "from", tmp_path / "direct"
@@ -110,7 +111,7 @@ def test_a1111_png_gives_the_settings_it_names(capsys, tmp_path, tiny_sd_path):
 @pytest.mark.parametrize(("parameters", "message"), [
     (None, "no 'parameters' text"),
     ("just a prompt", "no settings line"),
-    ("x\nSteps: 3, Sampler: Foo Bar, Seed: 1", "sampler 'Foo Bar' is not one diffbatch has"),
+    ("x\nSteps: 3, Sampler: Foo Bar, Seed: 1", "not honoured: Sampler: Foo Bar (diffbatch has no such sampler"),
     ("x\nSteps: three, Seed: 1", "Steps: 'three' is not a number"),
     ("x\nSteps: 3, Sampler: PNDMScheduler, Seed: 1", "made with sampler PNDMScheduler, but this model's own"),
 ])

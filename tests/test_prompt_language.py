@@ -62,6 +62,7 @@ def test_parse_is_lenient_as_a1111(text, expected):
     ("((x:" + "9" * 300 + "):" + "9" * 300 + ")", "overflows"),  # 1e300 twice
     ("(x:" + "9" * 400 + ")", "not a finite"),
     ("(" * 101 + "x", "nested more than 100"),
+    ("(a)" * 5001, "10002 brackets; a prompt may have at most 10000"),
 ])
 def test_bad_weights_and_nesting_are_refused_naming_the_field(text, says):
     with pytest.raises(SpecError, match=says) as caught:

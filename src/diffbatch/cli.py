@@ -309,9 +309,9 @@ def _from_source(args: argparse.Namespace) -> JobSource:
         raise UsageError("give a PROMPTS file or --from IMAGE, not both")
     found = read_infotext(args.from_image)
     where = f"--from {args.from_image}"
-    refused = {key: why for key, why in found.refused.items() if key not in args.ignore}
-    if refused:
-        raise InputError(refusal(where, refused, found.settings))
+    found.ignore(args.ignore)
+    if found.refused:
+        raise InputError(refusal(where, found.refused, found.settings))
     if found.a1111 is not None:
         print(differs_note(where, found.a1111), file=sys.stderr)
     if found.image_hash and "image" in found.fields and not args.image:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
+
 from .errors import SpecError, shown
 
 # The ``emphasis`` field's values and how A1111 writes each in its ``Emphasis`` key ("Original" is its default,
@@ -28,11 +30,14 @@ EMPHASES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "n
 ORIGINAL, NONE = "original", "none"
 EMPHASIS_RULE = "must be one of " + ", ".join(EMPHASES)
 MAX_DEPTH = 100  # brackets around a piece of text
+MAX_BRACKETS = 10_000  # in a prompt: A1111's prompts have tens (bounds the parse of a hostile one)
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: move up to 20 tokens after a comma to the next chunk
 ROUND, SQUARE = 1.1, 1 / 1.1
 
-# A1111's re_attention, token by token: escapes, brackets, a weight closing a round bracket, a run of text, a colon
-ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+# A1111's re_attention, its alternatives in its order, each a group: an escape (a lone backslash escapes nothing),
+# brackets, a weight closing a round bracket (the number: its group), a closer, a run of text or a colon
+ATTENTION = re.compile(r"(\\[()\[\]\\]|\\)|(\()|(\[)|:\s*([+-]?[.\d]+)\s*\)|(\))|(])|([^\\()\[\]:]+|:)")
+ESCAPE, OPEN_ROUND, OPEN_SQUARE, WEIGHT, CLOSE_ROUND, CLOSE_SQUARE, TEXT = range(1, 8)
 BREAK_WORD = re.compile(r"\bBREAK\b")
 BLANKS = re.compile(r"\s*")
 BLANK = re.compile(r"\s")
@@ -52,87 +57,88 @@ def parse_attention(text: str, field: str = "prompt") -> list[Piece]:
     """The text's pieces and their weights, as ``parse_prompt_attention`` returns them (a ``BREAK`` piece has
     weight -1, times the brackets around it); ``SpecError`` naming ``field`` for a weight that is not a finite
     number or brackets nested deeper than ``MAX_DEPTH``."""
-    reader = _Reader(text, field)
-    take = reader.take
+    brackets = sum(map(text.count, "()[]"))
+    if brackets > MAX_BRACKETS:
+        raise SpecError(f"{field}: {brackets} brackets; a prompt may have at most {MAX_BRACKETS}", field=field,
+                        value=text[:200], reason=f"at most {MAX_BRACKETS} brackets")
+    parts: list[list[str]] = []
+    weights = _weights(*_scan(text, field, parts), field, text)
+    if not parts:
+        return [("", 1.0)]
+    starts = [0, *(np.flatnonzero(weights[1:] != weights[:-1]) + 1).tolist()]  # runs of equal weights merged
+    ends = [*starts[1:], len(parts)]
+    return [("".join(chain.from_iterable(parts[a:b])), w)
+            for a, b, w in zip(starts, ends, weights[starts].tolist(), strict=True)]
+
+
+def _scan(text: str, field: str, parts: list[list[str]]) -> tuple[list[float], list[tuple[int, int, float]]]:
+    """One pass over A1111's tokens: each piece's text into ``parts`` and its weight before the brackets (1, or
+    -1 for a BREAK), and each bracket's range of pieces with its multiplier, in the order A1111 multiplies them.
+    A run of text with no bracket between is one piece (A1111 merges such runs: equal weights)."""
+    weights: list[float] = []
+    ranges: list[tuple[int, int, float]] = []  # (first piece, end, multiplier)
+    open_round: list[int] = []  # the first piece of each open bracket
+    open_square: list[int] = []
+    joinable = False  # the last piece takes more text (no bracket since it began)
     for match in ATTENTION.finditer(text):
-        take(match[0], match[1])
-    return reader.pieces()
-
-
-class _Reader:
-    """parse_prompt_attention's state: the pieces so far (a run of text with no bracket between is one piece:
-    A1111 merges such runs at the end, their weights being equal), the open brackets, each closed one's range."""
-
-    def __init__(self, text: str, field: str) -> None:
-        self.text, self.field = text, field
-        self.parts: list[list[str]] = []  # each piece's text, in parts
-        self.weights: list[float] = []  # each piece's weight before the brackets (1, or -1 for a BREAK)
-        self.ranges: list[tuple[int, int, float]] = []  # (first piece, end, multiplier) in A1111's order
-        self.round: list[int] = []  # the first piece of each open bracket
-        self.square: list[int] = []
-        self.joinable = False  # the last piece takes more text (no bracket since it began)
-
-    def take(self, token: str, weight: str | None) -> None:
-        first = token[0]
-        if first == "\\":
-            self.add(token[1:])
-        elif token == "(" or token == "[":
-            (self.round if token == "(" else self.square).append(len(self.parts))
-            self.joinable = False
-        elif weight is not None and self.round:
-            self.close(self.round, _weight(weight, self.field, self.text))
-        elif token == ")" and self.round:
-            self.close(self.round, ROUND)
-        elif token == "]" and self.square:
-            self.close(self.square, SQUARE)
-        elif "BREAK" not in token:
-            self.add(token)
-        else:
-            for i, part in enumerate(split_break(token)):
-                if i:
-                    self.add(BREAK, -1.0)
-                self.add(part)
-
-    def add(self, part: str, weight: float = 1.0) -> None:
-        if self.joinable and weight == 1.0:
-            self.parts[-1].append(part)
-            return
-        if len(self.round) + len(self.square) > MAX_DEPTH:
-            raise SpecError(f"{self.field}: brackets nested more than {MAX_DEPTH} deep at {shown(part)}",
-                            field=self.field, value=self.text[:200], reason=f"nest brackets at most {MAX_DEPTH} deep")
-        self.parts.append([part])
-        self.weights.append(weight)
-        self.joinable = weight == 1.0
-
-    def close(self, stack: list[int], multiplier: float) -> None:
-        self.ranges.append((stack.pop(), len(self.parts), multiplier))
-        self.joinable = False
-
-    def pieces(self) -> list[Piece]:
-        """Unclosed brackets reach the end, the outermost first (as A1111); each piece is multiplied once per
-        bracket around it (at most MAX_DEPTH times), in A1111's order; runs of equal weights merged."""
-        import numpy as np  # here: the spec layer imports this module, and the CLI's instant answers need no numpy
-
-        end = len(self.parts)
-        self.ranges += [(start, end, ROUND) for start in self.round] + [(start, end, SQUARE) for start in self.square]
-        weights = np.array(self.weights, dtype=np.float64)
-        for start, stop, multiplier in self.ranges:
-            if stop <= start:  # brackets around no text
+        kind = match.lastindex
+        if kind == OPEN_ROUND or kind == OPEN_SQUARE:
+            (open_round if kind == OPEN_ROUND else open_square).append(len(weights))
+            joinable = False
+            continue
+        if kind != TEXT and kind != ESCAPE:
+            closed = _close(match, kind, open_round, open_square, len(weights), field, text)
+            if closed is not None:
+                ranges.append(closed)
+                joinable = False
                 continue
-            if stop - start == 1:
-                weights[start] *= multiplier
-            else:
-                weights[start:stop] *= multiplier
-        if not np.isfinite(weights).all():
-            raise SpecError(f"{self.field}: a weight overflows in {shown(self.text[:200])}", field=self.field,
-                            value=self.text[:200], reason="weights must stay finite")
-        if not end:
-            return [("", 1.0)]
-        starts = [0, *(np.flatnonzero(weights[1:] != weights[:-1]) + 1).tolist()]
-        ends = [*starts[1:], end]
-        values = weights[starts].tolist()
-        parts = self.parts
-        return [("".join(chain.from_iterable(parts[a:b])), w) for a, b, w in zip(starts, ends, values, strict=True)]
+        token = match[0][1:] if kind == ESCAPE else match[0]  # (a closer with nothing open is text)
+        split = kind != ESCAPE and "BREAK" in token
+        if joinable and not split:
+            parts[-1].append(token)
+            continue
+        if len(open_round) + len(open_square) > MAX_DEPTH:
+            raise _too_deep(field, text, token)
+        for i, part in enumerate(split_break(token) if split else (token,)):
+            if i:
+                weights.append(-1.0)
+            weights.append(1.0)
+            parts += [[BREAK], [part]] if i else [[part]]
+        joinable = True
+    end = len(weights)
+    ranges += [(start, end, ROUND) for start in open_round] + [(start, end, SQUARE) for start in open_square]
+    return weights, ranges
+
+
+def _weights(weights: list[float], ranges: list[tuple[int, int, float]], field: str, text: str) -> np.ndarray:
+    """Each piece's weight: multiplied once per bracket around it (at most MAX_DEPTH times), in A1111's order."""
+    array = np.array(weights, dtype=np.float64)
+    for start, stop, multiplier in ranges:
+        if stop - start == 1:
+            array[start] *= multiplier
+        elif stop > start:
+            array[start:stop] *= multiplier
+    if not np.isfinite(array).all():
+        raise SpecError(f"{field}: a weight overflows in {shown(text[:200])}", field=field, value=text[:200],
+                        reason="weights must stay finite")
+    return array
+
+
+def _close(match: re.Match, kind: int, open_round: list[int], open_square: list[int], end: int, field: str,
+           text: str) -> tuple[int, int, float] | None:
+    """A closing token's range, or None: a closer with nothing open is text."""
+    if kind == WEIGHT and open_round:
+        return open_round.pop(), end, _weight(match[WEIGHT], field, text)
+    if kind == CLOSE_ROUND and open_round:
+        return open_round.pop(), end, ROUND
+    if kind == CLOSE_SQUARE and open_square:
+        return open_square.pop(), end, SQUARE
+    return None
+
+
+def _too_deep(field: str, text: str, at: str) -> SpecError:
+    return SpecError(f"{field}: brackets nested more than {MAX_DEPTH} deep at {shown(at)}", field=field,
+                     value=text[:200], reason=f"nest brackets at most {MAX_DEPTH} deep")
 
 
 def split_break(text: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from .adapters.loading import describe
 from .caching import canonical_cache
 from .errors import SpecError, shown
 from .io.images import init_image_size
-from .samplers import SAMPLERS, sampler_label
+from .samplers import SAMPLERS, SCHEDULES, sampler_label, schedule_options
 from .seeds import random_seed
 from .spec import GenerationSpec, ModelDefaults
 
@@ -38,8 +39,8 @@ class Resolver:
         self.adapter = adapter
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
         self.lora_paths = lora_paths
-        self._prototypes: dict[str | None, Any] = {}
-        self._sampler_errors: dict[tuple[str | None, int], str] = {}  # "" where the step count is fine
+        self._prototypes: dict[tuple[str | None, str | None], Any] = {}
+        self._sampler_errors: dict[tuple[str | None, str | None, int], str] = {}  # "" where the step count is fine
 
     @classmethod
     def for_model(cls, model: str | os.PathLike | None, lora_dir: str | os.PathLike | None = None,
@@ -126,10 +127,11 @@ class Resolver:
     def check_sampler(self, spec: GenerationSpec) -> None:
         """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
         without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
-        key = (spec.scheduler, spec.num_inference_steps)
+        self._check_schedule(spec)
+        key = (spec.scheduler, spec.schedule, spec.num_inference_steps)
         if key not in self._sampler_errors:
             try:
-                sampler = self.make_sampler(spec.scheduler)
+                sampler = self.make_sampler(spec.scheduler, spec.schedule)
                 timesteps = self.adapter.set_timesteps(sampler, spec)
                 table = getattr(sampler, "alphas_cumprod", None)  # samplers that index it by timestep
                 if table is not None and len(timesteps) and int(timesteps.max()) >= len(table):
@@ -144,16 +146,32 @@ class Resolver:
                             f"{self._sampler_errors[key]}", field="num_inference_steps",
                             value=spec.num_inference_steps, reason=self._sampler_errors[key])
 
-    def make_sampler(self, name: str | None) -> Any:
+    def _check_schedule(self, spec: GenerationSpec) -> None:
+        """A schedule and an eta only where the spec's sampler takes them (refused naming the field)."""
+        sampler_class = self.sampler_class(spec.scheduler)
+        name = spec.scheduler or sampler_class.__name__
+        options = schedule_options(spec.schedule)
+        if options and not set(options) <= set(inspect.signature(sampler_class.__init__).parameters):
+            takes = [s for s, d in SCHEDULES.items()
+                     if d.option in inspect.signature(sampler_class.__init__).parameters]
+            raise SpecError(f"schedule={spec.schedule}: sampler {name} has no such schedule (it takes: "
+                            f"{', '.join(['automatic', *takes])})", field="schedule", value=spec.schedule,
+                            reason=f"not available for sampler {name}")
+        if spec.eta and "eta" not in inspect.signature(sampler_class.step).parameters:
+            raise SpecError(f"eta={spec.eta}: sampler {name} takes no eta (DDIM does)", field="eta", value=spec.eta,
+                            reason=f"sampler {name} takes no eta")
+
+    def sampler_class(self, name: str | None) -> type:
+        return self.adapter.default_scheduler_class if name is None else getattr(diffusers, SAMPLERS[name].class_name)
+
+    def make_sampler(self, name: str | None, schedule: str | None = None) -> Any:
         """A fresh sampler: a copy of a never-used prototype (``from_config`` costs ~1 ms of signature parsing)."""
-        if name not in self._prototypes:
-            config = self.adapter.scheduler_config
-            if name is None:
-                self._prototypes[name] = self.adapter.default_scheduler_class.from_config(config)
-            else:
-                sampler = SAMPLERS[name]
-                self._prototypes[name] = getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
-        return copy.deepcopy(self._prototypes[name])
+        key = (name, schedule)
+        if key not in self._prototypes:
+            options = {} if name is None else dict(SAMPLERS[name].options)
+            options.update(schedule_options(schedule))
+            self._prototypes[key] = self.sampler_class(name).from_config(self.adapter.scheduler_config, **options)
+        return copy.deepcopy(self._prototypes[key])
 
 
 def _is_file_name(name: str) -> bool:

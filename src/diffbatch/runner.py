@@ -83,9 +83,10 @@ def _chunks(items: Sequence[Request], limit: StageLimit) -> Iterator[list[Reques
 
 
 class Runner:
-    def __init__(self, adapter: Adapter, limits: BatchLimits, make_sampler: Callable[[str | None], Any],
+    def __init__(self, adapter: Adapter, limits: BatchLimits, make_sampler: Callable[[str | None, str | None], Any],
                  generator_device: str = "cpu", loras: LoraBank | None = None) -> None:
-        """``make_sampler(name)``: a fresh diffusers scheduler for a sampler name (``Resolver.make_sampler``);
+        """``make_sampler(name, schedule)``: a fresh diffusers scheduler for a sampler name and schedule
+        (``Resolver.make_sampler``);
         ``loras``: the LoRAs loaded into the pipeline, applied per row (adapters/lora.py)."""
         self.adapter = adapter
         self.make_sampler = make_sampler
@@ -110,7 +111,7 @@ class Runner:
         self._attach_conditioning(requests)
         for r in requests:
             r.generator = torch.Generator(self.generator_device).manual_seed(r.spec.seed)
-            r.sampler = self.make_sampler(r.spec.scheduler)
+            r.sampler = self.make_sampler(r.spec.scheduler, r.spec.schedule)
             r.timesteps = self.adapter.set_timesteps(r.sampler, r.spec)
             r.num_steps = len(r.timesteps)
             r.cache = parse_cache(r.spec.cache)  # resolved: off (None) or METHOD:VALUE
@@ -300,7 +301,7 @@ class Runner:
         params = _step_params(type(r.sampler))
         kwargs: dict[str, Any] = {}
         if "eta" in params:
-            kwargs["eta"] = 0.0
+            kwargs["eta"] = r.spec.eta or 0.0
         if "generator" in params:
             kwargs["generator"] = r.generator  # ancestral samplers draw from the request's own generator
         t = r.timesteps[r.step_index]

@@ -28,7 +28,60 @@ SAMPLERS: dict[str, SamplerDef] = {
         "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"
     ),
     "unipc": SamplerDef("UniPCMultistepScheduler", {}, "UniPC"),
+    # A1111's k-diffusion samplers that diffusers has a scheduler for (diffusers' table of A1111 equivalents)
+    "dpm++_2m_sde": SamplerDef("DPMSolverMultistepScheduler",
+                               {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M SDE"),
+    "dpm2": SamplerDef("KDPM2DiscreteScheduler", {}, "DPM2"),
+    "dpm2_a": SamplerDef("KDPM2AncestralDiscreteScheduler", {}, "DPM2 a"),
 }
+
+# A1111's samplers diffusers has no scheduler for, and why (io/infotext.py refuses them by name)
+MISSING = {
+    "DPM++ SDE": "diffusers' DPMSolverSDEScheduler draws its noise from a Brownian tree seeded apart from the request",
+    "DPM++ 2S a": "diffusers has no DPM++ 2S ancestral sampler",
+    "DPM++ 3M SDE": "diffusers has no DPM++ 3M sampler",
+    "DPM fast": "diffusers has no DPM fast sampler",
+    "DPM adaptive": "diffusers has no adaptive DPM sampler",
+    "Restart": "diffusers has no Restart sampler",
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A noise schedule A1111 names (its ``Schedule type``) and the diffusers scheduler option that gives it."""
+
+    label: str
+    option: str  # a scheduler config key
+    value: Any
+
+
+# The ``schedule`` field's values; "automatic" (or unset) is the sampler's own, as A1111's "Automatic"
+SCHEDULES: dict[str, Schedule] = {
+    "karras": Schedule("Karras", "use_karras_sigmas", True),
+    "exponential": Schedule("Exponential", "use_exponential_sigmas", True),
+    "beta": Schedule("Beta", "use_beta_sigmas", True),
+    "sgm_uniform": Schedule("SGM Uniform", "timestep_spacing", "trailing"),
+}
+AUTOMATIC = "automatic"
+SCHEDULE_NAMES = (AUTOMATIC, *SCHEDULES)
+
+
+def schedule_taken(sampler: str, schedule: str | None) -> bool:
+    """Whether the named sampler's diffusers scheduler takes the schedule (its option is a config key)."""
+    import inspect
+
+    import diffusers
+
+    options = schedule_options(schedule)
+    return set(options) <= set(inspect.signature(getattr(diffusers, SAMPLERS[sampler].class_name).__init__).parameters)
+
+
+def schedule_options(schedule: str | None) -> dict[str, Any]:
+    """The scheduler config options a schedule sets ({} for the sampler's own)."""
+    if schedule in (None, AUTOMATIC):
+        return {}
+    found = SCHEDULES[schedule]
+    return {found.option: found.value}
 
 
 def sampler_label(name: str | None, default_class: str) -> str:

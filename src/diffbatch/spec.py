@@ -19,7 +19,7 @@ from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
 from .errors import SpecError, shown
 from .prompt_language import EMPHASES, EMPHASIS_RULE, NONE, ORIGINAL, has_syntax
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULES
 from .seeds import SEED_RULE, is_seed
 
 MIN_SIDE, MAX_SIDE = 8, 4096
@@ -71,6 +71,11 @@ class GenerationSpec:
     # A1111's "Clip skip": 1 = the text encoder's last layer (the default), N = its N-th layer from the end;
     # diffusers' clip_skip N - 1 (applied, as diffusers does, to the prompt and not to the negative prompt).
     clip_skip: int | None = None
+    # A1111's "Schedule type": the sampler's noise schedule (samplers.SCHEDULES: karras, exponential, beta,
+    # sgm_uniform), where its diffusers scheduler takes it; None or "automatic": the sampler's own
+    schedule: str | None = None
+    # DDIM's eta (A1111's "Eta DDIM"): 0 (None) is deterministic DDIM, 1 DDPM-like; only samplers whose step takes it
+    eta: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", _lora_pairs(self.loras))
@@ -185,6 +190,17 @@ def _emphasis_written(spec: GenerationSpec) -> bool:
 
 
 EMPHASIS_LABELS = {label.lower(): name for name, label in EMPHASES.items()}
+SCHEDULE_LABELS = {"automatic": "automatic", **{s.label.lower(): name for name, s in SCHEDULES.items()}}
+
+
+def _schedule_label(name: str) -> str:
+    return SCHEDULES[name].label if name in SCHEDULES else "Automatic"
+
+
+def _read_schedule(label: str) -> str:
+    """A1111's label (``SGM Uniform``), or the field's own value; else the text, for the rule to refuse."""
+    text = label.strip().lower()
+    return SCHEDULE_LABELS.get(text, text)
 
 
 def _read_emphasis(label: str) -> str:
@@ -229,6 +245,12 @@ EDGES: dict[str, Edges] = {
                       "(literally); prompts longer than the text encoder's window are encoded in chunks",
                       key=Key("Emphasis", _emphasis_written, write=lambda value: EMPHASES[value],
                               read=_read_emphasis)),
+    "schedule": Edges(Kind.TEXT, flag="--schedule", metavar="|".join(SCHEDULE_NAMES),
+                      help="the sampler's noise schedule, as A1111's Schedule type (where the sampler takes it)",
+                      key=Key("Schedule type", lambda spec: spec.schedule not in (None, "automatic"),
+                              write=_schedule_label, read=_read_schedule)),
+    "eta": Edges(Kind.NUMBER, flag="--eta", metavar="E", help="DDIM's eta in [0, 1] (default 0)",
+                 key=Key("Eta DDIM", lambda spec: bool(spec.eta))),
     "clip_skip": Edges(Kind.INT, flag="--clip-skip", metavar="N",
                        help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before...",
                        key=Key("Clip skip", lambda spec: (spec.clip_skip or 1) > 1)),
@@ -305,6 +327,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loras": (_loras_ok, "must map LoRA names (no < > :) to finite weights, each name once"),
     "cache": (cache_ok, CACHE_RULE),
     "emphasis": (_optional(lambda v: v in EMPHASES), EMPHASIS_RULE),
+    "schedule": (_optional(lambda v: v in SCHEDULE_NAMES), "must be one of " + ", ".join(SCHEDULE_NAMES)),
+    "eta": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
     "clip_skip": (_optional(lambda v: _is_int(v) and 1 <= v <= MAX_CLIP_SKIP),
                   f"must be an integer from 1 to {MAX_CLIP_SKIP}"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),

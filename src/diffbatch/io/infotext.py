@@ -19,7 +19,7 @@ from ..errors import InputError, SpecError, shown
 from ..numerics import DEFAULT as DEFAULT_NUMERICS
 from ..numerics import KEY as NUMERICS_KEY
 from ..numerics import NumericPath, parse_numerics
-from ..samplers import SAMPLERS
+from ..samplers import MISSING, SAMPLERS, SCHEDULE_NAMES, schedule_taken
 from ..spec import EDGES, PARSE, check_field, parse_size
 from .a1111 import REASONS, exif_parameters, unhonoured
 from .writer import PARAMETERS_KEY
@@ -34,9 +34,11 @@ SPACES = re.compile(r"\s*")
 QUOTED = re.compile(r'"(?:\\.|[^\\"])++"')
 NEGATIVE = "Negative prompt:"
 LABELS = {sampler.label: name for name, sampler in SAMPLERS.items()}  # "Euler a" -> "euler_a"
-KARRAS = {"DPM++ 2M": "dpm++_2m_karras"}  # A1111 >= 1.9 writes "Sampler: DPM++ 2M, Schedule type: Karras"
 KEYS = {edges.key.name: (name, edges.key.read or PARSE[edges.kind]) for name, edges in EDGES.items()
         if edges.key is not None}
+# The fields each key sets
+KEY_FIELDS = {**{key: (name,) for key, (name, _) in KEYS.items()}, "Size": ("width", "height"),
+              "Sampler": ("scheduler",), "Init image": ("image",)}
 
 
 @dataclass
@@ -54,6 +56,16 @@ class Infotext:
     # The numeric path it was made on: diffbatch writes the key off float32 on a CPU, so its PNG without one was made
     # there; None for an AUTOMATIC1111 PNG (``Version:``, no key): made on a path nobody recorded
     numerics: NumericPath | None = DEFAULT_NUMERICS
+
+
+    def ignore(self, keys: list[str] | set[str]) -> None:
+        """Make it without these keys (``--ignore``): not refused, and the fields they set left to the defaults."""
+        for key in keys:
+            self.refused.pop(key, None)
+            for name in KEY_FIELDS.get(key, ()):
+                self.fields.pop(name, None)
+            if key == "Sampler":
+                self.default_sampler = None
 
 
 def read_infotext(path: Path) -> Infotext:
@@ -174,18 +186,27 @@ def _value(key: str, value: str, kind: type) -> int | float | str:
 
 
 def _sampler(settings: dict[str, str], found: Infotext) -> None:
+    """The sampler and its schedule: A1111's label (older A1111 wrote the schedule into it: ``DPM2 a Karras``),
+    or diffbatch's class name of a model's own sampler; what diffbatch lacks is refused by name."""
+    schedule = found.fields.get("schedule")
+    if schedule is not None and schedule not in SCHEDULE_NAMES:
+        found.refused["Schedule type"] = f"diffbatch has no {settings['Schedule type']} schedule"
+        del found.fields["schedule"]
     label = settings.get("Sampler")
-    schedule = settings.get("Schedule type", "Automatic")
     if label is None:
         return
-    if schedule == "Karras" and label in KARRAS:
-        found.fields["scheduler"] = KARRAS[label]
-        return
-    if schedule != "Automatic":  # the sampler's own schedule; any other, diffbatch does not have for it
-        found.refused["Schedule type"] = f"diffbatch has no {schedule} schedule for {label}"
-    if label in LABELS:
-        found.fields["scheduler"] = LABELS[label]
+    base, suffix = label, None
+    for name in ("Karras", "Exponential"):
+        if label not in LABELS and label.endswith(" " + name) and label[: -len(name) - 1] in LABELS:
+            base, suffix = label[: -len(name) - 1], name.lower()
+    if base in LABELS:
+        found.fields["scheduler"] = LABELS[base]
+        if suffix is not None:
+            found.fields.setdefault("schedule", suffix)
+        if not schedule_taken(LABELS[base], found.fields.get("schedule")):
+            found.refused["Schedule type"] = f"diffbatch's {base} has no {found.fields.pop('schedule')} schedule"
     elif label.endswith("Scheduler"):  # diffbatch writes the model's own sampler as its class name
         found.default_sampler = label
     else:
-        raise ValueError(f"sampler {shown(label)} is not one diffbatch has ({', '.join(LABELS)}, or the model's own)")
+        found.refused["Sampler"] = MISSING.get(label, f"diffbatch has no such sampler (it has {', '.join(LABELS)}, "
+                                                      "or the model's own)")

@@ -147,10 +147,9 @@ async def parameters(request: Request) -> dict:
         found = await asyncio.get_running_loop().run_in_executor(None, _infotext, data)
     except ValueError as exc:
         raise ApiError(400, f"image: {exc}", "image") from None
-    ignored = {key.strip() for key in ignore.split(",")}
-    refused = {key: why for key, why in found.refused.items() if key not in ignored}
-    if refused:
-        raise ApiError(400, refusal("image", refused, found.settings, http=True), "image")
+    found.ignore({key.strip() for key in ignore.split(",")})
+    if found.refused:
+        raise ApiError(400, refusal("image", found.refused, found.settings, http=True), "image")
     return {"fields": found.fields, "model": found.model, "sampler": found.default_sampler,
             "notes": [differs_note("image", found.a1111).removeprefix("diffbatch: ")] if found.a1111 else []}
 
