@@ -17,12 +17,15 @@ from diffbatch.result import Result
 from diffbatch.samplers import SAMPLERS
 
 
-def scheduler_for(name: str | None, config: dict, default_class: type):
-    """A fresh scheduler for a sampler name (None: the model's own class), from the model's loaded config."""
+def scheduler_for(name: str | None, config: dict, default_class: type, schedule: str | None = None):
+    """A fresh scheduler for a sampler name (None: the model's own class) and schedule (A1111's Schedule type, as
+    diffusers' documentation maps it to a scheduler option), from the model's loaded config."""
+    options = {"karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
+               "beta": {"use_beta_sigmas": True}, "sgm_uniform": {"timestep_spacing": "trailing"}}.get(schedule, {})
     if name is None:
-        return default_class.from_config(config)
+        return default_class.from_config(config, **options)
     sampler = SAMPLERS[name]
-    return getattr(diffusers, sampler.class_name).from_config(config, **sampler.options)
+    return getattr(diffusers, sampler.class_name).from_config(config, **{**sampler.options, **options})
 
 
 class DiffusersOracle:
@@ -33,13 +36,13 @@ class DiffusersOracle:
         self.pipe.set_progress_bar_config(disable=True)
         self.config = dict(self.pipe.scheduler.config)
 
-    def scheduler(self, name: str | None):
-        return scheduler_for(name, self.config, type(self.pipe.scheduler))
+    def scheduler(self, name: str | None, schedule: str | None = None):
+        return scheduler_for(name, self.config, type(self.pipe.scheduler), schedule)
 
     def __call__(self, spec: GenerationSpec) -> np.ndarray:
         """[H, W, 3] float pixels in [0, 1]."""
-        components = {**self.pipe.components, "scheduler": self.scheduler(spec.scheduler)}
-        kwargs = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+        components = {**self.pipe.components, "scheduler": self.scheduler(spec.scheduler, spec.schedule)}
+        kwargs = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None, eta=spec.eta or 0.0,
                       num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                       generator=torch.Generator("cpu").manual_seed(spec.seed), output_type="np")
         if spec.image is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffbatch import Engine, GenerationSpec
+from diffbatch import Engine, GenerationSpec, SpecError
 from diffbatch.samplers import SAMPLERS
 from helpers import DiffusersOracle, noise_image
 
@@ -66,3 +66,33 @@ def test_non_square_size_equals_diffusers(tiny_sd_path, oracle):
     [result] = engine.generate([spec])
     assert result.image.size == (40, 16)
     assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4
+
+
+SCHEDULED = [("euler", "karras"), ("dpm++_2m_sde", "exponential"), ("dpm2", "beta"), ("dpm2_a", "karras"),
+             ("ddim", "sgm_uniform"), ("lms", "karras"), (None, "sgm_uniform"), ("heun", "exponential")]
+
+
+def test_a1111_schedules_and_ddim_eta_in_one_batch_equal_diffusers(tiny_sd_path, oracle):
+    """Each (sampler, Schedule type) as diffusers' scheduler option gives it, and DDIM's eta, beside each other."""
+    engine = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32")
+    specs = [GenerationSpec(prompt=f"ring {i}", seed=20 + i, num_inference_steps=4, guidance_scale=4.0,
+                            scheduler=name, schedule=schedule) for i, (name, schedule) in enumerate(SCHEDULED)]
+    specs.append(GenerationSpec(prompt="eta", seed=3, num_inference_steps=4, scheduler="ddim", eta=0.7))
+    results = engine.generate(specs)
+    for result in results:
+        assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4, (result.spec.scheduler, result.spec.schedule)
+    stochastic = engine.generate([GenerationSpec(prompt="eta", seed=3, num_inference_steps=4, scheduler="ddim")])[0]
+    assert not np.array_equal(stochastic.pixels, results[-1].pixels)  # eta 0.7 draws noise: another image
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"scheduler": "euler_a", "schedule": "karras"}, "sampler euler_a has no such schedule"),
+    ({"scheduler": "ddim", "schedule": "exponential"}, "sampler ddim has no such schedule"),
+    ({"scheduler": "euler", "eta": 0.5}, "sampler euler takes no eta"),
+])
+def test_a_schedule_or_eta_the_sampler_does_not_take_is_refused_by_name(tiny_sd_path, fields, says):
+    from diffbatch.resolver import Resolver
+
+    with pytest.raises(SpecError, match=says) as caught:
+        Resolver.for_model(tiny_sd_path).resolve(GenerationSpec(prompt="x", **fields))
+    assert caught.value.field in ("schedule", "eta")
