@@ -309,7 +309,8 @@ def _from_source(args: argparse.Namespace) -> JobSource:
         raise UsageError("give a PROMPTS file or --from IMAGE, not both")
     found = read_infotext(args.from_image)
     where = f"--from {args.from_image}"
-    found.ignore(args.ignore)
+    flags = _flag_fields(args)  # a flag sets its field instead of the PNG's key
+    found.ignore([*args.ignore, *(EDGES[name].key.name for name in flags if EDGES[name].key is not None)])
     if found.refused:
         raise InputError(refusal(where, found.refused, found.settings))
     if found.a1111 is not None:
@@ -325,7 +326,7 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     if "Lora hashes" in found.settings and "Lora hashes" not in args.ignore:
         args.from_hashes["Lora hashes"] = found.settings["Lora hashes"]
     fields = {k: v for k, v in found.fields.items() if k not in ("prompt", "seed")}
-    fields.update(_flag_fields(args))
+    fields.update(flags)
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
         args.model = found.model
     args.default_sampler = found.default_sampler if "scheduler" not in fields else None

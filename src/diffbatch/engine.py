@@ -185,6 +185,6 @@ class Engine:
     def _result(self, request: Request, pixels: np.ndarray) -> Result:
         image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
         seconds = self._seconds.pop(request.request_id)
-        return Result(request.request_id, request.spec, image, pixels, seconds, self.sampler_label(request.spec),
-                      self.model_name, lora_hashes=self.loras.hashes(request.spec.loras), model_hash=self.model_hash,
-                      numerics=self.numerics)
+        spec = request.origin or request.spec  # as asked (a hires request ran a second pass)
+        return Result(request.request_id, spec, image, pixels, seconds, self.sampler_label(spec), self.model_name,
+                      lora_hashes=self.loras.hashes(spec.loras), model_hash=self.model_hash, numerics=self.numerics)

@@ -61,14 +61,15 @@ class Planner:
 
     def update(self, plan: StepPlan) -> list[Request]:
         """Advance request states after the runner executed ``plan``; return the requests now finished."""
-        for request in plan.decode:
+        finished = [r for r in plan.decode if r.status == RequestStatus.DECODING]  # not a pass continuing (hires)
+        for request in finished:
             request.status = RequestStatus.FINISHED
             del self.requests[request.request_id]
         for request in plan.denoise:
             request.step_index += 1
             done = request.step_index >= request.num_steps
             request.status = RequestStatus.DECODING if done else RequestStatus.RUNNING
-        return plan.decode
+        return finished
 
     def _with_status(self, status: RequestStatus) -> list[Request]:
         return [r for r in self.requests.values() if r.status == status]

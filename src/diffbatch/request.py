@@ -48,6 +48,15 @@ class Request:
     # the other blocks added then); adapters/step_cache.py
     cached: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0  # perf_counter at admission
+    origin: GenerationSpec | None = None  # the request as asked, while ``spec`` is a later pass of it (hires fix)
+
+    def continue_as(self, spec: GenerationSpec) -> None:
+        """Run ``spec`` next, as the same request (hires fix's second pass): its state starts again, at its size."""
+        self.origin = self.origin or self.spec
+        self.spec, self.shape_key = spec, (spec.height, spec.width)
+        self.status, self.step_index, self.num_steps = RequestStatus.WAITING, 0, 0
+        self.generator = self.sampler = self.timesteps = self.latents = self.uncond = None
+        self.cond, self.cached = {}, {}
 
     @property
     def uses_cfg(self) -> bool:

@@ -24,6 +24,7 @@ from .adapters.invariance import batch_rows, pad_rows, run_in_calls
 from .adapters.lora import LoraBank, Loras
 from .adapters.step_cache import first_block_changed
 from .caching import parse_cache
+from .hires import UPSCALERS, second_pass, upscale_latents, upscale_picture
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
 from .planner import StepPlan
@@ -118,7 +119,11 @@ class Runner:
             if not r.spec.is_img2img:
                 sigma = getattr(r.sampler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale noise
                 r.latents = self.adapter.initial_noise(r.spec, r.generator) * sigma
-        for chunk in _chunks([r for r in requests if r.spec.is_img2img], self.limits.decode):
+        for r in requests:  # a hires request's second pass from its upscaled latents: diffusers' img2img on latents
+            if r.spec.is_img2img and _is_latents(r.spec.image):
+                r.latents = self.adapter.noise_init_latents(r.sampler, r.spec.image, r.generator, r.timesteps, r.spec)
+        pictures = [r for r in requests if r.spec.is_img2img and not _is_latents(r.spec.image)]
+        for chunk in _chunks(pictures, self.limits.decode):
             self._encode_init_images(chunk)
 
     def _attach_conditioning(self, requests: list[Request]) -> None:
@@ -309,11 +314,19 @@ class Runner:
 
     # 3. Decoding -----------------------------------------------------------------------------------------
     def _decode(self, requests: list[Request]) -> dict[int, np.ndarray]:
+        """Decode the requests done denoising; a hires request's first pass continues as its second instead, from
+        its latents upscaled (no decode) or its picture upscaled (hires.py)."""
         pixels: dict[int, np.ndarray] = {}
-        limits = self.limits
-        for chunk in _chunks(requests, limits.decode):
+        limits, factor = self.limits, self.adapter.vae_scale_factor
+        in_latents = [r for r in requests if r.spec.hires_scale and UPSCALERS[r.spec.hires_upscaler].latent]
+        for r in in_latents:
+            r.continue_as(second_pass(r.spec, upscale_latents(r.latents, r.spec, factor), factor))
+        for chunk in _chunks([r for r in requests if r not in in_latents], limits.decode):
             images = limits.run_split(limits.decode, chunk[0].shape_key, chunk, self._decode_chunk)
             for r, image in zip(chunk, images, strict=True):
+                if r.spec.hires_scale:
+                    r.continue_as(second_pass(r.spec, upscale_picture(image, r.spec, factor), factor))
+                    continue
                 pixels[r.request_id] = image
                 r.latents = r.sampler = r.uncond = r.generator = None  # free memory early
                 r.cond, r.cached = {}, {}
@@ -324,6 +337,10 @@ class Runner:
         images = run_in_calls(self.adapter.call_shapes.vae, len(chunk), lambda real, size: (
             self.adapter.decode(pad_rows(latents[real], size), chunk[0].spec)))
         return list(images)  # [B, H, W, 3]
+
+
+def _is_latents(image: Any) -> bool:
+    return isinstance(image, torch.Tensor)
 
 
 def _row_slices(requests: list[Request]) -> Iterator[tuple[Request, slice]]:

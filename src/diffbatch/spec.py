@@ -18,6 +18,7 @@ from typing import Any
 from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
 from .errors import SpecError, shown
+from .hires import DEFAULT_UPSCALER, HIRES_STRENGTH, MAX_SCALE, UPSCALERS, hires_size, read_upscaler, upscaler_label
 from .prompt_language import EMPHASES, EMPHASIS_RULE, NONE, ORIGINAL, has_syntax
 from .samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULES
 from .seeds import SEED_RULE, is_seed
@@ -76,6 +77,12 @@ class GenerationSpec:
     schedule: str | None = None
     # DDIM's eta (A1111's "Eta DDIM"): 0 (None) is deterministic DDIM, 1 DDPM-like; only samplers whose step takes it
     eta: float | None = None
+    # Hires fix (hires.py): the text-to-image image upscaled by hires_scale (hires_upscaler: A1111's latent modes,
+    # or a picture resize), then denoised again at the larger size with ``strength`` (A1111's "Denoising
+    # strength", 0.7 by default here) over hires_steps steps (None: num_inference_steps)
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", _lora_pairs(self.loras))
@@ -101,7 +108,9 @@ class GenerationSpec:
             guidance_rescale=_first(self.guidance_rescale, 0.0),
             height=height or defaults.height,
             width=width or defaults.width,
-            strength=_first(self.strength, defaults.strength) if self.is_img2img else self.strength,
+            strength=(_first(self.strength, defaults.strength) if self.is_img2img else
+                      _first(self.strength, HIRES_STRENGTH) if self.hires_scale else self.strength),
+            hires_upscaler=_first(self.hires_upscaler, DEFAULT_UPSCALER) if self.hires_scale else self.hires_upscaler,
             emphasis=_first(self.emphasis, defaults.emphasis),
             clip_skip=_first(self.clip_skip, 1),
         )
@@ -111,6 +120,7 @@ class GenerationSpec:
                               else ("variation_strength", "variation_seed"))
             raise SpecError(f"{given} needs {missing} too (a variation is seed x variation_seed at a strength)",
                             field=missing, value=None, reason=f"required with {given}")
+        _check_hires(resolved, defaults.vae_scale_factor)
         if resolved.is_img2img and int(resolved.num_inference_steps * resolved.strength) < 1:
             raise SpecError(f"strength={resolved.strength} with num_inference_steps={resolved.num_inference_steps} "
                             "leaves no denoising step: need num_inference_steps * strength >= 1", field="strength",
@@ -127,6 +137,28 @@ class GenerationSpec:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationSpec))
+
+
+def _check_hires(spec: GenerationSpec, factor: int) -> None:
+    """Hires fix: text-to-image only, a second-pass size on the grid and within bounds, a step to run."""
+    if spec.hires_scale is None:
+        for name in ("hires_steps", "hires_upscaler"):
+            if getattr(spec, name) is not None:
+                raise SpecError(f"{name} needs hires_scale (the hires fix's upscale)", field=name,
+                                value=getattr(spec, name), reason="requires hires_scale")
+        return
+    if spec.is_img2img:
+        raise SpecError("hires_scale: hires fix is for text-to-image (as A1111's); an init image is given",
+                        field="hires_scale", value=spec.hires_scale, reason="text-to-image only")
+    height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
+    if not (MIN_SIDE <= min(height, width) and max(height, width) <= MAX_SIDE):
+        raise SpecError(f"hires_scale={spec.hires_scale} makes {width}x{height}: a side must be from {MIN_SIDE} to "
+                        f"{MAX_SIDE} pixels", field="hires_scale", value=spec.hires_scale,
+                        reason=f"the upscaled size must be from {MIN_SIDE} to {MAX_SIDE} pixels a side")
+    steps = spec.hires_steps or spec.num_inference_steps
+    if int(steps * spec.strength) < 1:
+        raise SpecError(f"strength={spec.strength} with {steps} hires steps leaves no denoising step: need steps * "
+                        "strength >= 1", field="strength", value=spec.strength, reason="need steps * strength >= 1")
 
 
 class Kind(Enum):
@@ -222,8 +254,9 @@ EDGES: dict[str, Edges] = {
     "width": Edges(Kind.INT, http="size (WxH)", no_flag="--size WxH", no_key="Size (WxH)"),
     "image": Edges(Kind.TEXT, http="the edits' uploaded image", no_flag="--image PATH_OR_DIR (a folder pairs images "
                    "with prompts)", no_key="Init image (a path), Init image hash"),
-    "strength": Edges(Kind.NUMBER, http=EDITS, flag="--strength", metavar="S", help="img2img strength in (0, 1]",
-                      key=Key("Denoising strength", lambda spec: spec.is_img2img)),
+    "strength": Edges(Kind.NUMBER, http=EDITS, flag="--strength", metavar="S",
+                      help="img2img strength in (0, 1]; with --hires-scale, the second pass's (default 0.7)",
+                      key=Key("Denoising strength", lambda spec: spec.is_img2img or bool(spec.hires_scale))),
     "scheduler": Edges(Kind.TEXT, flag="--scheduler", metavar="NAME", help="sampler: " + ", ".join(SAMPLERS),
                        no_key="Sampler (its label; a model's own sampler as its class name)"),
     "guidance_rescale": Edges(Kind.NUMBER, flag="--guidance-rescale", metavar="R",
@@ -251,6 +284,17 @@ EDGES: dict[str, Edges] = {
                               write=_schedule_label, read=_read_schedule)),
     "eta": Edges(Kind.NUMBER, flag="--eta", metavar="E", help="DDIM's eta in [0, 1] (default 0)",
                  key=Key("Eta DDIM", lambda spec: bool(spec.eta))),
+    "hires_scale": Edges(Kind.NUMBER, flag="--hires-scale", metavar="X",
+                         help=f"hires fix: upscale the image by X (up to {MAX_SCALE:g}) and denoise it again at that "
+                         "size with --strength (default 0.7)",
+                         key=Key("Hires upscale", lambda spec: bool(spec.hires_scale))),
+    "hires_steps": Edges(Kind.INT, flag="--hires-steps", metavar="N",
+                         help="hires fix: the second pass's steps (default: --steps)",
+                         key=Key("Hires steps", lambda spec: bool(spec.hires_steps))),
+    "hires_upscaler": Edges(Kind.TEXT, flag="--hires-upscaler", metavar="NAME",
+                            help="hires fix: " + ", ".join(UPSCALERS) + f" (default {DEFAULT_UPSCALER})",
+                            key=Key("Hires upscaler", lambda spec: bool(spec.hires_scale), write=upscaler_label,
+                                    read=read_upscaler)),
     "clip_skip": Edges(Kind.INT, flag="--clip-skip", metavar="N",
                        help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before...",
                        key=Key("Clip skip", lambda spec: (spec.clip_skip or 1) > 1)),
@@ -322,13 +366,16 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS), "must be one of " + ", ".join(SAMPLERS)),
     "variation_seed": (_optional(is_seed), SEED_RULE),
     "variation_strength": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
-    "image": (_optional(lambda v: isinstance(v, str | os.PathLike) or (hasattr(v, "convert") and hasattr(v, "size"))),
-              "must be a path or an image"),
+    "image": (_optional(lambda v: isinstance(v, str | os.PathLike) or (hasattr(v, "convert") and hasattr(v, "size"))
+                        or len(getattr(v, "shape", ())) == 4), "must be a path or an image"),  # (or latents: hires)
     "loras": (_loras_ok, "must map LoRA names (no < > :) to finite weights, each name once"),
     "cache": (cache_ok, CACHE_RULE),
     "emphasis": (_optional(lambda v: v in EMPHASES), EMPHASIS_RULE),
     "schedule": (_optional(lambda v: v in SCHEDULE_NAMES), "must be one of " + ", ".join(SCHEDULE_NAMES)),
     "eta": (_optional(lambda v: _is_number(v) and 0 <= v <= 1), "must be in [0, 1]"),
+    "hires_scale": (_optional(lambda v: _is_number(v) and 0 < v <= MAX_SCALE), f"must be in (0, {MAX_SCALE:g}]"),
+    "hires_steps": (_optional(lambda v: _is_int(v) and 0 <= v <= 10_000), "must be an integer >= 0 (0: --steps)"),
+    "hires_upscaler": (_optional(lambda v: v in UPSCALERS), "must be one of " + ", ".join(UPSCALERS)),
     "clip_skip": (_optional(lambda v: _is_int(v) and 1 <= v <= MAX_CLIP_SKIP),
                   f"must be an integer from 1 to {MAX_CLIP_SKIP}"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),

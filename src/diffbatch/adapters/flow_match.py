@@ -29,6 +29,9 @@ class FlowMatchAdapter(Adapter):
 
     def check_spec(self, spec: GenerationSpec) -> None:
         super().check_spec(spec)
+        if spec.hires_scale:
+            raise SpecError(f"hires_scale: {self.family} models run no hires fix here (Stable Diffusion 1.x/2.x and "
+                            "SDXL do)", field="hires_scale", value=spec.hires_scale, reason=f"not on {self.family}")
         if spec.scheduler is not None:
             raise SpecError(f"scheduler={spec.scheduler!r} is invalid for {self.family} model {self.name!r}: it "
                             f"samples with flow matching ({self.default_scheduler_class.__name__}), which the "

@@ -23,17 +23,15 @@ A1111_NOISE = frozenset({"ENSD", "RNG"})
 
 # Why a key is refused, where there is more to say than "diffbatch does not honour it"
 REASONS = {
-    "Hires upscale": "hires fix is not available in diffbatch yet",
-    "Hires steps": "hires fix is not available in diffbatch yet",
-    "Hires upscaler": "hires fix is not available in diffbatch yet",
-    "Hires resize": "hires fix is not available in diffbatch yet",
-    "Hires sampler": "hires fix is not available in diffbatch yet",
-    "Hires prompt": "hires fix is not available in diffbatch yet",
-    "Hires negative prompt": "hires fix is not available in diffbatch yet",
-    "Hires CFG Scale": "hires fix is not available in diffbatch yet",
-    "Hires schedule type": "hires fix is not available in diffbatch yet",
-    "Hires checkpoint": "hires fix is not available in diffbatch yet",
-    "Denoising strength": "without an init image it is hires fix's, which diffbatch does not have yet",
+    "Hires resize": "diffbatch's hires fix takes a scale (Hires upscale), not a target size",
+    "Hires sampler": "diffbatch's hires fix runs the first pass's sampler",
+    "Hires schedule type": "diffbatch's hires fix runs the first pass's schedule",
+    "Hires prompt": "diffbatch's hires fix runs the first pass's prompt",
+    "Hires negative prompt": "diffbatch's hires fix runs the first pass's negative prompt",
+    "Hires CFG Scale": "diffbatch's hires fix runs the first pass's CFG scale",
+    "Hires checkpoint": "diffbatch's hires fix runs the first pass's model",
+    "Hires upscaler": "diffbatch has no such upscaler (it has Latent and its variants, Lanczos, Nearest)",
+    "Denoising strength": "without an init image or Hires upscale it means nothing diffbatch knows",
     "TI hashes": "textual-inversion embeddings are not available in diffbatch yet",
     "Tiling": "diffbatch makes no tiling images",
     "Face restoration": "diffbatch restores no faces",
@@ -73,7 +71,8 @@ def refusal(where: str, refused: dict[str, str], settings: dict[str, str], http:
     named = "; ".join(f"{key}: {settings.get(key, '')} ({why})" for key, why in refused.items())
     ignore = ("the form field ignore=" + ",".join(refused)) if http else " ".join(
         f"--ignore {_quoted(key)}" for key in refused)
-    return f"{where}: not honoured: {named}; give {ignore} to make it without (the image will differ from the PNG's)"
+    return (f"{where}: not honoured: {named}; give {ignore} to make it without, or the flag that sets it to choose "
+            "another (the image will differ from the PNG's)")
 
 
 def differs_note(where: str, version: str) -> str:

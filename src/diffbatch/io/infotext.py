@@ -105,8 +105,8 @@ def parse_infotext(text: str) -> Infotext:
     elif "Version" in settings:  # A1111 and Forge write their version; diffbatch does not
         found.numerics = None
         found.a1111 = settings["Version"]
-    if "Denoising strength" in settings and not ({"Init image", "Init image hash"} & set(settings)):
-        found.refused["Denoising strength"] = REASONS["Denoising strength"]  # a txt2img's: hires fix's
+    if "Denoising strength" in settings and not ({"Init image", "Init image hash", "Hires upscale"} & set(settings)):
+        found.refused["Denoising strength"] = REASONS["Denoising strength"]
     found.fields["prompt"] = "\n".join(body[:negative])
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()
@@ -118,19 +118,21 @@ def parse_infotext(text: str) -> Infotext:
     if "Init image" in settings:
         found.fields["image"] = settings["Init image"]
     _sampler(settings, found)
-    _check_fields(found.fields)
+    _check_fields(found)
     return found
 
 
-def _check_fields(fields: dict[str, Any]) -> None:
-    """Every value the PNG gives by each field's own rule, so a bad one (``Cache: deepcache:٣``) is refused here,
-    naming its key, rather than offered to a client or sent on to fail later."""
-    for name, value in fields.items():
+def _check_fields(found: Infotext) -> None:
+    """Every value the PNG gives by each field's own rule: a value diffbatch does not take (``Hires upscaler:
+    4x-UltraSharp``, ``Cache: deepcache:٣``) is refused naming its key, like a key it does not honour, rather than
+    offered to a client or sent on to fail later."""
+    for name, value in list(found.fields.items()):
         try:
             check_field(name, value)
         except SpecError as exc:
-            key = next((k for k, (field, _) in KEYS.items() if field == name), name)
-            raise ValueError(f"{key}: {shown(value)} is invalid: {exc.reason}") from None
+            key = next((k for k, fields in KEY_FIELDS.items() if name in fields), name)
+            found.refused[key] = str(exc.reason)
+            del found.fields[name]
 
 
 def _settings(line: str, whole_line: bool = False) -> dict[str, str]:

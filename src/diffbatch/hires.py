@@ -1,0 +1,90 @@
+"""Hires fix, as AUTOMATIC1111 names it: a text-to-image request made at its size, upscaled by ``hires_scale``,
+then denoised again as image-to-image at the larger size with ``strength`` (A1111's "Denoising strength") over
+``hires_steps`` steps, with the request's seed again.
+
+The exact result (tests/test_hires.py): diffusers' text-to-image for the request (``output_type="latent"`` for a
+latent upscaler, else its picture), the upscale, then diffusers' image-to-image with a generator seeded with the
+request's seed, the upscaled latents (or picture) as its image. In the engine the second pass is the same request
+continuing: its rows join the running batch at the larger size (runner.py ``_next_pass``).
+
+No torch at import: the spec layer reads the upscaler names from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import GenerationSpec
+
+HIRES_STRENGTH = 0.7  # A1111's default denoising strength for hires fix
+MAX_SCALE = 8.0
+
+
+@dataclass(frozen=True)
+class Upscaler:
+    label: str  # as A1111 writes it in "Hires upscaler"
+    mode: str  # torch.nn.functional.interpolate's mode on latents, or PIL's resampling filter on pictures
+    antialias: bool = False
+    latent: bool = True
+
+
+# A1111's latent upscale modes (shared.latent_upscale_modes) and its PIL upscalers
+UPSCALERS: dict[str, Upscaler] = {
+    "latent": Upscaler("Latent", "bilinear"),
+    "latent_antialiased": Upscaler("Latent (antialiased)", "bilinear", antialias=True),
+    "latent_bicubic": Upscaler("Latent (bicubic)", "bicubic"),
+    "latent_bicubic_antialiased": Upscaler("Latent (bicubic antialiased)", "bicubic", antialias=True),
+    "latent_nearest": Upscaler("Latent (nearest)", "nearest"),
+    "latent_nearest_exact": Upscaler("Latent (nearest-exact)", "nearest-exact"),
+    "lanczos": Upscaler("Lanczos", "LANCZOS", latent=False),
+    "nearest": Upscaler("Nearest", "NEAREST", latent=False),
+}
+DEFAULT_UPSCALER = "latent"  # A1111's default
+LABELS = {u.label.lower(): name for name, u in UPSCALERS.items()}
+
+
+def read_upscaler(label: str) -> str:
+    """A1111's label (``Latent (bicubic)``) or the field's own value; else the text, for the rule to refuse."""
+    text = label.strip().lower()
+    return LABELS.get(text, text)
+
+
+def upscaler_label(name: str) -> str:
+    return UPSCALERS[name].label if name in UPSCALERS else name
+
+
+def hires_size(height: int, width: int, scale: float, factor: int) -> tuple[int, int]:
+    """The second pass's (height, width): the size times the scale, cut to the VAE grid (as A1111's latent
+    upscale does: the latents are ``size // factor``)."""
+    return int(height * scale) // factor * factor, int(width * scale) // factor * factor
+
+
+def second_pass(spec: GenerationSpec, image: Any, factor: int) -> GenerationSpec:
+    """The image-to-image request a hires request continues as: ``image`` the upscaled picture or latents, at
+    the larger size, ``hires_steps`` steps (the first pass's when unset) at ``strength``; no hires of its own."""
+    height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
+    return dataclasses.replace(spec, image=image, height=height, width=width,
+                               num_inference_steps=spec.hires_steps or spec.num_inference_steps,
+                               hires_scale=None, hires_steps=None, hires_upscaler=None)
+
+
+def upscale_latents(latents: Any, spec: GenerationSpec, factor: int) -> Any:
+    """A1111's latent upscale: ``interpolate`` to the second pass's latent size in the upscaler's mode."""
+    import torch
+
+    upscaler = UPSCALERS[spec.hires_upscaler]
+    height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
+    return torch.nn.functional.interpolate(latents, size=(height // factor, width // factor), mode=upscaler.mode,
+                                           antialias=upscaler.antialias)
+
+
+def upscale_picture(pixels: Any, spec: GenerationSpec, factor: int) -> Any:
+    """A pixel upscale: the first pass's picture as diffusers gives it (uint8, ``numpy_to_pil``), resized by PIL."""
+    from PIL import Image
+
+    height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
+    picture = Image.fromarray((pixels * 255).round().astype("uint8"))
+    return picture.resize((width, height), getattr(Image.Resampling, UPSCALERS[spec.hires_upscaler].mode))
