@@ -55,6 +55,8 @@ def png_upload(size: int) -> dict:
     ({"prompt": "x", "width": 128, "height": 32, **FAST}, "width"),
     ({"prompt": "x", "negative_prompt": "n" * 101}, "negative_prompt"),
     ({"prompt": "p" * 101}, "prompt"),
+    ({"prompt": "x", "hires_scale": 4, **FAST}, "hires_scale"),  # 32x32 upscaled to 128x128: over the side
+    ({"prompt": "x", "hires_scale": 1.5, "hires_steps": 9, **FAST}, "hires_steps"),
 ])
 def test_a_batch_line_over_the_servers_limits_is_refused_naming_the_line(engine, tmp_path, line, field):
     with serve(engine, tmp_path, max_side=64, max_steps=3, max_prompt_chars=100) as client:
@@ -72,6 +74,10 @@ def test_a_batch_over_the_job_cost_budget_is_refused_naming_the_line(engine, tmp
         assert response.status_code == 400 and response.json()["error"]["message"].startswith("line 4: ")
         assert nothing_queued(client)
         assert batch(client, [{"prompt": f"p{i}", "width": 32, "height": 32, **FAST} for i in range(3)]).is_success
+        # hires fix counts its second pass: 2 steps x 0.7 x 48 x 48 more on each line, so two lines are over
+        hires = [{"prompt": f"h{i}", "width": 32, "height": 32, "hires_scale": 1.5, **FAST} for i in range(2)]
+        response = batch(client, hires)
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith("line 2: ")
 
 
 def test_online_negative_prompt_and_edit_size_follow_the_same_limits(engine, tmp_path):

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..hires import hires_size
 from ..spec import GenerationSpec
 from .config import ServerConfig
 from .schemas import ApiError
@@ -49,11 +50,17 @@ class Policy:
         upload); None: ``width`` or ``height``, whichever is over (a batch line's fields). The text was checked
         before resolving (``check_text``); resolving only shortens it (LoRA tags leave the prompt)."""
         bound("num_inference_steps", spec.num_inference_steps, 1, self.max_steps, where)
+        bound("hires_steps", spec.hires_steps, 0, self.max_steps, where)
         width, height = spec.width or 0, spec.height or 0
         if max(width, height) > self.max_side:
             name = size_from or ("width" if width > self.max_side else "height")
             raise ApiError(400, f"{where}{name}: {width}x{height} is over this server's limit of "
                                 f"{self.max_side} pixels a side", name)
+        if spec.hires_scale:
+            height, width = _hires(spec)
+            if max(width, height) > self.max_side:
+                raise ApiError(400, f"{where}hires_scale: {spec.hires_scale} makes {width}x{height}, over this "
+                                    f"server's limit of {self.max_side} pixels a side", "hires_scale")
 
     def check_job(self, specs: Iterable[GenerationSpec]) -> None:
         """A batch job's total cost (images x steps x megapixels) and its prompts' bytes (each image's row holds
@@ -75,9 +82,19 @@ class Policy:
 
 
 def cost(spec: GenerationSpec) -> float:
-    """Denoising work of a resolved spec: steps run (an edit runs ``strength`` of them) x megapixels."""
+    """Denoising work of a resolved spec: steps run (an edit runs ``strength`` of them) x megapixels; hires fix
+    adds its second pass (``strength`` of its steps at the larger size)."""
     steps = spec.num_inference_steps * (spec.strength if spec.is_img2img else 1.0)
-    return steps * (spec.width or 0) * (spec.height or 0) / MEGA
+    total = steps * (spec.width or 0) * (spec.height or 0) / MEGA
+    if spec.hires_scale:
+        height, width = _hires(spec)
+        total += (spec.hires_steps or spec.num_inference_steps) * spec.strength * width * height / MEGA
+    return total
+
+
+def _hires(spec: GenerationSpec) -> tuple[int, int]:
+    """The second pass's size before its cut to the model's VAE grid: the real one or a little more (a bound)."""
+    return hires_size(spec.height or 0, spec.width or 0, spec.hires_scale, 1)
 
 
 def bound(name: str, value: Any, low: int, high: int, where: str = "") -> None:
