@@ -107,3 +107,17 @@ def test_model_without_t5_and_with_dynamic_shift_equals_diffusers(tmp_path):
     engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
     for result in engine.generate([mixed_specs()[0], mixed_specs()[3], mixed_specs()[2]]):
         assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4
+
+
+def test_a_prompt_past_the_encoders_windows_is_said_once_and_brackets_are_read_literally(engine, caplog):
+    """SD3's encoders are not chunked here: a prompt longer than CLIP's window is cut, as diffusers cuts it, and
+    said in one line, once per prompt; A1111's prompt language is not read (emphasis none, by default)."""
+    long = "a red circle on a blue ground " * 2  # 60 characters: past the tiny CLIP's 16 tokens
+    with caplog.at_level("WARNING", logger="diffbatch.prompts"):
+        engine.generate([GenerationSpec(prompt=long, seed=1, num_inference_steps=2)] * 2)
+    said = [r.getMessage() for r in caplog.records if "rest is cut" in r.getMessage()]
+    assert len(said) == 1 and "SD3's CLIP text encoders reads 16 tokens" in said[0]
+    resolved = engine.resolve(GenerationSpec(prompt="(red:1.3)"), seed=1)
+    assert resolved.emphasis == "none"
+    with pytest.raises(SpecError, match="read prompts literally"):
+        engine.resolve(GenerationSpec(prompt="(red:1.3)", emphasis="original"), seed=1)

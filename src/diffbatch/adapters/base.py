@@ -8,6 +8,7 @@ Methods with a body are the Stable-Diffusion-style default that most families sh
 from __future__ import annotations
 
 import copy
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -18,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..caching import AUTO, METHODS, OFF, parse_cache
-from ..errors import SpecError
+from ..errors import SpecError, shown
 from ..numerics import NumericPath
 from ..prompt_language import NONE, has_syntax, parse_attention
 from ..samplers import SAMPLERS, is_stochastic
@@ -255,6 +256,23 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         """Batched VAE decode (all of ``spec``'s size) to float pixels in [0, 1], ``[B, H, W, 3]``."""
+
+
+CUT = logging.getLogger("diffbatch.prompts")  # one line on stderr by default (logging's last resort)
+
+
+def warn_cut(texts: list[str], tokenizer: Any, limit: int, encoder: str) -> None:
+    """Say, once per prompt, where a text encoder that takes ``limit`` tokens (BOS/EOS included) cuts one: the
+    families whose encoders diffbatch does not chunk (T5, and SD3's CLIP beside it) read only its start."""
+    if tokenizer is None:
+        return
+    warned: set[str] = tokenizer.__dict__.setdefault("_diffbatch_warned", set())
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"], strict=True):
+        if len(ids) > limit and text not in warned:
+            warned.add(text)
+            CUT.warning(f"diffbatch: warning: {encoder} reads {limit} tokens; this prompt has {len(ids)}, and the "
+                        f"rest is cut: {shown(tokenizer.decode(ids[limit - 1:-1]))[:200]}")
 
 
 def _method_form(name: str) -> str:

@@ -17,7 +17,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from ..errors import SpecError
 from ..prompt_language import NONE
 from ..spec import GenerationSpec, ModelDefaults
-from .base import Cond
+from .base import Cond, warn_cut
 from .flow_match import FlowMatchAdapter
 from .hub import from_pretrained
 
@@ -71,6 +71,7 @@ class FluxAdapter(FlowMatchAdapter):
 
     # Conditioning ----------------------------------------------------------------------------------------
     def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
+        warn_cut(texts, self.pipe.tokenizer_2, self.max_sequence_length, "Flux's T5 text encoder")
         embeds, pooled, _ = self.pipe.encode_prompt(texts, None, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)  # [B, L, D], [B, P]
         return [{"encoder_hidden_states": e[None], "pooled_projections": p[None]}

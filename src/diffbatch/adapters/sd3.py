@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from ..prompt_language import NONE
 from ..spec import GenerationSpec, ModelDefaults
-from .base import Cond
+from .base import Cond, warn_cut
 from .flow_match import FlowMatchAdapter
 from .hub import from_pretrained, read_model_index
 
@@ -47,6 +47,8 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
 
     # Conditioning ----------------------------------------------------------------------------------------
     def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
+        warn_cut(texts, self.pipe.tokenizer, self.pipe.tokenizer.model_max_length, "SD3's CLIP text encoders")
+        warn_cut(texts, self.pipe.tokenizer_3, self.max_sequence_length, "SD3's T5 text encoder")
         # Without clip_skip, diffusers encodes a negative prompt exactly like a prompt: one cache serves both.
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             texts, None, None, device=self.device, do_classifier_free_guidance=False,
