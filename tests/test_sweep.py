@@ -71,6 +71,19 @@ def test_prompt_search_and_replace_a_seed_axis_size_and_lora_weights() -> None:
     assert [i.spec.loras for i in items] == [(("other", 1.0),), (("other", 1.0), ("style", 0.5))]
 
 
+def test_the_a1111_fields_are_axes_and_prompt_s_r_may_be_on_two() -> None:
+    items = job("a red circle", sweep=parse_sweep(["clip_skip=1,2", "schedule=Karras,SGM Uniform",
+                                                   "hires=1.5,2"]))
+    assert [(i.spec.clip_skip, i.spec.schedule, i.spec.hires_scale) for i in items][:3] == [
+        (1, "karras", 1.5), (2, "karras", 1.5), (1, "sgm_uniform", 1.5)]
+    assert len(items) == 8 and items[-1].notes["sweep"]["x"][1] == "clip skip 2"
+    items = job("a red circle", defaults={"hires_scale": 2},
+                sweep=parse_sweep(["hires_steps=5,10", "denoising=0.4,0.6"]))  # a hires image's strength
+    assert [(i.spec.hires_steps, i.spec.strength) for i in items] == [(5, 0.4), (10, 0.4), (5, 0.6), (10, 0.6)]
+    items = job("a red circle", sweep=parse_sweep(["prompt=red,blue", "prompt=circle,square"]))
+    assert [i.spec.prompt for i in items] == ["a red circle", "a blue circle", "a red square", "a blue square"]
+
+
 BAD_SWEEPS = {
     "unknown field": (["colour=1,2"], "unknown field 'colour'"),
     "a value the field refuses": (["steps=10,ten"], "'ten' is invalid: must be an integer"),
@@ -257,7 +270,7 @@ def test_bad_authoring_is_one_line_exit_2_and_nothing_written(
 
 
 def test_a_strength_sweep_without_an_init_image_is_refused() -> None:
-    with pytest.raises(InputError, match="--sweep strength: this image has no init image"):
+    with pytest.raises(InputError, match="--sweep strength: this image has no init image or hires fix"):
         job("a", sweep=parse_sweep(["strength=0.3,0.6"]))
 
 

@@ -175,9 +175,10 @@ def _expand(lines: list[_PromptLine], source: JobSource) -> list[JobItem]:
     image = 0  # the images of the prompts, before the sweep: the k of the seed convention
     for line, template in variants:
         fields = _merge(source.defaults, line.fields)
-        if source.sweep and "strength" in source.sweep.targets and fields.get("image") is None:
-            raise InputError(f"{line.where}: --sweep strength: this image has no init image, so every cell would "
-                             "be the same image labelled differently; give --image (or an image field)")
+        if (source.sweep and "strength" in source.sweep.targets and fields.get("image") is None
+                and "hires_scale" not in source.sweep.targets and not fields.get("hires_scale")):
+            raise InputError(f"{line.where}: --sweep strength: this image has no init image or hires fix, so every "
+                             "cell would be the same image labelled differently; give --image (or an image field)")
         for copy in range(source.images_per_prompt):
             for cell in cells:
                 swept = (source.sweep.apply(fields, cell, line.where, source.max_prompt_chars)

@@ -38,10 +38,12 @@ AXIS_NAMES = ("X", "Y", "Z")
 MAX_PROMPT_CHARS = 100_000  # a prompt authoring makes (Prompt S/R here, dynamic templates) may reach; a server: its own
 MAX_VALUES = 1000  # values on one axis (a range such as seed=1-1000000 is refused before it is listed)
 ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "cfg": "guidance_scale",
-           "sampler": "scheduler", "negative": "negative_prompt", "variation": "variation_strength"}
+           "sampler": "scheduler", "negative": "negative_prompt", "variation": "variation_strength",
+           "hires": "hires_scale", "denoising": "strength"}
 SHORT = {"num_inference_steps": "steps", "guidance_scale": "guidance", "negative_prompt": "negative",
          "variation_strength": "variation strength", "variation_seed": "variation seed",
-         "guidance_rescale": "CFG rescale"}
+         "guidance_rescale": "CFG rescale", "hires_scale": "hires"}
+REPEATABLE = ("prompt",)  # Prompt S/R may be on two axes, as in A1111's X/Y/Z plot (each finds its own text)
 NOT_SWEPT = {"prompt": "use prompt=FIND,REPLACE,... (Prompt S/R)", "image": "give --image a folder instead",
              "height": "use size=WxH,...", "width": "use size=WxH,...", "loras": "use lora:NAME=W1,W2,..."}
 # ASCII digits only (\d matches every script's, which int() then refuses), each number at most MAX_DIGITS long: a
@@ -130,7 +132,7 @@ def parse_sweep(texts: list[str] | tuple[str, ...]) -> Sweep | None:
     axes = tuple(parse_axis(text) for text in texts)
     targets = [axis.target for axis in axes]
     for target in targets:
-        if targets.count(target) > 1:
+        if targets.count(target) > 1 and target not in REPEATABLE:
             raise SpecError(f"--sweep: {target} is on more than one axis", field="sweep")
     return Sweep(axes)
 
@@ -189,7 +191,9 @@ def _values(target: str, value: str, text: str) -> list[Any]:
     if kind in (Kind.INT, Kind.NUMBER):
         found = _range(value, kind, text) if RANGE.match(value) else [_number(value, kind, text)]
     else:
-        found = [LABELS.get(value.lower(), value) if target == "scheduler" else value]
+        key = EDGES[target].key
+        read = key.read if key is not None and key.read is not None else (lambda v: v)  # A1111's labels too
+        found = [LABELS.get(value.lower(), value) if target == "scheduler" else read(value)]
     for v in found:
         try:
             check_field("loras", ((target[5:], v),)) if lora else check_field(target, v)
