@@ -162,3 +162,28 @@ def test_a_seed_past_what_a_browser_holds_exactly_is_refused_not_rounded(browser
     page.click("#generate")
     page.wait_for_function("document.getElementById('error').textContent.includes('9007199254740991')")
     assert sent == []
+
+
+def test_a_refine_keeps_every_field_the_card_was_made_with(browser, server):  # noqa: F811
+    """The refine form is built from the server's field table: what a card was made with (A1111's fields, hires
+    fix, guidance rescale, a variation) is what its refine asks for, with the new prompt."""
+    fields = {"prompt": "a red circle", "seed": 21, "num_inference_steps": 2, "guidance_scale": 5.0,
+              "scheduler": "euler", "schedule": "karras", "clip_skip": 2, "emphasis": "no_norm",
+              "guidance_rescale": 0.3, "variation_seed": 5, "variation_strength": 0.25, "hires_scale": 1.5,
+              "hires_steps": 2, "strength": 0.6, "hires_upscaler": "latent_bicubic"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    made = httpx.post(f"{server.url}/v1/images/generations", json={**fields, "response_format": "url"},
+                      headers=headers, timeout=60)
+    assert made.status_code == 200, made.text
+    page = open_ui(browser, server.url, KEY)
+    page.wait_for_function("document.querySelectorAll('.card').length === 1", timeout=30_000)
+    card = page.locator(".card[data-seed='21']")
+    card.locator("button[data-action='refine']").click()
+    card.locator(".edit-prompt").fill("a red (circle:1.2)")
+    card.locator(".edit-go").click()
+    page.wait_for_function("document.querySelectorAll('.card').length === 2", timeout=60_000)
+    page.close()
+    newest = httpx.get(f"{server.url}/v1/images/history?limit=1", headers=headers).json()["data"][0]
+    assert newest["prompt"] == "a red (circle:1.2)"
+    assert {name: newest[name] for name in fields if name != "prompt"} == {
+        name: value for name, value in fields.items() if name != "prompt"}

@@ -254,7 +254,7 @@ EDGES: dict[str, Edges] = {
     "width": Edges(Kind.INT, http="size (WxH)", no_flag="--size WxH", no_key="Size (WxH)"),
     "image": Edges(Kind.TEXT, http="the edits' uploaded image", no_flag="--image PATH_OR_DIR (a folder pairs images "
                    "with prompts)", no_key="Init image (a path), Init image hash"),
-    "strength": Edges(Kind.NUMBER, http=EDITS, flag="--strength", metavar="S",
+    "strength": Edges(Kind.NUMBER, flag="--strength", metavar="S",
                       help="img2img strength in (0, 1]; with --hires-scale, the second pass's (default 0.7)",
                       key=Key("Denoising strength", lambda spec: spec.is_img2img or bool(spec.hires_scale))),
     "scheduler": Edges(Kind.TEXT, flag="--scheduler", metavar="NAME", help="sampler: " + ", ".join(SAMPLERS),

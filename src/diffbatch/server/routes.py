@@ -89,6 +89,7 @@ async def ui(request: Request) -> HTMLResponse:
     """The browser UI: a static page that calls this API with the user's key (server/ui.html)."""
     page = importlib.resources.files(__package__).joinpath("ui.html").read_text(encoding="utf-8")
     page = page.replace("__SAMPLERS__", _script_json(list(SAMPLERS)))
+    page = page.replace("__BODY_FIELDS__", _script_json(list(BODY_FIELDS)))
     return HTMLResponse(page.replace("__MODEL__", _script_json(state(request).engine.model_name)))
 
 
