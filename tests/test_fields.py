@@ -28,7 +28,8 @@ from extras import need
 EXAMPLES = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 7, "num_inference_steps": 3,
             "guidance_scale": 5.5, "height": 32, "width": 48, "strength": 0.5, "scheduler": "ddim",
             "guidance_rescale": 0.25, "variation_seed": 11, "variation_strength": 0.125, "loras": {"tiny": 0.75},
-            "cache": "deepcache:3", "emphasis": "no_norm", "clip_skip": 2, "schedule": "sgm_uniform", "eta": 0.5}
+            "cache": "deepcache:3", "emphasis": "no_norm", "clip_skip": 2, "schedule": "sgm_uniform", "eta": 0.5,
+            "hires_scale": 1.5, "hires_steps": 4, "hires_upscaler": "lanczos"}
 SIZE = {"size": "48x32"}  # width and height at the API (spec.EDGES: http)
 BAD_CACHES = ["deepcache:1", "deepcache:11", "deepcache:x", "bogus", "fbcache", ""]
 
@@ -194,7 +195,7 @@ def test_a_png_with_a_bad_cache_is_refused_by_from(tmp_path, capsys):
     text = format_parameters(GenerationSpec(**EXAMPLES), "DDIM", "tiny").replace("deepcache:3", "deepcache:99")
     png.write_bytes(png_with_parameters(text))
     assert main(["generate", "--from", str(png), "--out", str(tmp_path / "out")]) == 2
-    assert "Cache: 'deepcache:99' is invalid" in capsys.readouterr().err  # named as the PNG names it
+    assert "not honoured: Cache: deepcache:99 (must be off, auto" in capsys.readouterr().err  # as the PNG names it
 
 
 def test_from_a_png_made_with_a_cache_asks_for_the_same_cache(monkeypatch, tmp_path, capsys):
