@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -182,43 +183,78 @@ def pieces(text: str, emphasis: str, field: str = "prompt") -> list[Piece]:
 @dataclass(frozen=True)
 class Chunk:
     """One window of the text encoder: up to ``length`` tokens and their weights (BOS, EOS and padding are the
-    encoder's: adapters/clip_prompts.py)."""
+    encoder's: adapters/clip_prompts.py); ``fixes``: (offset, embedding) of each textual-inversion embedding in
+    it, whose vectors replace the placeholder tokens there (adapters/embeddings.py)."""
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, Any], ...] = ()
+
+
+PLACEHOLDER = 0  # A1111's token under an embedding's vectors
 
 
 def chunk(parts: Sequence[Piece], tokenize: Callable[[list[str]], list[list[int]]], length: int,
-          comma: int | None, backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+          comma: int | None, backtrack: int = COMMA_BACKTRACK,
+          find: Callable[[Sequence[int], int], tuple[Any, int] | None] | None = None) -> list[Chunk]:
     """A1111's ``tokenize_line``: the pieces' tokens in chunks of ``length``; a ``BREAK`` piece ends a chunk;
-    a full chunk with a comma among its last ``backtrack`` tokens moves what follows the comma to the next."""
-    chunks: list[Chunk] = []
-    tokens: list[int] = []
-    weights: list[float] = []
-    last_comma = -1
-
-    def end_chunk() -> None:
-        nonlocal tokens, weights, last_comma
-        chunks.append(Chunk(tuple(tokens), tuple(weights)))
-        tokens, weights, last_comma = [], [], -1
-
+    a full chunk with a comma among its last ``backtrack`` tokens moves what follows the comma to the next;
+    ``find(tokens, i)``: the embedding whose name starts at token i and its name's token count, or None (an
+    embedding's vectors go whole into one chunk)."""
+    builder = _Chunks(length, comma, backtrack)
     for (text, weight), ids in zip(parts, tokenize([text for text, _ in parts]), strict=True):
         if text == BREAK and weight == -1:
-            end_chunk()
+            builder.end()
             continue
-        for token in ids:
-            if token == comma:
-                last_comma = len(tokens)
-            elif backtrack and len(tokens) == length and last_comma != -1 and len(tokens) - last_comma <= backtrack:
-                cut = last_comma + 1
-                moved = tokens[cut:], weights[cut:]
-                tokens, weights = tokens[:cut], weights[:cut]
-                end_chunk()
-                tokens, weights = list(moved[0]), list(moved[1])
-            if len(tokens) == length:
-                end_chunk()
-            tokens.append(token)
-            weights.append(weight)
-    if tokens or not chunks:
-        end_chunk()
-    return chunks
+        position = 0
+        while position < len(ids):
+            builder.make_room(ids[position])
+            found = find(ids, position) if find is not None else None
+            if found is None:
+                builder.add([ids[position]], weight)
+                position += 1
+                continue
+            embedding, name_tokens = found
+            if len(builder.tokens) + embedding.length > length:
+                builder.end()
+            builder.fixes.append((len(builder.tokens), embedding))
+            builder.add([PLACEHOLDER] * embedding.length, weight)
+            position += name_tokens
+    if builder.tokens or not builder.chunks:
+        builder.end()
+    return builder.chunks
+
+
+class _Chunks:
+    """The chunk being filled and those done (``chunk``'s state)."""
+
+    def __init__(self, length: int, comma: int | None, backtrack: int) -> None:
+        self.length, self.comma, self.backtrack = length, comma, backtrack
+        self.chunks: list[Chunk] = []
+        self.tokens: list[int] = []
+        self.weights: list[float] = []
+        self.fixes: list[tuple[int, Any]] = []
+        self.last_comma = -1
+
+    def end(self) -> None:
+        self.chunks.append(Chunk(tuple(self.tokens), tuple(self.weights), tuple(self.fixes)))
+        self.tokens, self.weights, self.fixes, self.last_comma = [], [], [], -1
+
+    def make_room(self, token: int) -> None:
+        """Before ``token``: note a comma, or, the chunk full, move what follows a near comma on, then end it."""
+        if token == self.comma:
+            self.last_comma = len(self.tokens)
+        elif (self.backtrack and len(self.tokens) == self.length and self.last_comma != -1
+              and len(self.tokens) - self.last_comma <= self.backtrack):
+            cut = self.last_comma + 1
+            moved = self.tokens[cut:], self.weights[cut:], [(o - cut, e) for o, e in self.fixes if o >= cut]
+            self.tokens, self.weights = self.tokens[:cut], self.weights[:cut]
+            self.fixes = [(o, e) for o, e in self.fixes if o < cut]
+            self.end()
+            self.tokens, self.weights, self.fixes = list(moved[0]), list(moved[1]), moved[2]
+        if len(self.tokens) == self.length:
+            self.end()
+
+    def add(self, tokens: list[int], weight: float) -> None:
+        self.tokens += tokens
+        self.weights += [weight] * len(tokens)
