@@ -161,6 +161,9 @@ def register(subparsers: Subparsers) -> None:
                    help="print the job's size, sweep cells and prompts without loading the model or writing")
     p.add_argument("--lora-dir", type=Path, metavar="DIR",
                    help="LoRA files (NAME.safetensors) for <lora:NAME:WEIGHT> tags and loras fields")
+    p.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                   help="textual-inversion embeddings (NAME.pt, NAME.safetensors, A1111's or diffusers'), used where "
+                        "a prompt names one")
     p.add_argument("--batch-size", type=_parse_batch_size, default=AUTO, metavar="N|auto",
                    help="most images per model call; auto (default): as many as memory allows")
     p.add_argument("--device", help="torch device (default: the engine's choice)")
@@ -220,6 +223,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """Check everything, load the model, resolve every spec, and only then write. With ``--ray`` this process
     loads no weights: it resolves from the model's configuration, the workers load the model."""
     source = _job_source(args)
+    if args.ray is not None and args.embeddings_dir is not None:
+        raise UsageError("--embeddings-dir is not available with --ray yet (the workers load no embeddings)")
     if args.ray is not None:  # which cluster, checked before anything is written (one line if none answers)
         from .executors.ray import choose_cluster
 
@@ -323,8 +328,9 @@ def _from_source(args: argparse.Namespace) -> JobSource:
     # checkpoint file, which a diffusers folder is not
     checked = args.model is None and found.a1111 is None and "Model hash" not in args.ignore
     args.from_hashes = {key: found.settings[key] for key in ("Model hash",) if checked and key in found.settings}
-    if "Lora hashes" in found.settings and "Lora hashes" not in args.ignore:
-        args.from_hashes["Lora hashes"] = found.settings["Lora hashes"]
+    for key in ("Lora hashes", "TI hashes"):
+        if key in found.settings and key not in args.ignore:
+            args.from_hashes[key] = found.settings[key]
     fields = {k: v for k, v in found.fields.items() if k not in ("prompt", "seed")}
     fields.update(flags)
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
@@ -407,6 +413,13 @@ def _check_from_hashes(args: argparse.Namespace, resolver: Resolver | Engine) ->
         if now != digest:
             raise InputError(f"{where}: made with LoRA {name} of hash {digest}, but its file now has hash {now}; "
                              "give --ignore 'Lora hashes' to use it anyway")
+    for name, digest in lora_hashes(recorded.get("TI hashes", "")):
+        files = getattr(resolver, "adapter", None) and resolver.adapter.embeddings
+        path = files.files().get(name.lower()) if files else None
+        now = file_hash(path) if path is not None else "no file in --embeddings-dir"
+        if now != digest:
+            raise InputError(f"{where}: made with the embedding {name} of hash {digest}, but here it has "
+                             f"{now}; give --embeddings-dir, or --ignore 'TI hashes' to make it anyway")
 
 
 def _check_from_image(png: Path, image: str, recorded: str) -> None:
@@ -467,7 +480,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
     with _quiet():
         return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                      max_batch_size=args.batch_size, lora_dir=args.lora_dir, lora_paths=True)
+                                      max_batch_size=args.batch_size, lora_dir=args.lora_dir, lora_paths=True,
+                                      embeddings_dir=args.embeddings_dir)
 
 
 def load_resolver(args: argparse.Namespace) -> Resolver:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .adapters import load_adapter
+from .adapters.embeddings import EmbeddingBank
 from .adapters.lora import LoraBank
 from .memory import BatchLimits, BatchSize, batch_limits
 from .planner import Planner
@@ -50,11 +51,12 @@ class EngineStats:
 class Engine:
     def __init__(self, adapter, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
                  generator_device: str = "cpu", lora_dir: str | os.PathLike | None = None,
-                 lora_paths: bool = False) -> None:
+                 lora_paths: bool = False, embeddings_dir: str | os.PathLike | None = None) -> None:
         """``max_batch_size``: images per denoiser call, or "auto" to size batches from memory (memory.py).
         ``lora_dir``: the folder LoRA names are files of (``NAME.safetensors``); ``lora_paths``: a LoRA may also be
         named by its file's path, anywhere (the local CLI; never a server: see ``Resolver``)."""
         self.adapter = adapter
+        adapter.embeddings = EmbeddingBank(embeddings_dir, adapter.text_dims())
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.planner = Planner(limits.denoise.cap, limits.denoise)
         self.resolver = Resolver(adapter, lora_dir, lora_paths)
@@ -69,14 +71,15 @@ class Engine:
     def from_pretrained(cls, model: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | None = None, max_batch_size: BatchSize = 8, vae_batch_size: int | None = None,
                         generator_device: str = "cpu", batch_invariant: bool = True, backend: str = "torch",
-                        lora_dir: str | os.PathLike | None = None, lora_paths: bool = False) -> Engine:
+                        lora_dir: str | os.PathLike | None = None, lora_paths: bool = False,
+                        embeddings_dir: str | os.PathLike | None = None) -> Engine:
         """Load a diffusers pipeline folder or hub id (``None``: the embedded default model).
         ``batch_invariant=False`` drops the invariance kernels and call shapes (adapters/invariance.py): an
         image may then change by a few uint8 levels with its batch or the thread count. ``dtype`` None or
         "auto": the device's fastest exact dtype (loading.resolve_dtype). ``backend="openvino"``: the models
         run on OpenVINO (CPU; adapters/openvino.py states its contract)."""
         adapter = load_adapter(model, device, dtype, invariant=batch_invariant, backend=backend)
-        return cls(adapter, max_batch_size, vae_batch_size, generator_device, lora_dir, lora_paths)
+        return cls(adapter, max_batch_size, vae_batch_size, generator_device, lora_dir, lora_paths, embeddings_dir)
 
     @property
     def model_name(self) -> str:
@@ -112,6 +115,7 @@ class Engine:
         # img2img requests would otherwise keep every decoded image in memory at once. LoRAs load now, in the
         # caller's thread (the server admits in the engine thread), so a bad one fails this request alone.
         self.loras.ensure(resolved.loras)
+        self.adapter.embeddings.ensure(resolved.prompt, resolved.negative_prompt)
         with self._lock:
             request = Request(next(self._ids), resolved, (resolved.height, resolved.width),
                               started=time.perf_counter())
@@ -187,4 +191,5 @@ class Engine:
         seconds = self._seconds.pop(request.request_id)
         spec = request.origin or request.spec  # as asked (a hires request ran a second pass)
         return Result(request.request_id, spec, image, pixels, seconds, self.sampler_label(spec), self.model_name,
-                      lora_hashes=self.loras.hashes(spec.loras), model_hash=self.model_hash, numerics=self.numerics)
+                      lora_hashes=self.loras.hashes(spec.loras), model_hash=self.model_hash, numerics=self.numerics,
+                      ti_hashes=self.adapter.embeddings.hashes(spec.prompt, spec.negative_prompt))

@@ -25,3 +25,4 @@ class Result:
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, short sha256) of each LoRA, for the PNG metadata
     model_hash: str = ""  # the weights' fingerprint, written as A1111's "Model hash"
     numerics: str = ""  # the numeric path it was made on (numerics.py: "bfloat16 cpu"), "" unknown
+    ti_hashes: tuple[tuple[str, str], ...] = ()  # (name, short sha256) of each textual-inversion embedding used

@@ -169,11 +169,13 @@ class Runner:
         LoRAs), then each prompt's rows joined (clip_prompts.py)."""
         ids = batch_rows([windows[k].ids for k in keys])  # [R, E, L]
         loras = [k[2] for k in keys for _ in range(len(windows[k].ids))]
+        fixes = [f for k in keys for f in windows[k].fixes]  # each row's textual-inversion embeddings
 
         def call(real: slice, size: int) -> dict[str, torch.Tensor]:
-            rows = loras[real]
+            rows, fixed = loras[real], fixes[real]
             with self._lora_rows(rows + rows[-1:] * (size - len(rows))):
-                return self.adapter.encode_windows(pad_rows(ids[real], size), clip_skip)
+                return self.adapter.encode_windows(pad_rows(ids[real], size), clip_skip,
+                                                   fixed + fixed[-1:] * (size - len(fixed)))
 
         out = run_in_calls(self.adapter.call_shapes.text, len(ids), call)
         start = 0

@@ -65,6 +65,7 @@ class Adapter(ABC):
         self.call_shapes: CallShapes = call_shapes(self.device, invariant,
                                                    self.dtype if pipe is not None else torch.float32)
         self.denoiser: Any = None  # the UNet or transformer: what ``denoise`` calls
+        self.embeddings: Any = None  # textual-inversion embeddings (embeddings.EmbeddingBank), set by the engine
         self.layers = LayerStack(backend)  # what changes how model calls run, in order (layers.py)
         if pipe is None:
             return
@@ -123,6 +124,10 @@ class Adapter(ABC):
         1) per text. ``negative``: the texts are negative prompts (SDXL zeroes an empty one); ``clip_skip``:
         A1111's, 1 = none (diffusers' ``clip_skip`` is one less, and applies to prompts only)."""
 
+    def text_dims(self) -> tuple[int, ...]:
+        """The hidden sizes of the text encoders textual-inversion embeddings feed; () where none do."""
+        return ()
+
     def windows(self, text: str, emphasis: str, field: str = "prompt", clip_skip: int = 1) -> Any:
         """How ``text`` is encoded when not by ``encode_prompts``: its chunks (clip_prompts.py); None: by
         ``encode_prompts``, as in every family without A1111's prompt language."""
@@ -141,6 +146,8 @@ class Adapter(ABC):
         """The prompts parse in the language ``emphasis`` names (a weight that is not a number, brackets nested
         past the limit: refused naming the field), and the family reads it."""
         texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
+        if self.embeddings is not None:  # the embeddings the prompts name, loaded now: a bad file refused here
+            self.embeddings.ensure(*texts.values())
         if spec.emphasis != NONE:
             if not self.prompt_language and any(has_syntax(t) for t in texts.values()):
                 raise SpecError(f"emphasis={spec.emphasis!r}: {self.family} models read prompts literally here "

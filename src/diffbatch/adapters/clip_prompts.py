@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..prompt_language import Chunk, chunk, pieces
+from .embeddings import Embedding, token_fixes
 
 WINDOW_CACHE = 4096  # prompts whose chunks are kept (tokenizing is cheap, but prompts repeat a lot in jobs)
 
@@ -28,6 +29,7 @@ class Windows:
     ids: torch.Tensor
     weights: torch.Tensor
     uniform: bool  # every weight 1: the hidden states are used as they are
+    fixes: tuple[tuple[tuple[int, Embedding], ...], ...] = ()  # per chunk: its embeddings (adapters/embeddings.py)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class ClipPrompts:
         the text as itself, it fits one window, and no clip skip: diffusers 0.42's Stable Diffusion clip skip reads
         ``text_encoder.text_model``, which transformers 5's CLIPTextModel no longer has)."""
         cache: OrderedDict = self.__dict__.setdefault("_window_cache", OrderedDict())
-        key = (text, emphasis, clip_skip > 1)
+        key = (text, emphasis, clip_skip > 1, len(self.embeddings.loaded()) if self.embeddings else 0)
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
@@ -71,21 +73,29 @@ class ClipPrompts:
         vocab = tokenizer.get_vocab()
         # A prompt past the window is what chunks are for: not transformers' "longer than the maximum" warning
         getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
-        chunks = chunk(parts, lambda texts: tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"],
-                       length, vocab.get(",</w>"))
-        if len(chunks) == 1 and parts == [(text, 1.0)] and not skips:
+        def tokenize(texts: list[str]) -> list[list[int]]:
+            return tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+        find = self.embeddings.finder(tokenize) if self.embeddings else None
+        chunks = chunk(parts, tokenize, length, vocab.get(",</w>"), find=find)
+        if len(chunks) == 1 and parts == [(text, 1.0)] and not skips and not chunks[0].fixes:
             return None
         ids = torch.tensor([[_window(c, e.tokenizer, length) for e in encoders] for c in chunks])
         weights = torch.tensor([[1.0, *c.weights, *[1.0] * (length + 1 - len(c.weights))] for c in chunks])
         uniform = emphasis == "ignore" or bool((weights == 1).all())
-        return Windows(ids, weights, uniform)
+        return Windows(ids, weights, uniform, tuple(c.fixes for c in chunks))
 
-    def encode_windows(self, ids: torch.Tensor, clip_skip: int) -> dict[str, torch.Tensor]:
-        """One batched call per encoder on chunk rows ``ids [N, E, L]``: ``hidden{e} [N, L, D_e]`` and, from
-        an encoder with a projection, ``pooled [N, P]``."""
+    def text_dims(self) -> tuple[int, ...]:
+        """Each text encoder's hidden size (an embedding's vectors must match)."""
+        return tuple(int(e.model.config.hidden_size) for e in self.encoders())
+
+    def encode_windows(self, ids: torch.Tensor, clip_skip: int, fixes: list | None = None) -> dict[str, torch.Tensor]:
+        """One batched call per encoder on chunk rows ``ids [N, E, L]`` (``fixes``: each row's embeddings):
+        ``hidden{e} [N, L, D_e]`` and, from an encoder with a projection, ``pooled [N, P]``."""
         out: dict[str, torch.Tensor] = {}
         for e, encoder in enumerate(self.encoders()):
-            result = encoder.model(ids[:, e].to(self.device), output_hidden_states=True)
+            with token_fixes(encoder.model, e, fixes or []):
+                result = encoder.model(ids[:, e].to(self.device), output_hidden_states=True)
             out[f"hidden{e}"] = self.select_hidden(e, result, clip_skip)
             if result[0].ndim == 2:  # CLIPTextModelWithProjection: its text_embeds (what diffusers pools)
                 out["pooled"] = result[0]

@@ -71,10 +71,23 @@ class EmbeddingBank:
     def loaded(self) -> list[Embedding]:
         return list(self._loaded.values())
 
+    def finder(self, tokenize: Any) -> Finder | None:
+        """The loaded embeddings' ``Finder`` under ``tokenize`` (made again once another embedding loads)."""
+        if not self._loaded:
+            return None
+        key = (len(self._loaded), tokenize.__qualname__)
+        if getattr(self, "_finder_key", None) != key:
+            self._finder, self._finder_key = Finder(self.loaded(), tokenize), key
+        return self._finder
+
     def hashes(self, *texts: str) -> tuple[tuple[str, str], ...]:
         return tuple((e.name, e.hash) for e in self.ensure(*texts))
 
     def _load(self, name: str) -> Embedding:
+        if not self.dims:
+            raise SpecError(f"prompt: names the textual-inversion embedding {shown(name)}, which this model cannot "
+                            "read (embeddings are read on Stable Diffusion 1.x/2.x and SDXL)", field="prompt",
+                            value=name, reason="embeddings on CLIP models only")
         if name not in self._loaded:
             path = self.files()[name]
             try:

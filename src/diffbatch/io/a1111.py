@@ -14,7 +14,7 @@ from PIL import Image
 
 # Read by io/infotext.py (or checked by the CLI) into what it makes
 READ = frozenset({"Size", "Sampler", "Schedule type", "Model", "Model hash", "Init image", "Init image hash",
-                  "Lora hashes", "Numerics", "Version"})
+                  "Lora hashes", "TI hashes", "Numerics", "Version"})
 # Record-keeping: no pixel depends on them
 NO_PIXELS = frozenset({"User", "Hashes", "Template", "Negative Template"})
 # A1111's noise: its GPU (or NV, or CPU) random numbers and the seed delta of its ancestral samplers; diffbatch's
@@ -32,7 +32,6 @@ REASONS = {
     "Hires checkpoint": "diffbatch's hires fix runs the first pass's model",
     "Hires upscaler": "diffbatch has no such upscaler (it has Latent and its variants, Lanczos, Nearest)",
     "Denoising strength": "without an init image or Hires upscale it means nothing diffbatch knows",
-    "TI hashes": "textual-inversion embeddings are not available in diffbatch yet",
     "Tiling": "diffbatch makes no tiling images",
     "Face restoration": "diffbatch restores no faces",
     "Refiner": "diffbatch switches no models mid-image",

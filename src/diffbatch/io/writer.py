@@ -36,7 +36,7 @@ def png_name(index: int, seed: int) -> str:
 
 def format_parameters(spec: GenerationSpec, sampler: str, model: str,
                       lora_hashes: tuple[tuple[str, str], ...] = (), model_hash: str = "", image_hash: str = "",
-                      numerics: str = "") -> str:
+                      numerics: str = "", ti_hashes: tuple[tuple[str, str], ...] = ()) -> str:
     """AUTOMATIC1111's infotext: prompt, ``Negative prompt:`` line when there is one, then the settings: each
     field's own key (spec.EDGES) and, after the key they follow, the settings that are no field's own. LoRAs are
     written as A1111 does: ``<lora:NAME:WEIGHT>`` tags after the prompt and ``Lora hashes``; an init image's
@@ -47,8 +47,9 @@ def format_parameters(spec: GenerationSpec, sampler: str, model: str,
     settings: list[tuple[str, Any]] = []
     for name, key, text in _field_settings(spec):
         settings += [(key, text), *after.get(name, [])]
-    if lora_hashes:
-        settings.append(("Lora hashes", json.dumps(", ".join(f"{name}: {digest}" for name, digest in lora_hashes))))
+    for key, hashes in (("Lora hashes", lora_hashes), ("TI hashes", ti_hashes)):
+        if hashes:
+            settings.append((key, json.dumps(", ".join(f"{name}: {digest}" for name, digest in hashes))))
     tags = "".join(f" <lora:{name}:{_number(weight)}>" for name, weight in spec.loras)
     lines = [spec.prompt + tags]
     if spec.negative_prompt:
@@ -120,7 +121,7 @@ def encode_png(result: Result, image_hash: str = "") -> bytes:
     same bytes wherever it is encoded (``image_hash``: the init image file's fingerprint, where known)."""
     info = PngInfo()
     text = format_parameters(result.spec, result.sampler, result.model, result.lora_hashes, result.model_hash,
-                             image_hash, result.numerics)
+                             image_hash, result.numerics, result.ti_hashes)
     info.add_text(PARAMETERS_KEY, text)  # iTXt if needed
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=info)

@@ -64,7 +64,7 @@ def start_state(config: ServerConfig, engine: Engine | None, limiter: KeyLimiter
     else:
         engine = engine or Engine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                                   max_batch_size=config.max_batch_size, backend=config.backend,
-                                                  lora_dir=config.lora_dir)
+                                                  lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)
         loop = EngineLoop(engine, config.max_queue, config.batching, config.window_ms / 1000)
     store = Store(config.data_dir)
     jobs = JobRunner(store, loop, 2 * config.max_batch_size)

@@ -34,6 +34,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=AUTO_DTYPE, help=DTYPE_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     p.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRA files (NAME.safetensors) requests may name")
+    p.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                   help="textual-inversion embeddings (NAME.pt, NAME.safetensors) used where a prompt names one")
     p.add_argument("--batching", choices=POLICIES, default="continuous",
                    help="continuous (default); window / none reproduce peers' policies for benchmarks")
     p.add_argument("--max-n", type=int, default=10)
@@ -111,13 +113,15 @@ def run_serve(args: argparse.Namespace) -> int:
     check_data_dir(args.data_dir)
     if args.ray is None and (args.replicas != 1 or args.min_replicas is not None or args.max_replicas is not None):
         raise UsageError("--replicas, --min-replicas and --max-replicas need --ray")
+    if args.ray is not None and args.embeddings_dir is not None:
+        raise UsageError("--embeddings-dir is not available with --ray yet (the replicas load no embeddings)")
     replicas = None if args.ray is None else start_replicas(args)  # checked and connected before any model loads
 
     config = ServerConfig(
         model=args.model, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
         api_key=args.api_key or os.environ.get("DIFFBATCH_API_KEY"), api_keys=args.api_keys,
         data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend, lora_dir=args.lora_dir,
-        max_batch_size=args.max_batch_size,
+        embeddings_dir=args.embeddings_dir, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, batching=args.batching, max_n=args.max_n, max_side=args.max_side,
         max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars, max_job_cost=args.max_job_cost,
         max_job_text_bytes=int(args.max_job_text_mb * 2**20),

@@ -43,6 +43,7 @@ class ServerConfig:
     dtype: str | None = None
     backend: str = "torch"  # what runs the models: torch or openvino
     lora_dir: Path | None = None  # LoRA files (NAME.safetensors) that requests may name
+    embeddings_dir: Path | None = None  # textual-inversion embeddings used where a prompt names one
     max_batch_size: int = 8  # images per denoiser call
     max_queue: int = 256  # images admitted but unfinished; beyond it requests get 429
     batching: str = "continuous"  # continuous | window (identical parameters, 100 ms) | none (one at a time)
