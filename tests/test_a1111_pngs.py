@@ -54,7 +54,7 @@ REFUSED = {
     "Hires upscale: 2, Hires upscaler: 4x-UltraSharp, Denoising strength: 0.5": "Hires upscaler",
     "Hires upscale: 2, Hires resize: 64x64, Denoising strength: 0.5": "Hires resize",
     "Hires upscale: 2, Hires sampler: DPM++ 2M, Denoising strength: 0.5": "Hires sampler",
-    "Schedule type: Exponential": "Schedule type", "TI hashes: \"bad-hands: 6f5a2c3d4e5f\"": "TI hashes",
+    "Schedule type: Exponential": "Schedule type",
     "ADetailer model: face_yolov8n.pt": "ADetailer model",  # an extension's: unknown, so possibly pixels
 }
 
@@ -71,6 +71,13 @@ def test_a_key_that_changes_pixels_is_refused_by_name_or_ignored_on_request(caps
     assert code == 0, err
     if key == "Hires upscaler":  # or the flag that sets it
         assert made(capsys, tmp_path, tiny_sd_path, source, "--hires-upscaler", "lanczos")[0] == 0
+
+
+def test_an_embedding_the_png_names_and_this_machine_lacks_is_refused_by_name(capsys, tmp_path, tiny_sd_path):
+    source = png(tmp_path / "ti.png", BASE + ', TI hashes: "bad-hands: 6f5a2c3d4e5f"')
+    code, err = made(capsys, tmp_path, tiny_sd_path, source)
+    assert code == 2 and "made with the embedding bad-hands of hash 6f5a2c3d4e5f" in err
+    assert made(capsys, tmp_path, tiny_sd_path, source, "--ignore", "TI hashes")[0] == 0
 
 
 def test_settings_diffbatch_honours_are_read(capsys):

@@ -134,7 +134,7 @@ def test_a_png_value_a_field_refuses_is_refused_naming_its_key(capsys, tmp_path)
     info.add_text("parameters", "a red circle\nSteps: 3, Seed: 1, Cache: deepcache:٣")
     Image.new("RGB", (8, 8)).save(tmp_path / "bad.png", pnginfo=info)
     refused(capsys, "generate", "--from", tmp_path / "bad.png", "--dry-run", "--out", "unused",
-            says="Cache: 'deepcache:٣' is invalid")
+            says="not honoured: Cache: deepcache:٣ (must be off, auto")
 
 
 def test_an_error_about_a_from_png_prompt_names_the_png(capsys, tmp_path):

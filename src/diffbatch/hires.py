@@ -7,17 +7,16 @@ latent upscaler, else its picture), the upscale, then diffusers' image-to-image 
 request's seed, the upscaled latents (or picture) as its image. In the engine the second pass is the same request
 continuing: its rows join the running batch at the larger size (runner.py ``_next_pass``).
 
-No torch at import: the spec layer reads the upscaler names from here.
+No torch at import, and no import of the spec layer, which reads the upscaler names from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .spec import GenerationSpec
+GenerationSpec = Any  # spec.GenerationSpec: the spec layer imports this module, not the other way round
 
 HIRES_STRENGTH = 0.7  # A1111's default denoising strength for hires fix
 MAX_SCALE = 8.0
