@@ -220,3 +220,10 @@ def test_emphasis_and_clip_skip_are_written_and_read_as_a1111_writes_them():
     assert "Emphasis" not in default and "Clip skip" not in default  # A1111's defaults are not written
     assert "emphasis" not in parse_infotext(default).fields  # so the model's default (Original) reads it
     assert "Emphasis" in parse_infotext("x\nSteps: 3, Seed: 1, Emphasis: Loud").refused  # refused by name
+
+
+def test_a_clip_skip_past_the_text_encoders_layers_is_refused_by_name(engine):
+    with pytest.raises(SpecError, match="has 2 layers") as caught:  # the tiny encoder's
+        engine.resolve(spec("a dot", clip_skip=3), seed=1)
+    assert caught.value.field == "clip_skip"
+    assert engine.resolve(spec("a dot", clip_skip=2), seed=1).clip_skip == 2

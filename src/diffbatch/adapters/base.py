@@ -124,6 +124,14 @@ class Adapter(ABC):
         1) per text. ``negative``: the texts are negative prompts (SDXL zeroes an empty one); ``clip_skip``:
         A1111's, 1 = none (diffusers' ``clip_skip`` is one less, and applies to prompts only)."""
 
+    def text_layers(self) -> int | None:
+        """The fewest layers of the text encoders clip skip applies to (None: unknown, or none)."""
+        if self.pipe is None:
+            return None
+        encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        layers = [e.config.num_hidden_layers for e in encoders if e is not None and hasattr(e, "config")]
+        return min(layers) if layers else None
+
     def text_dims(self) -> tuple[int, ...]:
         """The hidden sizes of the text encoders textual-inversion embeddings feed; () where none do."""
         return ()
@@ -158,6 +166,10 @@ class Adapter(ABC):
         if spec.clip_skip > 1 and not self.clip_skip:
             raise SpecError(f"clip_skip={spec.clip_skip}: {self.family} models take no clip skip", field="clip_skip",
                             value=spec.clip_skip, reason="1 on this model")
+        layers = self.text_layers()
+        if layers is not None and spec.clip_skip > layers:
+            raise SpecError(f"clip_skip={spec.clip_skip}: this model's text encoder has {layers} layers",
+                            field="clip_skip", value=spec.clip_skip, reason=f"at most {layers} on this model")
 
     def resolve_cache(self, spec: GenerationSpec) -> str:
         """A resolved spec's ``cache`` as it will run: ``auto`` made concrete for its sampler (``off`` where this
