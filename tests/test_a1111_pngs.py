@@ -138,3 +138,15 @@ def test_a_diffbatch_png_of_another_model_or_lora_file_is_refused_unless_ignored
     assert not out.exists()  # nothing written
     code, err = run(capsys, "generate", "--from", forged, "--out", out, "--no-gallery", "--ignore", "Model hash")
     assert code == 0, err
+
+
+def test_an_a1111_sdxl_pngs_clip_skip_is_not_applied_as_a1111_applies_none(capsys, tmp_path):
+    from tiny_sdxl import save_tiny_sdxl
+
+    model = save_tiny_sdxl(tmp_path / "sdxl")
+    source = png(tmp_path / "xl.png", BASE + ", Clip skip: 2")
+    code, err = made(capsys, tmp_path, model, source)
+    assert code == 0, err
+    assert "Clip skip: 2 is not applied: AUTOMATIC1111 applies no clip skip on SDXL" in err
+    out = sorted(p for p in tmp_path.iterdir() if p.name.startswith("out-"))[-1]
+    assert "Clip skip" not in png_parameters(next(out.glob("0*.png")))

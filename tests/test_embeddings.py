@@ -84,3 +84,22 @@ def test_a_file_that_is_no_embedding_for_this_model_is_refused_naming_it_not_its
         engine.resolve(spec(prompt), seed=1)
     assert caught.value.field == "prompt" and str(folder) not in str(caught.value)
     assert says in str(caught.value) or says in (caught.value.reason or "")
+
+
+def test_whether_an_embedding_applies_does_not_depend_on_earlier_requests(tiny_sd_path, folder):
+    """Every embedding is loaded when the engine starts: CLIP splits "glow-x" so that "glow" stands alone, and
+    it is the embedding on a fresh engine as after a request that named "glow"."""
+    fresh = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", embeddings_dir=folder)
+    first = fresh.generate([spec("a glow-x")])[0]
+    used = Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", embeddings_dir=folder)
+    used.generate([spec("a glow")])
+    assert np.array_equal(first.pixels, used.generate([spec("a glow-x")])[0].pixels)
+    assert [name for name, _ in first.ti_hashes] == ["glow"]  # the embeddings it was made with
+
+
+def test_an_sdxl_embedding_gives_each_encoder_its_vectors_by_width(tmp_path):
+    from diffbatch.adapters.embeddings import EmbeddingBank
+
+    save_file({"clip_l": torch.ones(2, 16), "clip_g": torch.zeros(2, 32)}, str(tmp_path / "xl.safetensors"))
+    assert [v.shape[-1] for v in EmbeddingBank(tmp_path, (16, 32)).loaded()[0].vectors] == [16, 32]  # SDXL
+    assert EmbeddingBank(tmp_path, (32,)).loaded()[0].vectors[0].shape[-1] == 32  # its refiner: CLIP-G only

@@ -62,3 +62,21 @@ def test_abort_drops_requests_mid_flight_and_the_others_finish(engine):
     engine.add_request(GenerationSpec(prompt="later", seed=9, num_inference_steps=2))
     engine.abort()  # all
     assert not engine.has_unfinished()
+
+
+def test_a_step_that_fails_leaves_none_of_its_requests_to_fail_the_next_generate(engine, monkeypatch):
+    """A model call that raises (a bug, a device error) fails that generate call, not every later one."""
+    execute = engine.runner.execute
+    calls = iter([RuntimeError("device lost")])
+
+    def failing(plan):  # noqa: ANN001, ANN202
+        error = next(calls, None)
+        if error is not None:
+            raise error
+        return execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate([GenerationSpec(prompt="a", seed=1, num_inference_steps=2)])
+    assert not engine.has_unfinished()
+    assert engine.generate([GenerationSpec(prompt="b", seed=2, num_inference_steps=2)])[0].image is not None

@@ -96,3 +96,12 @@ def test_a_schedule_or_eta_the_sampler_does_not_take_is_refused_by_name(tiny_sd_
     with pytest.raises(SpecError, match=says) as caught:
         Resolver.for_model(tiny_sd_path).resolve(GenerationSpec(prompt="x", **fields))
     assert caught.value.field in ("schedule", "eta")
+
+
+def test_a_schedule_beside_a_sampler_with_its_own_is_refused_naming_schedule(tiny_sd_path):
+    from diffbatch.resolver import Resolver
+
+    with pytest.raises(SpecError, match="has its own schedule") as caught:
+        Resolver.for_model(tiny_sd_path).resolve(GenerationSpec(prompt="x", scheduler="dpm++_2m_karras",
+                                                                schedule="exponential"))
+    assert caught.value.field == "schedule"

@@ -48,10 +48,15 @@ def reference(oracle: DiffusersOracle, spec: GenerationSpec) -> np.ndarray:
         image = torch.nn.functional.interpolate(first, size=(height // 2, width // 2), mode=mode, antialias=antialias)
     else:
         image = first[0].resize((width, height), Image.Resampling.LANCZOS)
+    # A1111's hires steps: exactly N run, the last N of a schedule of int(N / strength) steps; in diffusers'
+    # img2img terms, that schedule and a strength whose int(schedule * strength) is N
+    n = spec.hires_steps or spec.num_inference_steps
+    schedule = int(n / min(spec.strength, 0.999))
+    strength = min(1.0, (n + 0.5) / schedule)
+    assert int(schedule * strength) == n
     second = StableDiffusionImg2ImgPipeline(**components(), requires_safety_checker=False)
-    return second(**common, image=image, strength=spec.strength, num_inference_steps=spec.hires_steps or
-                  spec.num_inference_steps, generator=torch.Generator().manual_seed(spec.seed),
-                  output_type="np").images[0]
+    return second(**common, image=image, strength=strength, num_inference_steps=schedule,
+                  generator=torch.Generator().manual_seed(spec.seed), output_type="np").images[0]
 
 
 HIRES = [
@@ -98,6 +103,15 @@ def test_the_defaults_and_the_png_keys_are_a1111s(engine, batched):
         2.0, 4, "latent_bicubic_antialiased", 0.5)
 
 
+@pytest.mark.parametrize(("steps", "strength", "schedule"), [(20, 0.7, 28), (1, 0.3, 3), (10, 1.0, 10), (7, 0.55, 12)])
+def test_the_second_pass_runs_exactly_the_hires_steps_as_a1111(steps, strength, schedule):
+    from diffbatch.hires import second_pass_steps
+
+    spec = GenerationSpec(prompt="x", num_inference_steps=30, hires_scale=2, hires_steps=steps, strength=strength)
+    total, given = second_pass_steps(spec)
+    assert total == schedule and int(total * given) == steps  # diffusers runs int(total * strength) of them
+
+
 def test_from_a_hires_png_makes_it_again_byte_for_byte(capsys, tmp_path, tiny_sd_path):
     first, again = tmp_path / "first", tmp_path / "again"
     argv = ["generate", "--prompt", "a red ring", "--out", first, "--model", tiny_sd_path, "--steps", "2",
@@ -113,7 +127,7 @@ def test_from_a_hires_png_makes_it_again_byte_for_byte(capsys, tmp_path, tiny_sd
 @pytest.mark.parametrize(("fields", "field", "says"), [
     ({"hires_scale": 2, "image": Image.new("RGB", (32, 32))}, "hires_scale", "for text-to-image"),
     ({"hires_scale": 8, "height": 1024, "width": 1024}, "hires_scale", "makes 8192x8192"),
-    ({"hires_scale": 2, "num_inference_steps": 3, "strength": 0.2}, "strength", "leaves no denoising step"),
+    ({"hires_scale": 2, "scheduler": "ddim", "hires_steps": 5000}, "hires_steps", "cannot run hires_steps=5000"),
     ({"hires_steps": 3}, "hires_steps", "needs hires_scale"),
     ({"hires_scale": 9}, "hires_scale", "must be in (0, 8]"),
     ({"hires_scale": 2, "hires_upscaler": "4x-UltraSharp"}, "hires_upscaler", "must be one of latent"),

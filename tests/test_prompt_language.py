@@ -59,8 +59,10 @@ def test_parse_is_lenient_as_a1111(text, expected):
 @pytest.mark.parametrize(("text", "says"), [
     ("(x:1.2.3)", "not a number"),
     ("(x:.)", "not a number"),
-    ("((x:" + "9" * 300 + "):" + "9" * 300 + ")", "overflows"),  # 1e300 twice
+    ("((x:" + "9" * 300 + "):" + "9" * 300 + ")", "at most 1000 in size"),  # 1e300 twice: inf
     ("(x:" + "9" * 400 + ")", "not a finite"),
+    ("(x:1001)", "at most 1000 in size"),  # the hidden states would overflow into a NaN image
+    ("((x:-40):30)", "reaches 1200"),
     ("(" * 101 + "x", "nested more than 100"),
     ("(a)" * 5001, "10002 brackets; a prompt may have at most 10000"),
 ])

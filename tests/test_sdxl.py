@@ -283,3 +283,12 @@ def test_weighted_long_and_clip_skipped_prompts_in_a_batch_are_their_images_alon
     one = engine.generate([GenerationSpec(prompt="red dot", seed=1, num_inference_steps=2)])[0]
     assert np.array_equal(one.pixels, batched[1].pixels)  # (dot:1.0) is dot, to the bit
     assert not np.array_equal(batched[1].pixels, batched[2].pixels)
+
+
+@pytest.mark.parametrize(("fields", "field"), [({"prompt": "(a:1.2.3)"}, "prompt"), ({"clip_skip": 12}, "clip_skip"),
+                                               ({"prompt": "x BREAK " * 40}, "prompt")])
+def test_the_prompt_language_and_clip_skip_are_checked_at_admission_on_sdxl(engine, fields, field):
+    with pytest.raises(SpecError) as caught:
+        engine.resolve(GenerationSpec(**{"prompt": "x", **fields}), seed=1)
+    assert caught.value.field == field
+    assert engine.generate([GenerationSpec(prompt="fine", seed=1, num_inference_steps=2)])[0].image is not None

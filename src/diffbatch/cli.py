@@ -332,6 +332,10 @@ def _from_source(args: argparse.Namespace) -> JobSource:
         if key in found.settings and key not in args.ignore:
             args.from_hashes[key] = found.settings[key]
     fields = {k: v for k, v in found.fields.items() if k not in ("prompt", "seed")}
+    if found.a1111 is not None and "clip_skip" in fields and _is_sdxl(args.model or found.model):
+        # A1111 writes its Clip skip setting into an SDXL image's PNG but applies none there (by default)
+        print(f"diffbatch: {where}: Clip skip: {fields.pop('clip_skip')} is not applied: AUTOMATIC1111 applies no "
+              "clip skip on SDXL models (give --clip-skip to apply one)", file=sys.stderr)
     fields.update(flags)
     if args.model is None and found.model not in (None, DEFAULT_MODEL):
         args.model = found.model
@@ -376,6 +380,18 @@ def _recorded_numerics(args: argparse.Namespace) -> None:
     elif recorded.device == "cpu" and torch.cuda.is_available():  # a GPU left idle: said, not silent
         print(f"diffbatch: --from {args.from_image}: making it on {recorded}, as it was made; give --device cuda "
               "(and --dtype) to make it on the GPU instead (other pixels)", file=sys.stderr)
+
+
+def _is_sdxl(model: str | Path | None) -> bool:
+    """Whether ``model`` is an SDXL pipeline, from its model_index.json (False where it cannot be read here)."""
+    if model in (None, DEFAULT_MODEL):  # the embedded model is Stable Diffusion 1.x's layout
+        return False
+    from .adapters.hub import read_model_index
+
+    try:
+        return "XL" in str(read_model_index(os.fspath(model)).get("_class_name", ""))
+    except Exception:  # noqa: BLE001 - a model that cannot be read fails later, with its own message
+        return False
 
 
 def _check_a1111_image(where: str, image: str | None, recorded: str, ignored: bool) -> None:

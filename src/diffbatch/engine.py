@@ -171,14 +171,18 @@ class Engine:
             specs = [self.resolve(s, seed) for s, seed in zip(specs, seeds, strict=True)]
         ids = {self.admit(spec): k for k, spec in enumerate(specs)}
         results: list[Result | None] = [None] * len(specs)
-        while ids:
-            for result in self.step():
-                k = ids.pop(result.request_id, None)
-                if k is None:
-                    continue  # a request someone else added
-                results[k] = dataclasses.replace(result, index=k)
-                if on_result is not None:
-                    on_result(results[k])
+        try:
+            while ids:
+                for result in self.step():
+                    k = ids.pop(result.request_id, None)
+                    if k is None:
+                        continue  # a request someone else added
+                    results[k] = dataclasses.replace(result, index=k)
+                    if on_result is not None:
+                        on_result(results[k])
+        except BaseException:
+            self.abort(list(ids))  # a failed step leaves none of this call's requests behind to fail the next
+            raise
         return results  # type: ignore[return-value]
 
     def _charge(self, requests: list[Request], seconds: float) -> None:
@@ -186,10 +190,18 @@ class Engine:
         for request_id in unique:
             self._seconds[request_id] += seconds / len(unique)
 
+    def _ti_hashes(self, spec: GenerationSpec) -> tuple[tuple[str, str], ...]:
+        """(name, hash) of each textual-inversion embedding the image was made with, in the order met."""
+        texts = [(spec.prompt, spec.clip_skip)]
+        if self.adapter.uses_cfg(spec):
+            texts.append((spec.negative_prompt, 1))  # the negative prompt's key: no clip skip (runner.py)
+        used = [e for text, skip in texts for e in self.adapter.embeddings_in(text, spec.emphasis, skip)]
+        return tuple(dict.fromkeys((e.name, e.hash) for e in used))
+
     def _result(self, request: Request, pixels: np.ndarray) -> Result:
         image = Image.fromarray((pixels * 255).round().astype("uint8"))  # as diffusers' numpy_to_pil
         seconds = self._seconds.pop(request.request_id)
         spec = request.origin or request.spec  # as asked (a hires request ran a second pass)
         return Result(request.request_id, spec, image, pixels, seconds, self.sampler_label(spec), self.model_name,
                       lora_hashes=self.loras.hashes(spec.loras), model_hash=self.model_hash, numerics=self.numerics,
-                      ti_hashes=self.adapter.embeddings.hashes(spec.prompt, spec.negative_prompt))
+                      ti_hashes=self._ti_hashes(spec))

@@ -1,11 +1,14 @@
 """Hires fix, as AUTOMATIC1111 names it: a text-to-image request made at its size, upscaled by ``hires_scale``,
-then denoised again as image-to-image at the larger size with ``strength`` (A1111's "Denoising strength") over
-``hires_steps`` steps, with the request's seed again.
+then denoised again as image-to-image at the larger size from ``strength`` (A1111's "Denoising strength"), for
+``hires_steps`` steps (the first pass's count when unset), with the request's seed again.
 
-The exact result (tests/test_hires.py): diffusers' text-to-image for the request (``output_type="latent"`` for a
-latent upscaler, else its picture), the upscale, then diffusers' image-to-image with a generator seeded with the
-request's seed, the upscaled latents (or picture) as its image. In the engine the second pass is the same request
-continuing: its rows join the running batch at the larger size (runner.py ``_next_pass``).
+The steps are A1111's: it runs exactly N = ``hires_steps`` steps, the last N of a schedule of ``int(N /
+strength)`` (``setup_img2img_steps``). The exact result (tests/test_hires.py): diffusers' text-to-image for the
+request (``output_type="latent"`` for a latent upscaler, else its picture), the upscale, then diffusers'
+image-to-image with a generator seeded with the request's seed, the upscaled latents (or picture) as its image,
+``num_inference_steps`` that schedule and a strength that starts it N steps from the end (``second_pass``). In
+the engine the second pass is the same request continuing: its rows join the running batch at the larger size
+(runner.py ``_decode``).
 
 No torch at import, and no import of the spec layer, which reads the upscaler names from here.
 """
@@ -61,13 +64,22 @@ def hires_size(height: int, width: int, scale: float, factor: int) -> tuple[int,
     return int(height * scale) // factor * factor, int(width * scale) // factor * factor
 
 
+def second_pass_steps(spec: GenerationSpec) -> tuple[int, float]:
+    """(diffusers' ``num_inference_steps``, ``strength``) that run A1111's hires pass: the last N steps of a
+    schedule of ``int(N / strength)`` (A1111 caps the strength at 0.999 there); the strength given to diffusers
+    is one that makes its ``int(steps * strength)`` exactly N (N + 0.5 over the schedule, at most 1)."""
+    steps = spec.hires_steps or spec.num_inference_steps
+    schedule = int(steps / min(spec.strength, 0.999))
+    return schedule, min(1.0, (steps + 0.5) / schedule)
+
+
 def second_pass(spec: GenerationSpec, image: Any, factor: int) -> GenerationSpec:
     """The image-to-image request a hires request continues as: ``image`` the upscaled picture or latents, at
-    the larger size, ``hires_steps`` steps (the first pass's when unset) at ``strength``; no hires of its own."""
+    the larger size, A1111's steps (``second_pass_steps``); no hires of its own."""
     height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
-    return dataclasses.replace(spec, image=image, height=height, width=width,
-                               num_inference_steps=spec.hires_steps or spec.num_inference_steps,
-                               hires_scale=None, hires_steps=None, hires_upscaler=None)
+    steps, strength = second_pass_steps(spec)
+    return dataclasses.replace(spec, image=image, height=height, width=width, num_inference_steps=steps,
+                               strength=strength, hires_scale=None, hires_steps=None, hires_upscaler=None)
 
 
 def upscale_latents(latents: Any, spec: GenerationSpec, factor: int) -> Any:

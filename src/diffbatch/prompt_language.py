@@ -32,6 +32,8 @@ ORIGINAL, NONE = "original", "none"
 EMPHASIS_RULE = "must be one of " + ", ".join(EMPHASES)
 MAX_DEPTH = 100  # brackets around a piece of text
 MAX_BRACKETS = 10_000  # in a prompt: A1111's prompts have tens (bounds the parse of a hostile one)
+MAX_WEIGHT = 1000.0  # a token's weight, in size: past it the hidden states overflow into a NaN image
+MAX_CHUNKS = 32  # windows of a prompt (2,400 CLIP tokens): BREAKs could make thousands of a short prompt
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: move up to 20 tokens after a comma to the next chunk
 ROUND, SQUARE = 1.1, 1 / 1.1
 
@@ -119,9 +121,10 @@ def _weights(weights: list[float], ranges: list[tuple[int, int, float]], field: 
             array[start] *= multiplier
         elif stop > start:
             array[start:stop] *= multiplier
-    if not np.isfinite(array).all():
-        raise SpecError(f"{field}: a weight overflows in {shown(text[:200])}", field=field, value=text[:200],
-                        reason="weights must stay finite")
+    if not np.isfinite(array).all() or (len(array) and np.abs(array).max() > MAX_WEIGHT):
+        raise SpecError(f"{field}: a weight reaches {np.abs(array).max():g} in {shown(text[:200])}; at most "
+                        f"{MAX_WEIGHT:g} in size", field=field, value=text[:200],
+                        reason=f"weights at most {MAX_WEIGHT:g} in size")
     return array
 
 

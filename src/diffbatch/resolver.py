@@ -18,6 +18,7 @@ from .adapters import Adapter
 from .adapters.loading import describe
 from .caching import canonical_cache
 from .errors import SpecError, shown
+from .hires import second_pass_steps
 from .io.images import init_image_size
 from .samplers import SAMPLERS, SCHEDULES, sampler_label, schedule_options
 from .seeds import random_seed
@@ -40,7 +41,8 @@ class Resolver:
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
         self.lora_paths = lora_paths
         self._prototypes: dict[tuple[str | None, str | None], Any] = {}
-        self._sampler_errors: dict[tuple[str | None, str | None, int], str] = {}  # "" where the step count is fine
+        # (sampler, schedule, steps, img2img strength) -> "" where the sampler runs them, else why not
+        self._sampler_errors: dict[tuple[str | None, str | None, int, float | None], str] = {}
 
     @classmethod
     def for_model(cls, model: str | os.PathLike | None, lora_dir: str | os.PathLike | None = None,
@@ -128,7 +130,15 @@ class Resolver:
         """Raise ``SpecError`` now, at admission, if the sampler cannot run this many steps (PNDM needs 4+
         without skip_prk_steps): a failure inside a batched step would take the whole batch down."""
         self._check_schedule(spec)
-        key = (spec.scheduler, spec.schedule, spec.num_inference_steps)
+        self._check_steps(spec, "num_inference_steps", spec.num_inference_steps)
+        if spec.hires_scale:  # its second pass too (hires.py), as the engine will run it
+            steps, strength = second_pass_steps(spec)
+            second = dataclasses.replace(spec, image="(the upscaled image)", num_inference_steps=steps,
+                                         strength=strength, hires_scale=None, hires_steps=None, hires_upscaler=None)
+            self._check_steps(second, "hires_steps", spec.hires_steps)
+
+    def _check_steps(self, spec: GenerationSpec, field: str, value: Any) -> None:
+        key = (spec.scheduler, spec.schedule, spec.num_inference_steps, spec.strength if spec.is_img2img else None)
         if key not in self._sampler_errors:
             try:
                 sampler = self.make_sampler(spec.scheduler, spec.schedule)
@@ -142,15 +152,19 @@ class Resolver:
                 self._sampler_errors[key] = f"{type(exc).__name__}: {exc}"
         if self._sampler_errors[key]:
             name = spec.scheduler or self.adapter.default_scheduler_class.__name__
-            raise SpecError(f"scheduler={name} cannot run num_inference_steps={spec.num_inference_steps}: "
-                            f"{self._sampler_errors[key]}", field="num_inference_steps",
-                            value=spec.num_inference_steps, reason=self._sampler_errors[key])
+            raise SpecError(f"scheduler={name} cannot run {field}={value}: {self._sampler_errors[key]}", field=field,
+                            value=value, reason=self._sampler_errors[key])
 
     def _check_schedule(self, spec: GenerationSpec) -> None:
         """A schedule and an eta only where the spec's sampler takes them (refused naming the field)."""
         sampler_class = self.sampler_class(spec.scheduler)
         name = spec.scheduler or sampler_class.__name__
         options = schedule_options(spec.schedule)
+        own = {k for k, v in (SAMPLERS[spec.scheduler].options if spec.scheduler else {}).items() if v is True}
+        if options and own and set(options) != own:  # dpm++_2m_karras is Karras already
+            raise SpecError(f"schedule={spec.schedule}: sampler {name} has its own schedule; give its plain sampler "
+                            "with this schedule", field="schedule", value=spec.schedule,
+                            reason=f"sampler {name} has its own schedule")
         if options and not set(options) <= set(inspect.signature(sampler_class.__init__).parameters):
             takes = [s for s, d in SCHEDULES.items()
                      if d.option in inspect.signature(sampler_class.__init__).parameters]

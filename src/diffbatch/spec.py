@@ -78,8 +78,8 @@ class GenerationSpec:
     # DDIM's eta (A1111's "Eta DDIM"): 0 (None) is deterministic DDIM, 1 DDPM-like; only samplers whose step takes it
     eta: float | None = None
     # Hires fix (hires.py): the text-to-image image upscaled by hires_scale (hires_upscaler: A1111's latent modes,
-    # or a picture resize), then denoised again at the larger size with ``strength`` (A1111's "Denoising
-    # strength", 0.7 by default here) over hires_steps steps (None: num_inference_steps)
+    # or a picture resize), then denoised again at the larger size from ``strength`` (A1111's "Denoising
+    # strength", 0.7 by default here) for hires_steps steps (None or 0: num_inference_steps), as A1111 runs them
     hires_scale: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str | None = None
@@ -155,10 +155,7 @@ def _check_hires(spec: GenerationSpec, factor: int) -> None:
         raise SpecError(f"hires_scale={spec.hires_scale} makes {width}x{height}: a side must be from {MIN_SIDE} to "
                         f"{MAX_SIDE} pixels", field="hires_scale", value=spec.hires_scale,
                         reason=f"the upscaled size must be from {MIN_SIDE} to {MAX_SIDE} pixels a side")
-    steps = spec.hires_steps or spec.num_inference_steps
-    if int(steps * spec.strength) < 1:
-        raise SpecError(f"strength={spec.strength} with {steps} hires steps leaves no denoising step: need steps * "
-                        "strength >= 1", field="strength", value=spec.strength, reason="need steps * strength >= 1")
+
 
 
 class Kind(Enum):

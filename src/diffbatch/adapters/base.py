@@ -132,6 +132,10 @@ class Adapter(ABC):
         layers = [e.config.num_hidden_layers for e in encoders if e is not None and hasattr(e, "config")]
         return min(layers) if layers else None
 
+    def embeddings_in(self, text: str, emphasis: str, clip_skip: int = 1) -> list[Any]:
+        """The textual-inversion embeddings ``text`` is encoded with (clip_prompts.py); none by default."""
+        return []
+
     def text_dims(self) -> tuple[int, ...]:
         """The hidden sizes of the text encoders textual-inversion embeddings feed; () where none do."""
         return ()
@@ -163,6 +167,9 @@ class Adapter(ABC):
                                 field="emphasis", value=spec.emphasis, reason="none on this model")
             for name, text in texts.items():
                 parse_attention(text, name)
+        if self.pipe is not None:  # its chunks (their count), computed now and kept for the encoding
+            for (name, text), skip in zip(texts.items(), (spec.clip_skip, 1), strict=True):
+                self.windows(text, spec.emphasis, name, skip)
         if spec.clip_skip > 1 and not self.clip_skip:
             raise SpecError(f"clip_skip={spec.clip_skip}: {self.family} models take no clip skip", field="clip_skip",
                             value=spec.clip_skip, reason="1 on this model")
@@ -193,8 +200,10 @@ class Adapter(ABC):
 
     def stochastic_sampler(self, spec: GenerationSpec) -> bool:
         """Whether the spec's sampler draws fresh noise every step (ancestral and SDE samplers)."""
+        if spec.eta:  # DDIM with eta draws noise every step
+            return True
         if spec.scheduler is not None:
-            return is_stochastic(SAMPLERS[spec.scheduler].class_name)
+            return is_stochastic(SAMPLERS[spec.scheduler].class_name, SAMPLERS[spec.scheduler].options)
         return is_stochastic(self.default_scheduler_class.__name__, self.scheduler_config)
 
     def uses_cfg(self, spec: GenerationSpec) -> bool:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..prompt_language import Chunk, chunk, pieces
+from ..errors import SpecError
+from ..prompt_language import MAX_CHUNKS, Chunk, chunk, pieces
 from .embeddings import Embedding, token_fixes
 
 WINDOW_CACHE = 4096  # prompts whose chunks are kept (tokenizing is cheap, but prompts repeat a lot in jobs)
@@ -55,7 +56,7 @@ class ClipPrompts:
         the text as itself, it fits one window, and no clip skip: diffusers 0.42's Stable Diffusion clip skip reads
         ``text_encoder.text_model``, which transformers 5's CLIPTextModel no longer has)."""
         cache: OrderedDict = self.__dict__.setdefault("_window_cache", OrderedDict())
-        key = (text, emphasis, clip_skip > 1, len(self.embeddings.loaded()) if self.embeddings else 0)
+        key = (text, emphasis, clip_skip > 1)
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
@@ -78,12 +79,21 @@ class ClipPrompts:
 
         find = self.embeddings.finder(tokenize) if self.embeddings else None
         chunks = chunk(parts, tokenize, length, vocab.get(",</w>"), find=find)
+        if len(chunks) > MAX_CHUNKS:
+            raise SpecError(f"{field}: {len(chunks)} windows of {length} tokens; a prompt may have at most "
+                            f"{MAX_CHUNKS} (BREAK starts one)", field=field, value=text[:200],
+                            reason=f"at most {MAX_CHUNKS} windows of {length} tokens")
         if len(chunks) == 1 and parts == [(text, 1.0)] and not skips and not chunks[0].fixes:
             return None
         ids = torch.tensor([[_window(c, e.tokenizer, length) for e in encoders] for c in chunks])
         weights = torch.tensor([[1.0, *c.weights, *[1.0] * (length + 1 - len(c.weights))] for c in chunks])
         uniform = emphasis == "ignore" or bool((weights == 1).all())
         return Windows(ids, weights, uniform, tuple(c.fixes for c in chunks))
+
+    def embeddings_in(self, text: str, emphasis: str, clip_skip: int = 1) -> list[Any]:
+        """The textual-inversion embeddings the text is encoded with (A1111's TI hashes name them)."""
+        windows = self.windows(text, emphasis, clip_skip=clip_skip)
+        return [] if windows is None else [e for fixes in windows.fixes for _, e in fixes]
 
     def text_dims(self) -> tuple[int, ...]:
         """Each text encoder's hidden size (an embedding's vectors must match)."""

@@ -4,6 +4,10 @@ the text encoder's input (A1111's ``EmbeddingsWithFixes``: the token embeddings 
 a prompt without one is encoded as it would be without the folder. Formats: A1111's ``.pt`` (``string_to_param``)
 and ``.safetensors`` (``emb_params``; SDXL's ``clip_l`` and ``clip_g``), diffusers' ``learned_embeds`` (one
 token's vectors). A name that matches no file stays text, as in A1111.
+
+Every embedding of the folder is loaded when the engine starts (as A1111 loads its folder), so whether a prompt's
+tokens spell one never depends on what was asked before; a file that is not an embedding for this model is kept
+aside, and a prompt that names it is refused naming it (never its path).
 """
 
 from __future__ import annotations
@@ -42,7 +46,13 @@ class EmbeddingBank:
         self.folder = None if folder is None else Path(folder)
         self.dims = tuple(dims)
         self._loaded: dict[str, Embedding] = {}
+        self._refused: dict[str, SpecError] = {}  # files that are no embedding for this model, by name
         self._files: dict[str, Path] | None = None
+        for name in self.files():
+            try:
+                self._load(name)
+            except SpecError as exc:
+                self._refused[name] = exc
 
     def files(self) -> dict[str, Path]:
         """Embedding name -> file, listed once (names compared as CLIP reads them: lower case)."""
@@ -56,17 +66,20 @@ class EmbeddingBank:
         return self._files
 
     def named_in(self, *texts: str) -> list[str]:
-        """The embeddings whose names appear in the texts as words (CLIP lower-cases), for loading and hashes."""
+        """The files whose names appear in the texts as words (CLIP lower-cases): the refusal of a bad one."""
         files = self.files()
         if not files:
             return []
         lowered = " ".join(texts).lower()
         return [name for name in files if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", lowered)]
 
-    def ensure(self, *texts: str) -> list[Embedding]:
-        """Load the embeddings the texts name (``SpecError`` naming the embedding, never its path, for a file
-        that is not one, or one made for another model)."""
-        return [self._load(name) for name in self.named_in(*texts)]
+    def ensure(self, *texts: str) -> None:
+        """``SpecError`` naming the embedding (never its path) where the texts name a file of the folder that is
+        not an embedding for this model."""
+        if self._refused:
+            for name in self.named_in(*texts):
+                if name in self._refused:
+                    raise self._refused[name]
 
     def loaded(self) -> list[Embedding]:
         return list(self._loaded.values())
@@ -80,9 +93,6 @@ class EmbeddingBank:
             self._finder, self._finder_key = Finder(self.loaded(), tokenize), key
         return self._finder
 
-    def hashes(self, *texts: str) -> tuple[tuple[str, str], ...]:
-        return tuple((e.name, e.hash) for e in self.ensure(*texts))
-
     def _load(self, name: str) -> Embedding:
         if not self.dims:
             raise SpecError(f"prompt: names the textual-inversion embedding {shown(name)}, which this model cannot "
@@ -91,7 +101,7 @@ class EmbeddingBank:
         if name not in self._loaded:
             path = self.files()[name]
             try:
-                vectors = _vectors(path, len(self.dims))
+                vectors = _vectors(path, self.dims)
             except Exception as exc:  # noqa: BLE001 - torch and safetensors raise assorted errors for bad files
                 raise SpecError(f"prompt: embedding {shown(name)} is not a textual-inversion embedding A1111 or "
                                 f"diffusers writes ({type(exc).__name__})", field="prompt", value=name,
@@ -105,8 +115,9 @@ class EmbeddingBank:
         return self._loaded[name]
 
 
-def _vectors(path: Path, encoders: int) -> tuple[torch.Tensor, ...]:
-    """An embedding file's vectors per text encoder, each [n, D] float32."""
+def _vectors(path: Path, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """An embedding file's vectors per text encoder, each [n, D] float32: SDXL's ``clip_l`` and ``clip_g`` for
+    its two encoders, or the one of them as wide as a single encoder (the SDXL refiner's is CLIP-G)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -117,15 +128,16 @@ def _vectors(path: Path, encoders: int) -> tuple[torch.Tensor, ...]:
         (tensor,) = data["string_to_param"].values()
         found = [tensor]
     elif "clip_l" in data and "clip_g" in data:  # SDXL (A1111's and diffusers' both)
-        found = [data["clip_l"], data["clip_g"]] if encoders == 2 else [data["clip_l"]]
+        pair = [data["clip_l"], data["clip_g"]]
+        found = pair if len(dims) == 2 else [v for v in pair if v.shape[-1] in dims][:1] or pair[:1]
     elif "emb_params" in data:
         found = [data["emb_params"]]
     else:  # diffusers' learned_embeds: {token: vectors}
         (tensor,) = [v for v in data.values() if isinstance(v, torch.Tensor)]
         found = [tensor]
     vectors = tuple(v.detach().float().reshape(-1, v.shape[-1]) for v in found)
-    if len(vectors) != encoders:
-        raise ValueError(f"{len(vectors)} sets of vectors for {encoders} text encoders")
+    if len(vectors) != len(dims):
+        raise ValueError(f"{len(vectors)} sets of vectors for {len(dims)} text encoders")
     return vectors
 
 

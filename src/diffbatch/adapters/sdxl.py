@@ -71,6 +71,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                              vae_scale_factor=self.vae_scale_factor)
 
     def check_spec(self, spec: GenerationSpec) -> None:
+        super().check_spec(spec)
         if self.is_refiner and not spec.is_img2img:
             raise SpecError(f"model {self.name!r} is an SDXL refiner, which only does image-to-image: give an init "
                             "image (--image, or a spec's image field), or use an SDXL base model for text-to-image",

@@ -83,12 +83,12 @@ class Policy:
 
 def cost(spec: GenerationSpec) -> float:
     """Denoising work of a resolved spec: steps run (an edit runs ``strength`` of them) x megapixels; hires fix
-    adds its second pass (``strength`` of its steps at the larger size)."""
+    adds its second pass (its steps at the larger size)."""
     steps = spec.num_inference_steps * (spec.strength if spec.is_img2img else 1.0)
     total = steps * (spec.width or 0) * (spec.height or 0) / MEGA
-    if spec.hires_scale:
+    if spec.hires_scale:  # A1111's hires steps: all of them run (hires.py)
         height, width = _hires(spec)
-        total += (spec.hires_steps or spec.num_inference_steps) * spec.strength * width * height / MEGA
+        total += (spec.hires_steps or spec.num_inference_steps) * width * height / MEGA
     return total
 
 
