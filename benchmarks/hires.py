@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,11 +24,12 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from results_md import interleaved_best, rates  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
 from diffbatch import Engine, GenerationSpec  # noqa: E402
 from diffbatch.adapters.loading import default_model  # noqa: E402
-from diffbatch.hires import upscale_latents  # noqa: E402
+from diffbatch.hires import second_pass_steps, upscale_latents  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "a blue square on a white background", "a green triangle at the top",
            "a yellow star on the right"]
@@ -49,10 +49,10 @@ def a1111_way(txt2img: StableDiffusionPipeline, img2img: StableDiffusionImg2ImgP
         first = txt2img(**{**common, "output_type": "latent" if latent else "np"}, height=spec.height,
                         width=spec.width, num_inference_steps=spec.num_inference_steps,
                         generator=torch.Generator().manual_seed(spec.seed)).images
-        if latent:
-            img2img(**common, image=upscale_latents(first, spec, factor), strength=spec.strength,
-                    num_inference_steps=spec.hires_steps or spec.num_inference_steps,
-                    generator=torch.Generator().manual_seed(spec.seed))
+        if latent:  # A1111's hires steps (hires.py): the same diffusers call the engine's second pass is
+            steps, strength = second_pass_steps(spec)
+            img2img(**common, image=upscale_latents(first, spec, factor), strength=strength,
+                    num_inference_steps=steps, generator=torch.Generator().manual_seed(spec.seed))
 
 
 def main() -> None:
@@ -74,19 +74,12 @@ def main() -> None:
     a1111_way(txt2img, img2img, resolved[:2], factor)
     strategies = {"a1111_way_one_request_at_a_time": lambda: a1111_way(txt2img, img2img, resolved, factor),
                   "diffbatch_one_job": lambda: engine.generate(resolved, resolved=True)}
-    times: dict[str, list[float]] = {k: [] for k in strategies}
-    for _ in range(args.repeats):  # interleaved: machine noise hits both alike
-        for key, fn in strategies.items():
-            began = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - began)
-            print(f"  {key:34s} {times[key][-1]:8.2f} s", file=sys.stderr, flush=True)
-    best = {k: min(v) for k, v in times.items()}
+    best = interleaved_best(strategies, args.repeats)
     n = len(resolved)
     record = {"images": n, "hires": sum(1 for s in resolved if s.hires_scale), "steps": args.steps,
               "size": f"{resolved[0].width}x{resolved[0].height}", "repeats": args.repeats, "cpu": cpu_model(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": "auto",
-              "results": {k: {"seconds": round(t, 2), "images_per_s": round(n / t, 3)} for k, t in best.items()},
+              "results": rates(best, n),
               "ratio": round(best["a1111_way_one_request_at_a_time"] / best["diffbatch_one_job"], 3)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hires.json").write_text(json.dumps(record, indent=2))
@@ -103,7 +96,7 @@ def write_markdown(record: dict) -> None:
             f"{record['steps']}` on {record['cpu']}, torch {record['torch']}, {record['threads']} thread(s) (the "
             f"default), float32, best of {record['repeats']}, interleaved. Embedded model, {record['images']} "
             f"requests at {record['size']}, {record['hires']} of them with hires fix (scale 2, Latent, denoising "
-            f"0.7, {record['steps']} + {record['steps']} steps, {int(record['steps'] * 0.7)} of them run at 2x). "
+            f"0.7, {record['steps']} + {record['steps']} steps: A1111's hires steps, all run, at 2x). "
             "The A1111 way: one request at a time, a hires request's two diffusers calls one after the other; "
             "diffbatch: one job, one engine "
             f"(max batch: {record['batch_size']}), second passes joining the running batch.\n\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import diffusers
@@ -27,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from results_md import interleaved_best, rates  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
 from diffbatch import Engine  # noqa: E402
@@ -69,18 +69,11 @@ def main() -> None:
     engine.generate(specs[:4])  # warm-up: first calls allocate
     strategies = {"a1111_way_list_batch_per_cell": lambda: a1111_way(pipe, specs, size),
                   "diffbatch_one_job": lambda: engine.generate(specs, resolved=True)}
-    times: dict[str, list[float]] = {k: [] for k in strategies}
-    for _ in range(args.repeats):  # interleaved: machine noise hits both alike
-        for key, fn in strategies.items():
-            began = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - began)
-            print(f"  {key:32s} {times[key][-1]:8.2f} s", file=sys.stderr, flush=True)
-    best = {k: min(v) for k, v in times.items()}
+    best = interleaved_best(strategies, args.repeats)
     n = len(specs)
     record = {"images": n, "axes": AXES, "prompts": args.prompts, "repeats": args.repeats, "cpu": cpu_model(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": "auto",
-              "results": {k: {"seconds": round(t, 2), "images_per_s": round(n / t, 3)} for k, t in best.items()},
+              "results": rates(best, n),
               "ratio": round(best["a1111_way_list_batch_per_cell"] / best["diffbatch_one_job"], 3)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.json").write_text(json.dumps(record, indent=2))

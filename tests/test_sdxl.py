@@ -286,7 +286,7 @@ def test_weighted_long_and_clip_skipped_prompts_in_a_batch_are_their_images_alon
 
 
 @pytest.mark.parametrize(("fields", "field"), [({"prompt": "(a:1.2.3)"}, "prompt"), ({"clip_skip": 12}, "clip_skip"),
-                                               ({"prompt": "x BREAK " * 40}, "prompt")])
+                                               ({"prompt": "x BREAK " * 32}, "prompt")])
 def test_the_prompt_language_and_clip_skip_are_checked_at_admission_on_sdxl(engine, fields, field):
     with pytest.raises(SpecError) as caught:
         engine.resolve(GenerationSpec(**{"prompt": "x", **fields}), seed=1)

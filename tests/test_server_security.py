@@ -74,8 +74,8 @@ def test_a_batch_over_the_job_cost_budget_is_refused_naming_the_line(engine, tmp
         assert response.status_code == 400 and response.json()["error"]["message"].startswith("line 4: ")
         assert nothing_queued(client)
         assert batch(client, [{"prompt": f"p{i}", "width": 32, "height": 32, **FAST} for i in range(3)]).is_success
-        # hires fix counts its second pass: 2 steps x 0.7 x 48 x 48 more on each line, so two lines are over
-        hires = [{"prompt": f"h{i}", "width": 32, "height": 32, "hires_scale": 1.5, **FAST} for i in range(2)]
+        # hires fix counts its second pass: 2 more steps at 40 x 40 on each line, so two lines are over
+        hires = [{"prompt": f"h{i}", "width": 32, "height": 32, "hires_scale": 1.25, **FAST} for i in range(2)]
         response = batch(client, hires)
         assert response.status_code == 400 and response.json()["error"]["message"].startswith("line 2: ")
 

@@ -33,7 +33,8 @@ EMPHASIS_RULE = "must be one of " + ", ".join(EMPHASES)
 MAX_DEPTH = 100  # brackets around a piece of text
 MAX_BRACKETS = 10_000  # in a prompt: A1111's prompts have tens (bounds the parse of a hostile one)
 MAX_WEIGHT = 1000.0  # a token's weight, in size: past it the hidden states overflow into a NaN image
-MAX_CHUNKS = 32  # windows of a prompt (2,400 CLIP tokens): BREAKs could make thousands of a short prompt
+MAX_BREAKS = 31  # in a prompt: each starts a window, so a short prompt could make thousands (a prompt's length
+# bounds its other windows: the server's --max-prompt-chars, the CLI's authoring limit)
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: move up to 20 tokens after a comma to the next chunk
 ROUND, SQUARE = 1.1, 1 / 1.1
 
@@ -66,6 +67,10 @@ def parse_attention(text: str, field: str = "prompt") -> list[Piece]:
                         value=text[:200], reason=f"at most {MAX_BRACKETS} brackets")
     parts: list[list[str]] = []
     weights = _weights(*_scan(text, field, parts), field, text)
+    breaks = sum(1 for w in weights if w == -1.0)  # a BREAK inside brackets is text (its weight is not -1)
+    if breaks > MAX_BREAKS:
+        raise SpecError(f"{field}: {breaks} BREAKs; a prompt may have at most {MAX_BREAKS}", field=field,
+                        value=text[:200], reason=f"at most {MAX_BREAKS} BREAKs")
     if not parts:
         return [("", 1.0)]
     starts = [0, *(np.flatnonzero(weights[1:] != weights[:-1]) + 1).tolist()]  # runs of equal weights merged

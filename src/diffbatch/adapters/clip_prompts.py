@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SpecError
-from ..prompt_language import MAX_CHUNKS, Chunk, chunk, pieces
+from ..prompt_language import Chunk, chunk, pieces
 from .embeddings import Embedding, token_fixes
 
 WINDOW_CACHE = 4096  # prompts whose chunks are kept (tokenizing is cheap, but prompts repeat a lot in jobs)
@@ -79,10 +78,6 @@ class ClipPrompts:
 
         find = self.embeddings.finder(tokenize) if self.embeddings else None
         chunks = chunk(parts, tokenize, length, vocab.get(",</w>"), find=find)
-        if len(chunks) > MAX_CHUNKS:
-            raise SpecError(f"{field}: {len(chunks)} windows of {length} tokens; a prompt may have at most "
-                            f"{MAX_CHUNKS} (BREAK starts one)", field=field, value=text[:200],
-                            reason=f"at most {MAX_CHUNKS} windows of {length} tokens")
         if len(chunks) == 1 and parts == [(text, 1.0)] and not skips and not chunks[0].fixes:
             return None
         ids = torch.tensor([[_window(c, e.tokenizer, length) for e in encoders] for c in chunks])
