@@ -53,7 +53,7 @@ REFUSED = {
     "NGMS: 0.2": "NGMS", "VAE hash: 63aeecb90f": "VAE hash", "Pad conds: True": "Pad conds",
     "Hires upscale: 2, Hires upscaler: 4x-UltraSharp, Denoising strength: 0.5": "Hires upscaler",
     "Hires upscale: 2, Hires resize: 64x64, Denoising strength: 0.5": "Hires resize",
-    "Hires upscale: 2, Hires sampler: DPM++ 2M, Denoising strength: 0.5": "Hires sampler",
+    "Hires upscale: 2, Hires CFG Scale: 5, Denoising strength: 0.5": "Hires CFG Scale",
     "Schedule type: Exponential": "Schedule type",
     "ADetailer model: face_yolov8n.pt": "ADetailer model",  # an extension's: unknown, so possibly pixels
 }

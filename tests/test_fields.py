@@ -29,7 +29,8 @@ EXAMPLES = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 7, "num
             "guidance_scale": 5.5, "height": 32, "width": 48, "strength": 0.5, "scheduler": "ddim",
             "guidance_rescale": 0.25, "variation_seed": 11, "variation_strength": 0.125, "loras": {"tiny": 0.75},
             "cache": "deepcache:3", "emphasis": "no_norm", "clip_skip": 2, "schedule": "sgm_uniform", "eta": 0.5,
-            "hires_scale": 1.5, "hires_steps": 4, "hires_upscaler": "lanczos"}
+            "hires_scale": 1.5, "hires_steps": 4, "hires_upscaler": "lanczos", "hires_scheduler": "euler",
+            "hires_prompt": "a red circle, sharp", "hires_negative_prompt": "blur"}
 SIZE = {"size": "48x32"}  # width and height at the API (spec.EDGES: http)
 BAD_CACHES = ["deepcache:1", "deepcache:11", "deepcache:x", "bogus", "fbcache", ""]
 

@@ -33,12 +33,12 @@ def oracle(tiny_sd_path) -> DiffusersOracle:
 def reference(oracle: DiffusersOracle, spec: GenerationSpec) -> np.ndarray:
     """diffusers' two calls: text-to-image (latents for a latent upscaler, else its picture), the upscale as A1111
     does it, image-to-image on the result with a generator seeded with the seed again."""
-    def components() -> dict:
-        return {**oracle.pipe.components, "scheduler": oracle.scheduler(spec.scheduler, spec.schedule)}
+    def components(sampler: str | None) -> dict:
+        return {**oracle.pipe.components, "scheduler": oracle.scheduler(sampler, spec.schedule)}
 
     common = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None, guidance_scale=spec.guidance_scale)
     latent = spec.hires_upscaler.startswith("latent")
-    first = StableDiffusionPipeline(**components(), requires_safety_checker=False)(
+    first = StableDiffusionPipeline(**components(spec.scheduler), requires_safety_checker=False)(
         **common, height=spec.height, width=spec.width, num_inference_steps=spec.num_inference_steps,
         generator=torch.Generator().manual_seed(spec.seed), output_type="latent" if latent else "pil").images
     height, width = int(spec.height * spec.hires_scale) // 2 * 2, int(spec.width * spec.hires_scale) // 2 * 2
@@ -54,7 +54,10 @@ def reference(oracle: DiffusersOracle, spec: GenerationSpec) -> np.ndarray:
     schedule = int(n / min(spec.strength, 0.999))
     strength = min(1.0, (n + 0.5) / schedule)
     assert int(schedule * strength) == n
-    second = StableDiffusionImg2ImgPipeline(**components(), requires_safety_checker=False)
+    second = StableDiffusionImg2ImgPipeline(**components(spec.hires_scheduler or spec.scheduler),
+                                            requires_safety_checker=False)
+    if spec.hires_prompt is not None:  # A1111's Hires prompt and Hires negative prompt
+        common.update(prompt=spec.hires_prompt, negative_prompt=spec.hires_negative_prompt or None)
     return second(**common, image=image, strength=strength, num_inference_steps=schedule,
                   generator=torch.Generator().manual_seed(spec.seed), output_type="np").images[0]
 
@@ -67,6 +70,8 @@ HIRES = [
                    hires_upscaler="lanczos", scheduler="dpm++_2m", schedule="karras", guidance_scale=1.0),
     GenerationSpec(prompt="stripes", seed=4, num_inference_steps=3, hires_scale=1.25, strength=0.9,
                    hires_upscaler="latent_nearest_exact", height=48, width=32),
+    GenerationSpec(prompt="a red ring", negative_prompt="blue", seed=7, num_inference_steps=3, hires_scale=1.5,
+                   hires_scheduler="ddim", hires_prompt="a red ring, sharp", hires_negative_prompt="blur"),
 ]
 PLAIN = [GenerationSpec(prompt="plain", seed=5, num_inference_steps=4, height=48, width=48),
          GenerationSpec(prompt="small", seed=6, num_inference_steps=3)]
@@ -98,6 +103,9 @@ def test_the_defaults_and_the_png_keys_are_a1111s(engine, batched):
     text = format_parameters(batched[1].spec, "Euler a", "tiny")
     assert "Denoising strength: 0.5" in text and "Hires upscale: 2" in text and "Hires steps: 4" in text
     assert "Hires upscaler: Latent (bicubic antialiased)" in text
+    own = format_parameters(batched[4].spec, "Euler a", "tiny")
+    assert 'Hires sampler: DDIM' in own and 'Hires prompt: "a red ring, sharp"' in own
+    assert parse_infotext(own).fields["hires_prompt"] == "a red ring, sharp"
     read = parse_infotext(text).fields
     assert (read["hires_scale"], read["hires_steps"], read["hires_upscaler"], read["strength"]) == (
         2.0, 4, "latent_bicubic_antialiased", 0.5)

@@ -73,13 +73,22 @@ def second_pass_steps(spec: GenerationSpec) -> tuple[int, float]:
     return schedule, min(1.0, (steps + 0.5) / schedule)
 
 
+# The spec fields of a hires request's second pass; None in the second pass itself (it has none of its own)
+HIRES_FIELDS = ("hires_scale", "hires_steps", "hires_upscaler", "hires_scheduler", "hires_prompt",
+                "hires_negative_prompt")
+
+
 def second_pass(spec: GenerationSpec, image: Any, factor: int) -> GenerationSpec:
     """The image-to-image request a hires request continues as: ``image`` the upscaled picture or latents, at
-    the larger size, A1111's steps (``second_pass_steps``); no hires of its own."""
+    the larger size, A1111's steps (``second_pass_steps``), its hires sampler and prompts where it has them."""
     height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
     steps, strength = second_pass_steps(spec)
-    return dataclasses.replace(spec, image=image, height=height, width=width, num_inference_steps=steps,
-                               strength=strength, hires_scale=None, hires_steps=None, hires_upscaler=None)
+    return dataclasses.replace(
+        spec, image=image, height=height, width=width, num_inference_steps=steps, strength=strength,
+        scheduler=spec.hires_scheduler or spec.scheduler,
+        prompt=spec.prompt if spec.hires_prompt is None else spec.hires_prompt,
+        negative_prompt=spec.negative_prompt if spec.hires_negative_prompt is None else spec.hires_negative_prompt,
+        **dict.fromkeys(HIRES_FIELDS))
 
 
 def upscale_latents(latents: Any, spec: GenerationSpec, factor: int) -> Any:

@@ -18,7 +18,7 @@ from .adapters import Adapter
 from .adapters.loading import describe
 from .caching import canonical_cache
 from .errors import SpecError, shown
-from .hires import second_pass_steps
+from .hires import second_pass
 from .io.images import init_image_size
 from .samplers import SAMPLERS, SCHEDULES, sampler_label, schedule_options
 from .seeds import random_seed
@@ -132,9 +132,8 @@ class Resolver:
         self._check_schedule(spec)
         self._check_steps(spec, "num_inference_steps", spec.num_inference_steps)
         if spec.hires_scale:  # its second pass too (hires.py), as the engine will run it
-            steps, strength = second_pass_steps(spec)
-            second = dataclasses.replace(spec, image="(the upscaled image)", num_inference_steps=steps,
-                                         strength=strength, hires_scale=None, hires_steps=None, hires_upscaler=None)
+            second = second_pass(spec, "(the upscaled image)", self.adapter.vae_scale_factor)
+            self._check_schedule(second)
             self._check_steps(second, "hires_steps", spec.hires_steps)
 
     def _check_steps(self, spec: GenerationSpec, field: str, value: Any) -> None:

@@ -18,7 +18,16 @@ from typing import Any
 from .caching import METHODS, OFF, cache_ok
 from .caching import RULE as CACHE_RULE
 from .errors import SpecError, shown
-from .hires import DEFAULT_UPSCALER, HIRES_STRENGTH, MAX_SCALE, UPSCALERS, hires_size, read_upscaler, upscaler_label
+from .hires import (
+    DEFAULT_UPSCALER,
+    HIRES_FIELDS,
+    HIRES_STRENGTH,
+    MAX_SCALE,
+    UPSCALERS,
+    hires_size,
+    read_upscaler,
+    upscaler_label,
+)
 from .prompt_language import EMPHASES, EMPHASIS_RULE, NONE, ORIGINAL, has_syntax
 from .samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULES
 from .seeds import SEED_RULE, is_seed
@@ -83,6 +92,11 @@ class GenerationSpec:
     hires_scale: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str | None = None
+    # ... with its own sampler and prompts where given (A1111's "Hires sampler", "Hires prompt", "Hires negative
+    # prompt"); None: the first pass's
+    hires_scheduler: str | None = None
+    hires_prompt: str | None = None
+    hires_negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", _lora_pairs(self.loras))
@@ -142,7 +156,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(GenerationSpec))
 def _check_hires(spec: GenerationSpec, factor: int) -> None:
     """Hires fix: text-to-image only, a second-pass size on the grid and within bounds, a step to run."""
     if spec.hires_scale is None:
-        for name in ("hires_steps", "hires_upscaler"):
+        for name in HIRES_FIELDS[1:]:
             if getattr(spec, name) is not None:
                 raise SpecError(f"{name} needs hires_scale (the hires fix's upscale)", field=name,
                                 value=getattr(spec, name), reason="requires hires_scale")
@@ -150,6 +164,9 @@ def _check_hires(spec: GenerationSpec, factor: int) -> None:
     if spec.is_img2img:
         raise SpecError("hires_scale: hires fix is for text-to-image (as A1111's); an init image is given",
                         field="hires_scale", value=spec.hires_scale, reason="text-to-image only")
+    if "<lora:" in (spec.hires_prompt or ""):
+        raise SpecError("hires_prompt: <lora:NAME:WEIGHT> tags go in the prompt (its LoRAs make both passes)",
+                        field="hires_prompt", value=spec.hires_prompt, reason="no LoRA tags")
     height, width = hires_size(spec.height, spec.width, spec.hires_scale, factor)
     if not (MIN_SIDE <= min(height, width) and max(height, width) <= MAX_SIDE):
         raise SpecError(f"hires_scale={spec.hires_scale} makes {width}x{height}: a side must be from {MIN_SIDE} to "
@@ -222,6 +239,17 @@ EMPHASIS_LABELS = {label.lower(): name for name, label in EMPHASES.items()}
 SCHEDULE_LABELS = {"automatic": "automatic", **{s.label.lower(): name for name, s in SCHEDULES.items()}}
 
 
+def _read_sampler(label: str) -> str:
+    """A1111's label (``DPM++ 2M``) or the sampler's own name; else the text, for the rule to refuse."""
+    labels = {d.label.lower(): name for name, d in SAMPLERS.items()}
+    return labels.get(label.strip().lower(), label.strip())
+
+
+def _quote_text(text: str) -> str:
+    """A prompt as a settings value: JSON-quoted, as A1111 quotes one with a comma, colon or quote in it."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _schedule_label(name: str) -> str:
     return SCHEDULES[name].label if name in SCHEDULES else "Automatic"
 
@@ -292,6 +320,17 @@ EDGES: dict[str, Edges] = {
                             help="hires fix: " + ", ".join(UPSCALERS) + f" (default {DEFAULT_UPSCALER})",
                             key=Key("Hires upscaler", lambda spec: bool(spec.hires_scale), write=upscaler_label,
                                     read=read_upscaler)),
+    "hires_scheduler": Edges(Kind.TEXT, flag="--hires-scheduler", metavar="NAME",
+                             help="hires fix: the second pass's sampler (default: --scheduler)",
+                             key=Key("Hires sampler", lambda spec: spec.hires_scheduler is not None,
+                                     write=lambda name: SAMPLERS[name].label, read=_read_sampler)),
+    "hires_prompt": Edges(Kind.TEXT, flag="--hires-prompt", metavar="TEXT",
+                          help="hires fix: the second pass's prompt (default: the prompt)",
+                          key=Key("Hires prompt", lambda spec: spec.hires_prompt is not None, write=_quote_text)),
+    "hires_negative_prompt": Edges(Kind.TEXT, flag="--hires-negative-prompt", metavar="TEXT",
+                                   help="hires fix: the second pass's negative prompt (default: the negative prompt)",
+                                   key=Key("Hires negative prompt", lambda spec: spec.hires_negative_prompt is not None,
+                                           write=_quote_text)),
     "clip_skip": Edges(Kind.INT, flag="--clip-skip", metavar="N",
                        help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the one before...",
                        key=Key("Clip skip", lambda spec: (spec.clip_skip or 1) > 1)),
@@ -373,6 +412,10 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hires_scale": (_optional(lambda v: _is_number(v) and 0 < v <= MAX_SCALE), f"must be in (0, {MAX_SCALE:g}]"),
     "hires_steps": (_optional(lambda v: _is_int(v) and 0 <= v <= 10_000), "must be an integer >= 0 (0: --steps)"),
     "hires_upscaler": (_optional(lambda v: v in UPSCALERS), "must be one of " + ", ".join(UPSCALERS)),
+    "hires_scheduler": (_optional(lambda v: isinstance(v, str) and v in SAMPLERS),
+                        "must be one of " + ", ".join(SAMPLERS)),
+    "hires_prompt": (_optional(_text), TEXT_RULE),
+    "hires_negative_prompt": (_optional(_text), TEXT_RULE),
     "clip_skip": (_optional(lambda v: _is_int(v) and 1 <= v <= MAX_CLIP_SKIP),
                   f"must be an integer from 1 to {MAX_CLIP_SKIP}"),
     "height": (_optional(_side), f"must be an integer from {MIN_SIDE} to {MAX_SIDE} pixels"),

@@ -24,10 +24,7 @@ A1111_NOISE = frozenset({"ENSD", "RNG"})
 # Why a key is refused, where there is more to say than "diffbatch does not honour it"
 REASONS = {
     "Hires resize": "diffbatch's hires fix takes a scale (Hires upscale), not a target size",
-    "Hires sampler": "diffbatch's hires fix runs the first pass's sampler",
     "Hires schedule type": "diffbatch's hires fix runs the first pass's schedule",
-    "Hires prompt": "diffbatch's hires fix runs the first pass's prompt",
-    "Hires negative prompt": "diffbatch's hires fix runs the first pass's negative prompt",
     "Hires CFG Scale": "diffbatch's hires fix runs the first pass's CFG scale",
     "Hires checkpoint": "diffbatch's hires fix runs the first pass's model",
     "Hires upscaler": "diffbatch has no such upscaler (it has Latent and its variants, Lanczos, Nearest)",

@@ -15,7 +15,7 @@ from ..spec import GenerationSpec
 from .config import ServerConfig
 from .schemas import ApiError
 
-TEXT_FIELDS = ("prompt", "negative_prompt")
+TEXT_FIELDS = ("prompt", "negative_prompt", "hires_prompt", "hires_negative_prompt")
 MEGA = 1_000_000
 
 
