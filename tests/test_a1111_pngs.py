@@ -91,6 +91,7 @@ def test_settings_diffbatch_honours_are_read(capsys):
     assert (old.fields["scheduler"], old.fields["schedule"]) == ("dpm2_a", "karras")
     assert found.fields["emphasis"] == "no_norm" and not found.refused
     assert found.a1111 == "v1.10.1"
+    assert "schedule" not in parse_infotext(PROMPT + BASE).fields  # Schedule type: Automatic, the sampler's own
 
 
 def test_an_a1111_img2img_png_asks_for_its_init_image_and_checks_it(capsys, tmp_path, tiny_sd_path):

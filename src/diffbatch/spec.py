@@ -126,6 +126,7 @@ class GenerationSpec:
                       _first(self.strength, HIRES_STRENGTH) if self.hires_scale else self.strength),
             hires_upscaler=_first(self.hires_upscaler, DEFAULT_UPSCALER) if self.hires_scale else self.hires_upscaler,
             emphasis=_first(self.emphasis, defaults.emphasis),
+            schedule=None if self.schedule == "automatic" else self.schedule,  # the sampler's own, one way
             clip_skip=_first(self.clip_skip, 1),
         )
         check_size(resolved, defaults.vae_scale_factor)
@@ -254,10 +255,11 @@ def _schedule_label(name: str) -> str:
     return SCHEDULES[name].label if name in SCHEDULES else "Automatic"
 
 
-def _read_schedule(label: str) -> str:
-    """A1111's label (``SGM Uniform``), or the field's own value; else the text, for the rule to refuse."""
+def _read_schedule(label: str) -> str | None:
+    """A1111's label (``SGM Uniform``), or the field's own value; ``Automatic`` (the sampler's own) is unset;
+    else the text, for the rule to refuse."""
     text = label.strip().lower()
-    return SCHEDULE_LABELS.get(text, text)
+    return None if text == "automatic" else SCHEDULE_LABELS.get(text, text)
 
 
 def _read_emphasis(label: str) -> str:

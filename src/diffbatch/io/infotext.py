@@ -111,8 +111,8 @@ def parse_infotext(text: str) -> Infotext:
     if negative < len(body):
         found.fields["negative_prompt"] = "\n".join(body[negative:])[len(NEGATIVE):].strip()
     for key, (name, kind) in KEYS.items():
-        if key in settings:
-            found.fields[name] = _value(key, settings[key], kind)
+        if key in settings and (value := _value(key, settings[key], kind)) is not None:  # None: unset (Automatic)
+            found.fields[name] = value
     if "Size" in settings:
         found.fields["width"], found.fields["height"] = parse_size(settings["Size"])
     if "Init image" in settings:
@@ -180,7 +180,7 @@ def _ends_value(line: str, pos: int) -> bool:
     return line.startswith(",", pos) or pos == len(line) or (pos == len(line) - 1 and line[pos] == "\n")
 
 
-def _value(key: str, value: str, kind: type) -> int | float | str:
+def _value(key: str, value: str, kind: type) -> int | float | str | None:
     try:
         return kind(value)
     except ValueError:
