@@ -73,6 +73,7 @@ class ClipPrompts:
         vocab = tokenizer.get_vocab()
         # A prompt past the window is what chunks are for: not transformers' "longer than the maximum" warning
         getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+
         def tokenize(texts: list[str]) -> list[list[int]]:
             return tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
 
