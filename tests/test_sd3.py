@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
 from diffbatch import Engine, GenerationSpec, SpecError
@@ -109,15 +110,64 @@ def test_model_without_t5_and_with_dynamic_shift_equals_diffusers(tmp_path):
         assert np.abs(result.pixels - oracle(result.spec)).max() <= 1e-4
 
 
-def test_a_prompt_past_the_encoders_windows_is_said_once_and_brackets_are_read_literally(engine, caplog):
-    """SD3's encoders are not chunked here: a prompt longer than CLIP's window is cut, as diffusers cuts it, and
-    said in one line, once per prompt; A1111's prompt language is not read (emphasis none, by default)."""
-    long = "a red circle on a blue ground " * 2  # 60 characters: past the tiny CLIP's 16 tokens
+def test_a_prompt_past_t5s_window_is_said_once_and_clip_reads_it_in_chunks(engine, caplog):
+    """SD3's CLIP encoders read A1111's language in chunks (no cut); its T5 reads the text without the syntax, up
+    to max_sequence_length tokens, and a cut there is said in one line, once per prompt."""
+    clip_long = "a red circle on a blue ground " * 2  # 60 characters: past the tiny CLIP's 16 tokens, within T5's
+    t5_long = "a red circle on a blue ground " * 10  # 300 characters: past T5's 256
     with caplog.at_level("WARNING", logger="diffbatch.prompts"):
-        engine.generate([GenerationSpec(prompt=long, seed=1, num_inference_steps=2)] * 2)
+        engine.generate([GenerationSpec(prompt=p, seed=1, num_inference_steps=2) for p in (clip_long, t5_long)] * 2)
     said = [r.getMessage() for r in caplog.records if "rest is cut" in r.getMessage()]
-    assert len(said) == 1 and "SD3's CLIP text encoders reads 16 tokens" in said[0]
-    resolved = engine.resolve(GenerationSpec(prompt="(red:1.3)"), seed=1)
-    assert resolved.emphasis == "none"
-    with pytest.raises(SpecError, match="read prompts literally"):
-        engine.resolve(GenerationSpec(prompt="(red:1.3)", emphasis="original"), seed=1)
+    assert len(said) == 1 and "SD3's T5 text encoder reads 256 tokens" in said[0]
+    assert engine.resolve(GenerationSpec(prompt="(red:1.3)"), seed=1).emphasis == "original"
+
+
+def _sd3_embeds(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111's reading on SD3's CLIP encoders, written out independently of diffbatch's encoder: per encoder, each
+    chunk's penultimate states times its weights, its mean restored; joined, padded to T5's width; then T5's
+    states of the text without the syntax; the pooled outputs of the first chunk."""
+    from diffbatch.prompt_language import chunk, parse_attention
+
+    parts = parse_attention(text)
+    tokenizer = pipe.tokenizer
+    window = tokenizer.model_max_length - 2
+    chunks = chunk(parts, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], window,
+                   tokenizer.get_vocab().get(",</w>"))
+    joined, pooled = [], None
+    for c in chunks:
+        pad = window - len(c.tokens)
+        weights = torch.tensor([1.0, *c.weights, *[1.0] * (pad + 1)])[None, :, None]
+        states, pools = [], []
+        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = torch.tensor([[tok.bos_token_id, *c.tokens, tok.eos_token_id, *[tok.pad_token_id] * pad]])
+            with torch.no_grad():
+                out = encoder(ids, output_hidden_states=True)
+            z = out.hidden_states[-2]
+            states.append(z * weights * (z.mean() / (z * weights).mean()))
+            pools.append(out[0])
+        joined.append(torch.cat(states, dim=-1))
+        pooled = pooled if pooled is not None else torch.cat(pools, dim=-1)
+    with torch.no_grad():
+        t5 = pipe._get_t5_prompt_embeds("".join(t for t, _ in parts), max_sequence_length=256)
+    clip = torch.nn.functional.pad(torch.cat(joined, dim=1), (0, t5.shape[-1] - joined[0].shape[-1]))
+    return torch.cat([clip, t5], dim=-2), pooled
+
+
+@pytest.mark.parametrize(("prompt", "negative"), [("(red:1.4) [dot]", "((green))"),
+                                                  ("a red dot on tan, (big:0.8)", "a tan dot on red, small")])
+def test_the_prompt_language_on_sd3s_clip_encoders_is_diffusers_given_its_embeddings(engine, oracle, prompt,
+                                                                                     negative):
+    result = engine.generate([GenerationSpec(prompt=prompt, negative_prompt=negative, seed=4, num_inference_steps=2,
+                                             guidance_scale=5.0)])[0]
+    pipe = StableDiffusion3Pipeline(**oracle.txt2img.components)
+    embeds, pooled = _sd3_embeds(pipe, prompt)
+    negative_embeds, negative_pooled = _sd3_embeds(pipe, negative)
+    reference = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_embeds,
+                     negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=2, guidance_scale=5.0,
+                     generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert np.abs(result.pixels - reference).max() <= 1e-4
+    specs = [GenerationSpec(prompt=p, seed=i, num_inference_steps=2) for i, p in enumerate(
+        ["red dot", "red (dot:1.0)", prompt, "a red circle on a blue ground " * 2])]
+    batched = engine.generate(specs)
+    for spec, one in zip(specs, batched, strict=True):
+        assert np.array_equal(one.pixels, engine.generate([spec])[0].pixels), spec.prompt

@@ -17,6 +17,7 @@ from PIL import Image
 from .adapters import load_adapter
 from .adapters.embeddings import EmbeddingBank
 from .adapters.lora import LoraBank
+from .errors import ModelLoadError
 from .memory import BatchLimits, BatchSize, batch_limits
 from .planner import Planner
 from .request import Request
@@ -56,6 +57,9 @@ class Engine:
         ``lora_dir``: the folder LoRA names are files of (``NAME.safetensors``); ``lora_paths``: a LoRA may also be
         named by its file's path, anywhere (the local CLI; never a server: see ``Resolver``)."""
         self.adapter = adapter
+        if embeddings_dir is not None and adapter.backend != "torch":  # OpenVINO's encoders skip torch's hooks
+            raise ModelLoadError(f"--embeddings-dir: textual-inversion embeddings run on the torch backend only, "
+                                 f"not {adapter.backend}")
         adapter.embeddings = EmbeddingBank(embeddings_dir, adapter.text_dims())
         limits = batch_limits(max_batch_size, adapter.device.type, adapter.dtype.itemsize, vae_batch_size)
         self.planner = Planner(limits.denoise.cap, limits.denoise)

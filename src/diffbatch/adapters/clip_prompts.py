@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..prompt_language import Chunk, chunk, pieces
+from ..prompt_language import BREAK, Chunk, chunk, pieces
 from .embeddings import Embedding, token_fixes
 
 WINDOW_CACHE = 4096  # prompts whose chunks are kept (tokenizing is cheap, but prompts repeat a lot in jobs)
@@ -30,6 +30,7 @@ class Windows:
     weights: torch.Tensor
     uniform: bool  # every weight 1: the hidden states are used as they are
     fixes: tuple[tuple[tuple[int, Embedding], ...], ...] = ()  # per chunk: its embeddings (adapters/embeddings.py)
+    text: str = ""  # the prompt with the language's syntax taken out (what an encoder without it reads: SD3's T5)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class ClipPrompts:
         ids = torch.tensor([[_window(c, e.tokenizer, length) for e in encoders] for c in chunks])
         weights = torch.tensor([[1.0, *c.weights, *[1.0] * (length + 1 - len(c.weights))] for c in chunks])
         uniform = emphasis == "ignore" or bool((weights == 1).all())
-        return Windows(ids, weights, uniform, tuple(c.fixes for c in chunks))
+        plain = "".join(t for t, w in parts if not (t == BREAK and w == -1))
+        return Windows(ids, weights, uniform, tuple(c.fixes for c in chunks), plain)
 
     def embeddings_in(self, text: str, emphasis: str, clip_skip: int = 1) -> list[Any]:
         """The textual-inversion embeddings the text is encoded with (A1111's TI hashes name them)."""
@@ -97,20 +99,20 @@ class ClipPrompts:
 
     def encode_windows(self, ids: torch.Tensor, clip_skip: int, fixes: list | None = None) -> dict[str, torch.Tensor]:
         """One batched call per encoder on chunk rows ``ids [N, E, L]`` (``fixes``: each row's embeddings):
-        ``hidden{e} [N, L, D_e]`` and, from an encoder with a projection, ``pooled [N, P]``."""
+        ``hidden{e} [N, L, D_e]`` and, from each encoder with a projection, ``pooled{e} [N, P_e]``."""
         out: dict[str, torch.Tensor] = {}
         for e, encoder in enumerate(self.encoders()):
             with token_fixes(encoder.model, e, fixes or []):
                 result = encoder.model(ids[:, e].to(self.device), output_hidden_states=True)
             out[f"hidden{e}"] = self.select_hidden(e, result, clip_skip)
             if result[0].ndim == 2:  # CLIPTextModelWithProjection: its text_embeds (what diffusers pools)
-                out["pooled"] = result[0]
+                out[f"pooled{e}"] = result[0]
         return out
 
     def join_windows(self, rows: dict[str, torch.Tensor], windows: Windows, emphasis: str) -> dict[str, torch.Tensor]:
         """A prompt's conditioning from its chunks' rows (``encode_windows``'s, ``k`` of them): each encoder's
         chunk weighted as ``emphasis`` says, encoders joined along features, chunks along the sequence; the
-        pooled output is the first chunk's (as A1111)."""
+        pooled output is the first chunk's (as A1111), its encoders' joined (SD3's two)."""
         hidden = []
         for e in range(len(self.encoders())):
             z = rows[f"hidden{e}"]  # [k, L, D]
@@ -119,8 +121,9 @@ class ClipPrompts:
             hidden.append(z)
         joined = torch.cat(hidden, dim=-1).to(self.dtype)  # [k, L, D]
         cond = {"encoder_hidden_states": joined.reshape(1, -1, joined.shape[-1])}
-        if "pooled" in rows:
-            cond["pooled"] = rows["pooled"][:1].to(self.dtype)
+        pooled = [rows[f"pooled{e}"][:1] for e in range(len(self.encoders())) if f"pooled{e}" in rows]
+        if pooled:
+            cond["pooled"] = torch.cat(pooled, dim=-1).to(self.dtype)
         return cond
 
 

@@ -8,14 +8,19 @@ import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from ..prompt_language import NONE
 from ..spec import GenerationSpec, ModelDefaults
 from .base import Cond, warn_cut
+from .clip_prompts import ClipPrompts, Encoder, Windows
 from .flow_match import FlowMatchAdapter
 from .hub import from_pretrained, read_model_index
+from .invariance import run_in_calls
 
 
-class StableDiffusion3Adapter(FlowMatchAdapter):
+class StableDiffusion3Adapter(ClipPrompts, FlowMatchAdapter):
+    """A1111's prompt language on its two CLIP encoders (clip_prompts.py: chunks of 75 tokens, weights, clip
+    skip); its T5 encoder reads the prompt with the language's syntax taken out, up to ``max_sequence_length``
+    tokens, as diffusers' ``encode_prompt`` reads a prompt (said in one line where it cuts one)."""
+
     family = "stable-diffusion-3"
     max_sequence_length = 256  # T5 tokens: StableDiffusion3Pipeline's default
 
@@ -35,7 +40,7 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
         size = self.config.component("transformer").get("sample_size", 128) * self.vae_scale_factor
         # Latents are cut into patch_size^2 patches, so sizes are multiples of both factors (as check_inputs).
         return ModelDefaults(height=size, width=size, num_inference_steps=28, guidance_scale=7.0, strength=0.6,
-                             vae_scale_factor=self.vae_scale_factor * self.patch_size, emphasis=NONE)
+                             vae_scale_factor=self.vae_scale_factor * self.patch_size)
 
     @property
     def patch_size(self) -> int:
@@ -47,7 +52,6 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
 
     # Conditioning ----------------------------------------------------------------------------------------
     def encode_prompts(self, texts: list[str], negative: bool = False, clip_skip: int = 1) -> list[Cond]:
-        warn_cut(texts, self.pipe.tokenizer, self.pipe.tokenizer.model_max_length, "SD3's CLIP text encoders")
         warn_cut(texts, self.pipe.tokenizer_3, self.max_sequence_length, "SD3's T5 text encoder")
         # Without clip_skip, diffusers encodes a negative prompt exactly like a prompt: one cache serves both.
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -55,6 +59,29 @@ class StableDiffusion3Adapter(FlowMatchAdapter):
             clip_skip=clip_skip - 1 or None, max_sequence_length=self.max_sequence_length)  # [B, 77 + 256, D], [B, P]
         return [{"encoder_hidden_states": e[None], "pooled_projections": p[None]}
                 for e, p in zip(embeds, pooled, strict=True)]
+
+    def encoders(self) -> list[Encoder]:
+        pipe = self.pipe
+        return [Encoder(pipe.tokenizer, pipe.text_encoder), Encoder(pipe.tokenizer_2, pipe.text_encoder_2)]
+
+    def select_hidden(self, index: int, out: Any, clip_skip: int) -> torch.Tensor:
+        """As ``_get_clip_prompt_embeds``: the penultimate hidden state, ``clip_skip - 1`` more from the end."""
+        return out.hidden_states[-(clip_skip + 1)]
+
+    def join_windows(self, rows: dict[str, torch.Tensor], windows: Windows, emphasis: str) -> Cond:
+        """As ``encode_prompt`` joins them: the CLIP chunks' states padded to T5's width, then T5's; the pooled
+        outputs of both CLIP encoders (the first chunk's)."""
+        cond = super().join_windows(rows, windows, emphasis)
+        t5 = self._t5(windows.text)  # [1, max_sequence_length, D]
+        clip = cond["encoder_hidden_states"]  # [1, k * 77, D_l + D_g]
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": cond["pooled"]}
+
+    def _t5(self, text: str) -> torch.Tensor:
+        """T5's states for one text, in a call of the text stage's shape (its rows padded as every call's)."""
+        warn_cut([text], self.pipe.tokenizer_3, self.max_sequence_length, "SD3's T5 text encoder")
+        return run_in_calls(self.call_shapes.text, 1, lambda real, size: self.pipe._get_t5_prompt_embeds(
+            [text] * size, 1, self.max_sequence_length, self.device))
 
     # Sampling --------------------------------------------------------------------------------------------
     def schedule_kwargs(self, sampler: Any, spec: GenerationSpec) -> dict[str, Any]:
