@@ -103,3 +103,15 @@ def test_an_sdxl_embedding_gives_each_encoder_its_vectors_by_width(tmp_path):
     save_file({"clip_l": torch.ones(2, 16), "clip_g": torch.zeros(2, 32)}, str(tmp_path / "xl.safetensors"))
     assert [v.shape[-1] for v in EmbeddingBank(tmp_path, (16, 32)).loaded()[0].vectors] == [16, 32]  # SDXL
     assert EmbeddingBank(tmp_path, (32,)).loaded()[0].vectors[0].shape[-1] == 32  # its refiner: CLIP-G only
+
+
+def test_a_folder_that_cannot_be_read_is_refused_at_start(tiny_sd_path, tmp_path):
+    from diffbatch.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="--embeddings-dir .*missing: cannot read it as a folder"):
+        Engine.from_pretrained(tiny_sd_path, device="cpu", dtype="float32", embeddings_dir=tmp_path / "missing")
+
+
+def test_an_embedding_in_the_hires_prompt_is_in_the_ti_hashes(engine):
+    result = engine.generate([spec("a dot", hires_scale=1.5, hires_steps=2, hires_prompt="a dot, glow")])[0]
+    assert [name for name, _ in result.ti_hashes] == ["glow"]

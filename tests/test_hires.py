@@ -135,7 +135,9 @@ def test_from_a_hires_png_makes_it_again_byte_for_byte(capsys, tmp_path, tiny_sd
 @pytest.mark.parametrize(("fields", "field", "says"), [
     ({"hires_scale": 2, "image": Image.new("RGB", (32, 32))}, "hires_scale", "for text-to-image"),
     ({"hires_scale": 8, "height": 1024, "width": 1024}, "hires_scale", "makes 8192x8192"),
-    ({"hires_scale": 2, "scheduler": "ddim", "hires_steps": 5000}, "hires_steps", "cannot run hires_steps=5000"),
+    ({"hires_scale": 2, "scheduler": "ddim", "hires_steps": 5000}, "hires_steps", "at most 999"),
+    ({"hires_scale": 2, "scheduler": "pndm", "hires_steps": 1, "strength": 1.0}, "hires_steps",
+     "cannot run hires_steps=1"),  # PNDM needs more steps than one: its second pass checked at admission
     ({"hires_steps": 3}, "hires_steps", "needs hires_scale"),
     ({"hires_scale": 9}, "hires_scale", "must be in (0, 8]"),
     ({"hires_scale": 2, "hires_upscaler": "4x-UltraSharp"}, "hires_upscaler", "must be one of latent"),
@@ -144,3 +146,12 @@ def test_bad_hires_requests_are_refused_by_name(engine, fields, field, says):
     with pytest.raises(SpecError, match=re.escape(says)) as caught:
         engine.resolve(GenerationSpec(prompt="x", **fields), seed=1)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize("strength", [0.01, 5e-324])
+def test_a_strength_that_makes_the_schedule_longer_than_training_is_refused_naming_strength(engine, strength):
+    """A1111's hires schedule is int(steps / strength) steps: past the model's 1000 training steps, samplers repeat
+    timesteps (NaN images) or overflow; refused, naming what to give."""
+    with pytest.raises(SpecError, match="give a strength of at least 0.02") as caught:
+        engine.resolve(GenerationSpec(prompt="x", num_inference_steps=20, hires_scale=1.5, strength=strength), seed=1)
+    assert caught.value.field == "strength"

@@ -66,6 +66,7 @@ def test_parse_is_lenient_as_a1111(text, expected):
     ("(" * 101 + "x", "nested more than 100"),
     ("(a)" * 5001, "10002 brackets; a prompt may have at most 10000"),
     ("x BREAK " * 32, "32 BREAKs; a prompt may have at most 31"),
+    ("(x:-1)" * 40 + "x BREAK " * 32, "32 BREAKs"),  # a weight of -1 is no BREAK
 ])
 def test_bad_weights_and_nesting_are_refused_naming_the_field(text, says):
     with pytest.raises(SpecError, match=says) as caught:

@@ -196,9 +196,10 @@ class Engine:
 
     def _ti_hashes(self, spec: GenerationSpec) -> tuple[tuple[str, str], ...]:
         """(name, hash) of each textual-inversion embedding the image was made with, in the order met."""
-        texts = [(spec.prompt, spec.clip_skip)]
-        if self.adapter.uses_cfg(spec):
-            texts.append((spec.negative_prompt, 1))  # the negative prompt's key: no clip skip (runner.py)
+        texts = [(spec.prompt, spec.clip_skip), (spec.hires_prompt, spec.clip_skip)]
+        if self.adapter.uses_cfg(spec):  # a negative prompt's key takes no clip skip (runner.py)
+            texts += [(spec.negative_prompt, 1), (spec.hires_negative_prompt, 1)]
+        texts = [(text, skip) for text, skip in texts if text is not None]
         used = [e for text, skip in texts for e in self.adapter.embeddings_in(text, spec.emphasis, skip)]
         return tuple(dict.fromkeys((e.name, e.hash) for e in used))
 

@@ -67,16 +67,17 @@ def parse_attention(text: str, field: str = "prompt") -> list[Piece]:
                         value=text[:200], reason=f"at most {MAX_BRACKETS} brackets")
     parts: list[list[str]] = []
     weights = _weights(*_scan(text, field, parts), field, text)
-    breaks = sum(1 for w in weights if w == -1.0)  # a BREAK inside brackets is text (its weight is not -1)
-    if breaks > MAX_BREAKS:
-        raise SpecError(f"{field}: {breaks} BREAKs; a prompt may have at most {MAX_BREAKS}", field=field,
-                        value=text[:200], reason=f"at most {MAX_BREAKS} BREAKs")
     if not parts:
         return [("", 1.0)]
     starts = [0, *(np.flatnonzero(weights[1:] != weights[:-1]) + 1).tolist()]  # runs of equal weights merged
     ends = [*starts[1:], len(parts)]
-    return [("".join(chain.from_iterable(parts[a:b])), w)
-            for a, b, w in zip(starts, ends, weights[starts].tolist(), strict=True)]
+    merged = [("".join(chain.from_iterable(parts[a:b])), w)
+              for a, b, w in zip(starts, ends, weights[starts].tolist(), strict=True)]
+    breaks = sum(1 for piece, w in merged if piece == BREAK and w == -1)  # as the chunker tells one
+    if breaks > MAX_BREAKS:
+        raise SpecError(f"{field}: {breaks} BREAKs; a prompt may have at most {MAX_BREAKS}", field=field,
+                        value=text[:200], reason=f"at most {MAX_BREAKS} BREAKs")
+    return merged
 
 
 def _scan(text: str, field: str, parts: list[list[str]]) -> tuple[list[float], list[tuple[int, int, float]]]:

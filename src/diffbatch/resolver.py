@@ -30,6 +30,7 @@ from .spec import GenerationSpec, ModelDefaults
 # of "<lora:" and blanks took 122 s).
 LORA_TAG = re.compile(r"(?<!\s)\s*+<lora:([^:<>]++)(?::([^:<>]*+))?+>")
 MAX_LORA_NAME = 200  # characters: a file name, with room to spare
+SAMPLER_CHECKS = 4096  # (sampler, schedule, steps, strength) answers kept
 
 
 class Resolver:
@@ -132,9 +133,19 @@ class Resolver:
         self._check_schedule(spec)
         self._check_steps(spec, "num_inference_steps", spec.num_inference_steps)
         if spec.hires_scale:  # its second pass too (hires.py), as the engine will run it
+            steps = spec.hires_steps or spec.num_inference_steps
+            trained = int(self.adapter.scheduler_config.get("num_train_timesteps", 1000))
+            if steps > 0.999 * trained:  # no strength makes A1111's schedule, int(steps / strength), short enough
+                raise SpecError(f"hires_steps={steps}: more than the model's {trained} training steps allow (at "
+                                f"most {int(0.999 * trained)})", field="hires_steps", value=steps,
+                                reason=f"at most {int(0.999 * trained)}")
+            if steps > min(spec.strength, 0.999) * trained:  # A1111's schedule, int(steps / strength), past them
+                raise SpecError(f"strength={spec.strength} with {steps} hires steps makes a schedule of more than the "
+                                f"model's {trained} training steps: give a strength of at least {steps / trained:g}",
+                                field="strength", value=spec.strength, reason=f"at least {steps / trained:g}")
             second = second_pass(spec, "(the upscaled image)", self.adapter.vae_scale_factor)
             self._check_schedule(second)
-            self._check_steps(second, "hires_steps", spec.hires_steps)
+            self._check_steps(second, "hires_steps", steps)
 
     def _check_steps(self, spec: GenerationSpec, field: str, value: Any) -> None:
         key = (spec.scheduler, spec.schedule, spec.num_inference_steps, spec.strength if spec.is_img2img else None)
@@ -149,6 +160,8 @@ class Resolver:
                 self._sampler_errors[key] = ""
             except Exception as exc:  # noqa: BLE001 - diffusers raises assorted errors for unsupported counts
                 self._sampler_errors[key] = f"{type(exc).__name__}: {exc}"
+            if len(self._sampler_errors) > SAMPLER_CHECKS:  # keyed by strengths too: kept bounded
+                del self._sampler_errors[next(iter(self._sampler_errors))]
         if self._sampler_errors[key]:
             name = spec.scheduler or self.adapter.default_scheduler_class.__name__
             raise SpecError(f"scheduler={name} cannot run {field}={value}: {self._sampler_errors[key]}", field=field,

@@ -127,6 +127,8 @@ class GenerationSpec:
             hires_upscaler=_first(self.hires_upscaler, DEFAULT_UPSCALER) if self.hires_scale else self.hires_upscaler,
             emphasis=_first(self.emphasis, defaults.emphasis),
             schedule=None if self.schedule == "automatic" else self.schedule,  # the sampler's own, one way
+            # an empty hires prompt is the prompt, as in A1111 (its empty box)
+            hires_prompt=self.hires_prompt or None, hires_negative_prompt=self.hires_negative_prompt or None,
             clip_skip=_first(self.clip_skip, 1),
         )
         check_size(resolved, defaults.vae_scale_factor)

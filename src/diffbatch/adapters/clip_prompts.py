@@ -85,7 +85,8 @@ class ClipPrompts:
         ids = torch.tensor([[_window(c, e.tokenizer, length) for e in encoders] for c in chunks])
         weights = torch.tensor([[1.0, *c.weights, *[1.0] * (length + 1 - len(c.weights))] for c in chunks])
         uniform = emphasis == "ignore" or bool((weights == 1).all())
-        plain = "".join(t for t, w in parts if not (t == BREAK and w == -1))
+        # the pieces apart, as CLIP reads each on its own ("a cat BREAK a dog", "(red)dog"), blanks made one
+        plain = " ".join(" ".join(t for t, w in parts if not (t == BREAK and w == -1)).split())
         return Windows(ids, weights, uniform, tuple(c.fixes for c in chunks), plain)
 
     def embeddings_in(self, text: str, emphasis: str, clip_skip: int = 1) -> list[Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SpecError, shown
+from ..errors import ModelLoadError, SpecError, shown
 from .lora import file_hash
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -55,31 +55,31 @@ class EmbeddingBank:
                 self._refused[name] = exc
 
     def files(self) -> dict[str, Path]:
-        """Embedding name -> file, listed once (names compared as CLIP reads them: lower case)."""
+        """Embedding name -> file, listed once (names compared as CLIP reads them: lower case); a folder that
+        is not one, or cannot be read, is refused in one line."""
         if self._files is None:
             found: dict[str, Path] = {}
-            if self.folder is not None and self.folder.is_dir():
-                for path in sorted(self.folder.iterdir()):
-                    if path.suffix in SUFFIXES and path.is_file():
-                        found.setdefault(path.stem.lower(), path)
+            if self.folder is not None:
+                try:
+                    for path in sorted(self.folder.iterdir()):
+                        if path.suffix in SUFFIXES and path.is_file():
+                            found.setdefault(path.stem.lower(), path)
+                except OSError as exc:
+                    raise ModelLoadError(f"--embeddings-dir {self.folder}: cannot read it as a folder "
+                                         f"({exc.strerror or exc})") from None
             self._files = found
         return self._files
 
-    def named_in(self, *texts: str) -> list[str]:
-        """The files whose names appear in the texts as words (CLIP lower-cases): the refusal of a bad one."""
-        files = self.files()
-        if not files:
-            return []
+    def _named_in(self, names: Sequence[str], *texts: str) -> list[str]:
+        """Those of ``names`` that appear in the texts as words (CLIP lower-cases)."""
         lowered = " ".join(texts).lower()
-        return [name for name in files if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", lowered)]
+        return [name for name in names if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", lowered)]
 
     def ensure(self, *texts: str) -> None:
         """``SpecError`` naming the embedding (never its path) where the texts name a file of the folder that is
         not an embedding for this model."""
-        if self._refused:
-            for name in self.named_in(*texts):
-                if name in self._refused:
-                    raise self._refused[name]
+        for name in self._named_in(list(self._refused), *texts):  # the refused files only: usually none
+            raise self._refused[name]
 
     def loaded(self) -> list[Embedding]:
         return list(self._loaded.values())
@@ -96,7 +96,7 @@ class EmbeddingBank:
     def _load(self, name: str) -> Embedding:
         if not self.dims:
             raise SpecError(f"prompt: names the textual-inversion embedding {shown(name)}, which this model cannot "
-                            "read (embeddings are read on Stable Diffusion 1.x/2.x and SDXL)", field="prompt",
+                            "read (embeddings are read on Stable Diffusion 1.x/2.x, SDXL and SD3)", field="prompt",
                             value=name, reason="embeddings on CLIP models only")
         if name not in self._loaded:
             path = self.files()[name]

@@ -73,8 +73,7 @@ class Policy:
                 raise ApiError(400, f"line {number}: the job's cost reaches {total:,.0f} image-step-megapixels "
                                     f"there; this server's budget per job is {self.max_job_cost:,.0f} "
                                     "(split the job, or use fewer steps or smaller images)", "body")
-            text += len(spec.prompt.encode("utf-8", "surrogatepass")) + len(
-                (spec.negative_prompt or "").encode("utf-8", "surrogatepass"))
+            text += sum(len((getattr(spec, name) or "").encode("utf-8", "surrogatepass")) for name in TEXT_FIELDS)
             if text > self.max_job_text_bytes:
                 raise ApiError(400, f"line {number}: the job's prompts reach {text:,} bytes there; this server's "
                                     f"budget per job is {self.max_job_text_bytes:,} (split the job, or use shorter "
