@@ -33,6 +33,10 @@ SAMPLERS: dict[str, SamplerDef] = {
                                {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M SDE"),
     "dpm2": SamplerDef("KDPM2DiscreteScheduler", {}, "DPM2"),
     "dpm2_a": SamplerDef("KDPM2AncestralDiscreteScheduler", {}, "DPM2 a"),
+    # Few-step samplers (issue 36): latent consistency (LCM-LoRA, LCM-distilled models) and TCD (its eta is
+    # TCD's gamma, 0 unless given, as StableDiffusionPipeline passes it)
+    "lcm": SamplerDef("LCMScheduler", {}, "LCM"),
+    "tcd": SamplerDef("TCDScheduler", {}, "TCD"),
 }
 
 # A1111's samplers diffusers has no scheduler for, and why (io/infotext.py refuses them by name)

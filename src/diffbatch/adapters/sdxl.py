@@ -102,7 +102,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "text_embeds": cond["pooled"]}
 
     def request_cond(self, text_cond: Cond, spec: GenerationSpec, negative: bool = False) -> Cond:
-        return {**text_cond, "time_ids": self._time_ids(spec, negative)}
+        return {**super().request_cond(text_cond, spec, negative), "time_ids": self._time_ids(spec, negative)}
 
     def _time_ids(self, spec: GenerationSpec, negative: bool) -> torch.Tensor:
         """``_get_add_time_ids``: original size = target size = the image's size, crop corner (0, 0)."""
@@ -157,7 +157,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     def unet_kwargs(self, cond: Cond) -> dict[str, Any]:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
+        extra = {"timestep_cond": cond["timestep_cond"]} if "timestep_cond" in cond else {}  # LCM-distilled
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added, **extra}
 
     def decode(self, latents: torch.Tensor, spec: GenerationSpec) -> np.ndarray:
         vae = self.pipe.vae

@@ -46,6 +46,21 @@ class StableDiffusionAdapter(ClipPrompts, Adapter):
         embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)
         return [{"encoder_hidden_states": e[None]} for e in embeds]  # [1, L, D]
 
+    def uses_cfg(self, spec: GenerationSpec) -> bool:
+        """As diffusers decides it: guidance > 1, and never on an LCM-distilled UNet, which takes the guidance as
+        an embedding instead (one row a step)."""
+        return super().uses_cfg(spec) and self.config.component("unet").get("time_cond_proj_dim") is None
+
+    def request_cond(self, text_cond: Cond, spec: GenerationSpec, negative: bool = False) -> Cond:
+        """An LCM-distilled UNet (``time_cond_proj_dim``) takes the guidance as an embedding, per row, as
+        diffusers' pipelines compute it (``guidance_scale - 1``)."""
+        dim = self.config.component("unet").get("time_cond_proj_dim")
+        if dim is None:
+            return text_cond
+        w = torch.tensor([spec.guidance_scale - 1.0])
+        embedding = self.pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(self.device, self.dtype)
+        return {**text_cond, "timestep_cond": embedding}  # [1, dim]
+
     def encoders(self) -> list[Encoder]:
         return [Encoder(self.pipe.tokenizer, self.pipe.text_encoder)]
 

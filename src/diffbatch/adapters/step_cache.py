@@ -59,14 +59,14 @@ def capture(unet: Any, into: list[torch.Tensor]) -> Iterator[None]:
 
 
 def shallow_forward(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, deep: torch.Tensor,
-                    encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, torch.Tensor] | None = None
-                    ) -> torch.Tensor:
+                    encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                    timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's output with its deep part replaced by ``deep`` (``[N, C, h, w]``, from ``capture``): the steps of
     ``UNet2DConditionModel.forward`` (diffusers 0.42) that the last up block depends on, in its order and with its
     arguments, so that fresh features give the full forward's bits."""
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
-    emb = _time_embedding(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+    emb = _time_embedding(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)
     encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
                                                                added_cond_kwargs=added_cond_kwargs)
     hidden = unet.conv_in(sample)  # [N, C0, h, w]
@@ -81,9 +81,11 @@ def shallow_forward(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, dee
 
 
 def _time_embedding(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                    added_cond_kwargs: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """Step 1 of the forward ("time"), without class labels or timestep conditioning (no adapter passes them)."""
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+                    added_cond_kwargs: dict[str, torch.Tensor] | None, timestep_cond: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Step 1 of the forward ("time"), with an LCM-distilled UNet's guidance embedding (``timestep_cond``), without
+    class labels (no adapter passes them)."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
     aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
     emb = emb + aug if aug is not None else emb
     return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
