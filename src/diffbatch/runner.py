@@ -1,7 +1,7 @@
 """The runner: owns device, dtype, inference mode and the batching of tensors.
 
 It executes one ``StepPlan``: decode the requests that finished denoising, prepare the newly admitted
-ones (prompt embeddings from a cache, each request's own sampler, initial latents), then make one batched
+ones (prompt embeddings: conditioning.py; each request's own sampler, initial latents), then make one batched
 denoiser call and step each request's own sampler.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from .adapters.invariance import batch_rows, pad_rows, run_in_calls
 from .adapters.lora import LoraBank, Loras
 from .adapters.step_cache import first_block_changed
 from .caching import parse_cache
+from .conditioning import PromptEncoder
 from .hires import UPSCALERS, second_pass, upscale_latents, upscale_picture
 from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
@@ -31,40 +31,7 @@ from .planner import StepPlan
 from .request import Request
 from .spec import GenerationSpec
 
-PROMPT_BATCH = 64  # texts per text-encoder call
-
-
 Cached = dict[str, torch.Tensor]  # what a request's step cache keeps from a step (Request.cached)
-# (is a negative prompt, text, LoRAs (text-encoder LoRAs change it), emphasis, clip skip (prompts only, as diffusers))
-PromptKey = tuple[bool, str, Loras, str, int]
-
-
-def prompt_keys(spec: GenerationSpec) -> tuple[PromptKey, PromptKey]:
-    """The keys of a resolved spec's prompt and negative prompt conditioning."""
-    return ((False, spec.prompt, spec.loras, spec.emphasis, spec.clip_skip),
-            (True, spec.negative_prompt, spec.loras, spec.emphasis, 1))
-
-
-class PromptCache:
-    """LRU cache of text conditioning: prompts repeat a lot in batch jobs (``-n``, negative prompts)."""
-
-    def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[PromptKey, Cond] = OrderedDict()
-
-    def get(self, key: PromptKey) -> Cond:
-        self._items.move_to_end(key)
-        return self._items[key]
-
-    def missing(self, keys: Sequence[PromptKey]) -> list[PromptKey]:
-        return [k for k in dict.fromkeys(keys) if k not in self._items]
-
-    def put(self, text: PromptKey, cond: Cond) -> None:
-        self._items[text] = cond
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-
 @functools.cache
 def _step_params(sampler_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(sampler_class.step).parameters)
@@ -95,7 +62,7 @@ class Runner:
         # Images per denoiser call / VAE call, per shape; split and lowered on out-of-memory (memory.py).
         self.limits = limits
         self.generator_device = generator_device if generator_device == "cpu" else adapter.device
-        self.prompts = PromptCache()
+        self.prompts = PromptEncoder(adapter, self._lora_rows)
 
     def execute(self, plan: StepPlan) -> dict[int, np.ndarray]:
         """Run one engine step; return the decoded pixels (``[H, W, 3]`` in [0, 1]) by request id."""
@@ -109,7 +76,7 @@ class Runner:
 
     # 1. Preparation --------------------------------------------------------------------------------------
     def _prepare(self, requests: list[Request]) -> None:
-        self._attach_conditioning(requests)
+        self.prompts.attach(requests)
         for r in requests:
             r.generator = torch.Generator(self.generator_device).manual_seed(r.spec.seed)
             r.sampler = self.make_sampler(r.spec.scheduler, r.spec.schedule)
@@ -125,65 +92,6 @@ class Runner:
         pictures = [r for r in requests if r.spec.is_img2img and not _is_latents(r.spec.image)]
         for chunk in _chunks(pictures, self.limits.decode):
             self._encode_init_images(chunk)
-
-    def _attach_conditioning(self, requests: list[Request]) -> None:
-        guided = [r for r in requests if self.adapter.uses_cfg(r.spec)]
-        self._encode_missing([prompt_keys(r.spec)[0] for r in requests])
-        self._encode_missing([prompt_keys(r.spec)[1] for r in guided])
-        for r in requests:
-            r.cond = self.adapter.request_cond(self.prompts.get(prompt_keys(r.spec)[0]), r.spec)
-        for r in guided:
-            r.uncond = self.adapter.request_cond(self.prompts.get(prompt_keys(r.spec)[1]), r.spec, True)
-
-    def _encode_missing(self, keys: list[PromptKey]) -> None:
-        """Encode the keys not cached yet: those diffusers' ``encode_prompt`` encodes as they are, in batches by
-        clip skip; the others (A1111's language, long prompts) by their chunks (clip_prompts.py)."""
-        for negative in (False, True):
-            missing = self.prompts.missing([k for k in keys if k[0] == negative])
-            field = "negative_prompt" if negative else "prompt"
-            windows = {k: self.adapter.windows(k[1], k[3], field, k[4]) for k in missing}
-            by_skip: dict[int, list[PromptKey]] = {}
-            for k in missing:
-                by_skip.setdefault(k[4], []).append(k)
-            for clip_skip, group in by_skip.items():
-                plain = [k for k in group if windows[k] is None]
-                for i in range(0, len(plain), PROMPT_BATCH):
-                    batch = plain[i : i + PROMPT_BATCH]
-                    conds = run_in_calls(self.adapter.call_shapes.text, len(batch), functools.partial(
-                        self._encode_call, batch, negative, clip_skip))
-                    for key, cond in zip(batch, conds, strict=True):
-                        self.prompts.put(key, cond)
-                chunked = [k for k in group if windows[k] is not None]
-                for i in range(0, len(chunked), PROMPT_BATCH):
-                    self._encode_chunks(chunked[i : i + PROMPT_BATCH], windows, clip_skip)
-
-    def _encode_call(self, batch: list[PromptKey], negative: bool, clip_skip: int, real: slice, size: int
-                     ) -> list[Cond]:
-        keys = batch[real]
-        keys = keys + keys[-1:] * (size - len(keys))  # padded to the call shape
-        with self._lora_rows([k[2] for k in keys]):
-            return self.adapter.encode_prompts([k[1] for k in keys], negative, clip_skip)
-
-    def _encode_chunks(self, keys: list[PromptKey], windows: dict[PromptKey, Any], clip_skip: int) -> None:
-        """Prompts encoded by their chunks: every chunk a row of the text encoders' calls (with its prompt's
-        LoRAs), then each prompt's rows joined (clip_prompts.py)."""
-        ids = batch_rows([windows[k].ids for k in keys])  # [R, E, L]
-        loras = [k[2] for k in keys for _ in range(len(windows[k].ids))]
-        fixes = [f for k in keys for f in windows[k].fixes]  # each row's textual-inversion embeddings
-
-        def call(real: slice, size: int) -> dict[str, torch.Tensor]:
-            rows, fixed = loras[real], fixes[real]
-            with self._lora_rows(rows + rows[-1:] * (size - len(rows))):
-                return self.adapter.encode_windows(pad_rows(ids[real], size), clip_skip,
-                                                   fixed + fixed[-1:] * (size - len(fixed)))
-
-        out = run_in_calls(self.adapter.call_shapes.text, len(ids), call)
-        start = 0
-        for k in keys:
-            n = len(windows[k].ids)
-            rows = {name: value[start : start + n] for name, value in out.items()}
-            self.prompts.put(k, self.adapter.join_windows(rows, windows[k], k[3]))
-            start += n
 
     def _lora_rows(self, per_row: list[Loras]) -> contextlib.AbstractContextManager:
         return self.loras.rows(per_row) if self.loras is not None else contextlib.nullcontext()
