@@ -430,8 +430,8 @@ def _check_from_hashes(args: argparse.Namespace, resolver: Resolver | Engine) ->
             raise InputError(f"{where}: made with LoRA {name} of hash {digest}, but its file now has hash {now}; "
                              "give --ignore 'Lora hashes' to use it anyway")
     for name, digest in lora_hashes(recorded.get("TI hashes", "")):
-        files = getattr(resolver, "adapter", None) and resolver.adapter.embeddings
-        path = files.files().get(name.lower()) if files else None
+        files = resolver.adapter.embeddings
+        path = files.files().get(name.lower()) if files is not None else None
         now = file_hash(path) if path is not None else "no file in --embeddings-dir"
         if now != digest:
             raise InputError(f"{where}: made with the embedding {name} of hash {digest}, but here it has "

@@ -26,9 +26,11 @@ PromptKey = tuple[bool, str, Loras, str, int]
 
 
 def prompt_keys(spec: GenerationSpec) -> tuple[PromptKey, PromptKey]:
-    """The keys of a resolved spec's prompt and negative prompt conditioning."""
-    return ((False, spec.prompt, spec.loras, spec.emphasis, spec.clip_skip),
-            (True, spec.negative_prompt, spec.loras, spec.emphasis, 1))
+    """The keys of a resolved spec's prompt and negative prompt conditioning (GenerationSpec.prompt_texts)."""
+    texts = spec.prompt_texts()
+    (prompt, skip), (negative, negative_skip) = texts["prompt"], texts["negative_prompt"]
+    return ((False, prompt, spec.loras, spec.emphasis, skip),
+            (True, negative, spec.loras, spec.emphasis, negative_skip))
 
 
 class PromptCache:

@@ -119,7 +119,6 @@ class Engine:
         # img2img requests would otherwise keep every decoded image in memory at once. LoRAs load now, in the
         # caller's thread (the server admits in the engine thread), so a bad one fails this request alone.
         self.loras.ensure(resolved.loras)
-        self.adapter.embeddings.ensure(resolved.prompt, resolved.negative_prompt)
         with self._lock:
             request = Request(next(self._ids), resolved, (resolved.height, resolved.width),
                               started=time.perf_counter())
@@ -196,10 +195,8 @@ class Engine:
 
     def _ti_hashes(self, spec: GenerationSpec) -> tuple[tuple[str, str], ...]:
         """(name, hash) of each textual-inversion embedding the image was made with, in the order met."""
-        texts = [(spec.prompt, spec.clip_skip), (spec.hires_prompt, spec.clip_skip)]
-        if self.adapter.uses_cfg(spec):  # a negative prompt's key takes no clip skip (runner.py)
-            texts += [(spec.negative_prompt, 1), (spec.hires_negative_prompt, 1)]
-        texts = [(text, skip) for text, skip in texts if text is not None]
+        guided = self.adapter.uses_cfg(spec)  # without CFG, no negative prompt is encoded
+        texts = [pair for name, pair in spec.prompt_texts().items() if guided or "negative" not in name]
         used = [e for text, skip in texts for e in self.adapter.embeddings_in(text, spec.emphasis, skip)]
         return tuple(dict.fromkeys((e.name, e.hash) for e in used))
 

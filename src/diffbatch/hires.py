@@ -45,15 +45,6 @@ UPSCALERS: dict[str, Upscaler] = {
     "nearest": Upscaler("Nearest", "NEAREST", latent=False),
 }
 DEFAULT_UPSCALER = "latent"  # A1111's default
-LABELS = {u.label.lower(): name for name, u in UPSCALERS.items()}
-
-
-def read_upscaler(label: str) -> str:
-    """A1111's label (``Latent (bicubic)``) or the field's own value; else the text, for the rule to refuse."""
-    text = label.strip().lower()
-    return LABELS.get(text, text)
-
-
 def upscaler_label(name: str) -> str:
     return UPSCALERS[name].label if name in UPSCALERS else name
 
@@ -64,11 +55,16 @@ def hires_size(height: int, width: int, scale: float, factor: int) -> tuple[int,
     return int(height * scale) // factor * factor, int(width * scale) // factor * factor
 
 
+def run_steps(spec: GenerationSpec) -> int:
+    """The steps the second pass runs: ``hires_steps``, or (unset, or 0 as A1111 writes it) the first pass's."""
+    return spec.hires_steps or spec.num_inference_steps
+
+
 def second_pass_steps(spec: GenerationSpec) -> tuple[int, float]:
     """(diffusers' ``num_inference_steps``, ``strength``) that run A1111's hires pass: the last N steps of a
     schedule of ``int(N / strength)`` (A1111 caps the strength at 0.999 there); the strength given to diffusers
     is one that makes its ``int(steps * strength)`` exactly N (N + 0.5 over the schedule, at most 1)."""
-    steps = spec.hires_steps or spec.num_inference_steps
+    steps = run_steps(spec)
     schedule = int(steps / min(spec.strength, 0.999))
     return schedule, min(1.0, (steps + 0.5) / schedule)
 

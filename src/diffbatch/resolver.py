@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import os
 import re
 from pathlib import Path
@@ -18,9 +17,9 @@ from .adapters import Adapter
 from .adapters.loading import describe
 from .caching import canonical_cache
 from .errors import SpecError, shown
-from .hires import second_pass
+from .hires import run_steps, second_pass
 from .io.images import init_image_size
-from .samplers import SAMPLERS, SCHEDULES, sampler_label, schedule_options
+from .samplers import AUTOMATIC, SAMPLERS, sampler_label, schedule_options, schedules_of, step_params
 from .seeds import random_seed
 from .spec import GenerationSpec, ModelDefaults
 
@@ -133,7 +132,7 @@ class Resolver:
         self._check_schedule(spec)
         self._check_steps(spec, "num_inference_steps", spec.num_inference_steps)
         if spec.hires_scale:  # its second pass too (hires.py), as the engine will run it
-            steps = spec.hires_steps or spec.num_inference_steps
+            steps = run_steps(spec)
             trained = int(self.adapter.scheduler_config.get("num_train_timesteps", 1000))
             if steps > 0.999 * trained:  # no strength makes A1111's schedule, int(steps / strength), short enough
                 raise SpecError(f"hires_steps={steps}: more than the model's {trained} training steps allow (at "
@@ -177,13 +176,11 @@ class Resolver:
             raise SpecError(f"schedule={spec.schedule}: sampler {name} has its own schedule; give its plain sampler "
                             "with this schedule", field="schedule", value=spec.schedule,
                             reason=f"sampler {name} has its own schedule")
-        if options and not set(options) <= set(inspect.signature(sampler_class.__init__).parameters):
-            takes = [s for s, d in SCHEDULES.items()
-                     if d.option in inspect.signature(sampler_class.__init__).parameters]
+        if options and spec.schedule not in schedules_of(sampler_class):
             raise SpecError(f"schedule={spec.schedule}: sampler {name} has no such schedule (it takes: "
-                            f"{', '.join(['automatic', *takes])})", field="schedule", value=spec.schedule,
-                            reason=f"not available for sampler {name}")
-        if spec.eta and "eta" not in inspect.signature(sampler_class.step).parameters:
+                            f"{', '.join([AUTOMATIC, *schedules_of(sampler_class)])})", field="schedule",
+                            value=spec.schedule, reason=f"not available for sampler {name}")
+        if spec.eta and "eta" not in step_params(sampler_class):
             raise SpecError(f"eta={spec.eta}: sampler {name} takes no eta (DDIM does)", field="eta", value=spec.eta,
                             reason=f"sampler {name} takes no eta")
 

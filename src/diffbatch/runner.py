@@ -8,8 +8,6 @@ denoiser call and step each request's own sampler.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,14 +27,10 @@ from .io.images import load_init_image
 from .memory import BatchLimits, StageLimit
 from .planner import StepPlan
 from .request import Request
+from .samplers import step_params
 from .spec import GenerationSpec
 
 Cached = dict[str, torch.Tensor]  # what a request's step cache keeps from a step (Request.cached)
-@functools.cache
-def _step_params(sampler_class: type) -> frozenset[str]:
-    return frozenset(inspect.signature(sampler_class.step).parameters)
-
-
 def _chunks(items: Sequence[Request], limit: StageLimit) -> Iterator[list[Request]]:
     """Same-shape chunks of at most ``limit(shape)`` requests; the limit is read again for every chunk, so a
     limit lowered after an out-of-memory error applies to the rest at once."""
@@ -213,7 +207,7 @@ class Runner:
         return run_in_calls(self.adapter.call_shapes.denoiser, len(sample), call)
 
     def _step(self, r: Request, eps: torch.Tensor) -> None:
-        params = _step_params(type(r.sampler))
+        params = step_params(type(r.sampler))
         kwargs: dict[str, Any] = {}
         if "eta" in params:
             kwargs["eta"] = r.spec.eta or 0.0

@@ -5,6 +5,8 @@ Pure data: no torch import, so the spec layer can validate names cheaply.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,14 +72,24 @@ AUTOMATIC = "automatic"
 SCHEDULE_NAMES = (AUTOMATIC, *SCHEDULES)
 
 
-def schedule_taken(sampler: str, schedule: str | None) -> bool:
-    """Whether the named sampler's diffusers scheduler takes the schedule (its option is a config key)."""
-    import inspect
+@functools.cache
+def schedules_of(sampler_class: type) -> tuple[str, ...]:
+    """The schedules a diffusers scheduler class takes: those whose option is a key of its config."""
+    params = inspect.signature(sampler_class.__init__).parameters
+    return tuple(name for name, schedule in SCHEDULES.items() if schedule.option in params)
 
+
+@functools.cache
+def step_params(sampler_class: type) -> frozenset[str]:
+    """The arguments a diffusers scheduler's ``step`` takes (``eta``, ``generator``, ...)."""
+    return frozenset(inspect.signature(sampler_class.step).parameters)
+
+
+def schedule_taken(sampler: str, schedule: str | None) -> bool:
+    """Whether the named sampler's diffusers scheduler takes the schedule (the sampler's own always)."""
     import diffusers
 
-    options = schedule_options(schedule)
-    return set(options) <= set(inspect.signature(getattr(diffusers, SAMPLERS[sampler].class_name).__init__).parameters)
+    return schedule in (None, AUTOMATIC) or schedule in schedules_of(getattr(diffusers, SAMPLERS[sampler].class_name))
 
 
 def schedule_options(schedule: str | None) -> dict[str, Any]:

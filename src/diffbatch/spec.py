@@ -25,7 +25,6 @@ from .hires import (
     MAX_SCALE,
     UPSCALERS,
     hires_size,
-    read_upscaler,
     upscaler_label,
 )
 from .prompt_language import EMPHASES, EMPHASIS_RULE, NONE, ORIGINAL, has_syntax
@@ -144,6 +143,14 @@ class GenerationSpec:
                             value=resolved.strength, reason="need num_inference_steps * strength >= 1")
         return resolved
 
+    def prompt_texts(self) -> dict[str, tuple[str, int]]:
+        """Each text a resolved spec's conditioning is encoded from, by field, with the clip skip it is encoded
+        at (a negative prompt at none, as diffusers); the hires prompts where given."""
+        texts = {"prompt": (self.prompt, self.clip_skip), "negative_prompt": (self.negative_prompt, 1),
+                 "hires_prompt": (self.hires_prompt, self.clip_skip),
+                 "hires_negative_prompt": (self.hires_negative_prompt, 1)}
+        return {name: pair for name, pair in texts.items() if pair[0] is not None}
+
     def to_record(self) -> dict[str, Any]:
         """Plain JSON-able fields (the init image as its path, or ``"<image>"`` for in-memory ones)."""
         record = dataclasses.asdict(self)
@@ -238,8 +245,17 @@ def _emphasis_written(spec: GenerationSpec) -> bool:
     return spec.emphasis != NONE or has_syntax(spec.prompt) or has_syntax(spec.negative_prompt)
 
 
-EMPHASIS_LABELS = {label.lower(): name for name, label in EMPHASES.items()}
-SCHEDULE_LABELS = {"automatic": "automatic", **{s.label.lower(): name for name, s in SCHEDULES.items()}}
+def _label_reader(labels: dict[str, str], unset: str | None = None) -> Callable[[str], Any]:
+    """A key's value read back: A1111's label (``No norm``, ``SGM Uniform``) or the field's own value, case
+    aside; ``unset``: the label that means the field is unset (``Automatic``); else the text in lower case, for
+    the rule to refuse."""
+    names = {label.lower(): name for name, label in labels.items()}
+
+    def read(text: str) -> str | None:
+        key = text.strip().lower()
+        return None if key == unset else names.get(key, key)
+
+    return read
 
 
 def _read_sampler(label: str) -> str:
@@ -255,18 +271,6 @@ def _quote_text(text: str) -> str:
 
 def _schedule_label(name: str) -> str:
     return SCHEDULES[name].label if name in SCHEDULES else "Automatic"
-
-
-def _read_schedule(label: str) -> str | None:
-    """A1111's label (``SGM Uniform``), or the field's own value; ``Automatic`` (the sampler's own) is unset;
-    else the text, for the rule to refuse."""
-    text = label.strip().lower()
-    return None if text == "automatic" else SCHEDULE_LABELS.get(text, text)
-
-
-def _read_emphasis(label: str) -> str:
-    """A1111's label (``No norm``), or the field's own value (``no_norm``); else the text, for the rule to refuse."""
-    return EMPHASIS_LABELS.get(label.strip().lower(), label.strip().lower())
 
 
 # In A1111's order of the keys (io/writer.py places the settings that are no field's own between them).
@@ -306,11 +310,12 @@ EDGES: dict[str, Edges] = {
                       "Original emphasis (the default on CLIP models), no_norm, ignore (weights dropped), or none "
                       "(literally); prompts longer than the text encoder's window are encoded in chunks",
                       key=Key("Emphasis", _emphasis_written, write=lambda value: EMPHASES[value],
-                              read=_read_emphasis)),
+                              read=_label_reader(EMPHASES))),
     "schedule": Edges(Kind.TEXT, flag="--schedule", metavar="|".join(SCHEDULE_NAMES),
                       help="the sampler's noise schedule, as A1111's Schedule type (where the sampler takes it)",
                       key=Key("Schedule type", lambda spec: spec.schedule not in (None, "automatic"),
-                              write=_schedule_label, read=_read_schedule)),
+                              write=_schedule_label,
+                              read=_label_reader({n: s.label for n, s in SCHEDULES.items()}, "automatic"))),
     "eta": Edges(Kind.NUMBER, flag="--eta", metavar="E", help="DDIM's eta in [0, 1] (default 0)",
                  key=Key("Eta DDIM", lambda spec: bool(spec.eta))),
     "hires_scale": Edges(Kind.NUMBER, flag="--hires-scale", metavar="X",
@@ -323,7 +328,7 @@ EDGES: dict[str, Edges] = {
     "hires_upscaler": Edges(Kind.TEXT, flag="--hires-upscaler", metavar="NAME",
                             help="hires fix: " + ", ".join(UPSCALERS) + f" (default {DEFAULT_UPSCALER})",
                             key=Key("Hires upscaler", lambda spec: bool(spec.hires_scale), write=upscaler_label,
-                                    read=read_upscaler)),
+                                    read=_label_reader({n: u.label for n, u in UPSCALERS.items()}))),
     "hires_scheduler": Edges(Kind.TEXT, flag="--hires-scheduler", metavar="NAME",
                              help="hires fix: the second pass's sampler (default: --scheduler)",
                              key=Key("Hires sampler", lambda spec: spec.hires_scheduler is not None,

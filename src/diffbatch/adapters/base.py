@@ -157,9 +157,8 @@ class Adapter(ABC):
     def check_reading(self, spec: GenerationSpec) -> None:
         """The prompts parse in the language ``emphasis`` names (a weight that is not a number, brackets nested
         past the limit: refused naming the field), and the family reads it."""
-        texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
-        texts.update({name: getattr(spec, name) for name in ("hires_prompt", "hires_negative_prompt")
-                      if getattr(spec, name) is not None})
+        encoded = spec.prompt_texts()
+        texts = {name: text for name, (text, _) in encoded.items()}
         if self.embeddings is not None:  # the embeddings the prompts name, loaded now: a bad file refused here
             self.embeddings.ensure(*texts.values())
         if spec.emphasis != NONE:
@@ -170,8 +169,8 @@ class Adapter(ABC):
             for name, text in texts.items():
                 parse_attention(text, name)
         if self.pipe is not None:  # its chunks (their count), computed now and kept for the encoding
-            for name, text in texts.items():  # (a negative prompt's key takes no clip skip: runner.py)
-                self.windows(text, spec.emphasis, name, 1 if "negative" in name else spec.clip_skip)
+            for name, (text, skip) in encoded.items():
+                self.windows(text, spec.emphasis, name, skip)
         if spec.clip_skip > 1 and not self.clip_skip:
             raise SpecError(f"clip_skip={spec.clip_skip}: {self.family} models take no clip skip", field="clip_skip",
                             value=spec.clip_skip, reason="1 on this model")

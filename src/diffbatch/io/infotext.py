@@ -19,7 +19,7 @@ from ..errors import InputError, SpecError, shown
 from ..numerics import DEFAULT as DEFAULT_NUMERICS
 from ..numerics import KEY as NUMERICS_KEY
 from ..numerics import NumericPath, parse_numerics
-from ..samplers import MISSING, SAMPLERS, SCHEDULE_NAMES, schedule_taken
+from ..samplers import MISSING, SAMPLERS, schedule_taken
 from ..spec import EDGES, PARSE, check_field, parse_size
 from .a1111 import REASONS, exif_parameters, unhonoured
 from .writer import PARAMETERS_KEY
@@ -190,10 +190,7 @@ def _value(key: str, value: str, kind: type) -> int | float | str | None:
 def _sampler(settings: dict[str, str], found: Infotext) -> None:
     """The sampler and its schedule: A1111's label (older A1111 wrote the schedule into it: ``DPM2 a Karras``),
     or diffbatch's class name of a model's own sampler; what diffbatch lacks is refused by name."""
-    schedule = found.fields.get("schedule")
-    if schedule is not None and schedule not in SCHEDULE_NAMES:
-        found.refused["Schedule type"] = f"diffbatch has no {settings['Schedule type']} schedule"
-        del found.fields["schedule"]
+    # (a schedule diffbatch does not have at all is refused by the field's rule, _check_fields)
     label = settings.get("Sampler")
     if label is None:
         return

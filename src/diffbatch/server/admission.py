@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..hires import hires_size
+from ..hires import hires_size, run_steps
 from ..spec import GenerationSpec
 from .config import ServerConfig
 from .schemas import ApiError
@@ -87,7 +87,7 @@ def cost(spec: GenerationSpec) -> float:
     total = steps * (spec.width or 0) * (spec.height or 0) / MEGA
     if spec.hires_scale:  # A1111's hires steps: all of them run (hires.py)
         height, width = _hires(spec)
-        total += (spec.hires_steps or spec.num_inference_steps) * width * height / MEGA
+        total += run_steps(spec) * width * height / MEGA
     return total
 
 
