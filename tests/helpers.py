@@ -76,3 +76,33 @@ def in_mount_namespace(script: str, marker: Path, what: str, timeout: int = 300)
         pytest.skip(f"no unshare(1) here to {what}")
     if done.returncode == 99 or not marker.exists():
         pytest.skip(f"this machine does not allow to {what} in a private mount namespace")
+
+
+def a1111_two_encoders(pipe, text: str) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+    """A1111's reading of ``text`` on a pipeline's two CLIP encoders (SDXL, SD3), written out independently of
+    diffbatch's encoder: per encoder, each chunk [BOS, tokens, EOS, padding] encoded alone, its penultimate hidden
+    states times the tokens' weights, the chunk's mean restored; the encoders joined along features and the
+    chunks along the sequence ``[1, L * k, D1 + D2]``; each projecting encoder's pooled output for the first
+    chunk; and the parsed pieces."""
+    from diffbatch.prompt_language import chunk, parse_attention
+
+    parts = parse_attention(text)
+    tokenizer = pipe.tokenizer
+    window = tokenizer.model_max_length - 2
+    chunks = chunk(parts, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], window,
+                   tokenizer.get_vocab().get(",</w>"))
+    joined, pooled = [], []
+    for k, c in enumerate(chunks):
+        pad = window - len(c.tokens)
+        weights = torch.tensor([1.0, *c.weights, *[1.0] * (pad + 1)])[None, :, None]
+        per_encoder = []
+        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = torch.tensor([[tok.bos_token_id, *c.tokens, tok.eos_token_id, *[tok.pad_token_id] * pad]])
+            with torch.no_grad():
+                out = encoder(ids, output_hidden_states=True)
+            z = out.hidden_states[-2]
+            per_encoder.append(z * weights * (z.mean() / (z * weights).mean()))
+            if k == 0 and out[0].ndim == 2:
+                pooled.append(out[0])
+        joined.append(torch.cat(per_encoder, dim=-1))
+    return torch.cat(joined, dim=1), pooled, parts

@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
 from diffbatch import Engine, GenerationSpec, SpecError
-from helpers import noise_image
+from helpers import a1111_two_encoders, noise_image
 from tiny_flow import PipelineOracle, save_tiny_sd3
 
 WIDE = dict(height=16, width=48)  # a second latent shape (the tiny model's native size is 32x32)
@@ -123,34 +123,13 @@ def test_a_prompt_past_t5s_window_is_said_once_and_clip_reads_it_in_chunks(engin
 
 
 def _sd3_embeds(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A1111's reading on SD3's CLIP encoders, written out independently of diffbatch's encoder: per encoder, each
-    chunk's penultimate states times its weights, its mean restored; joined, padded to T5's width; then T5's
-    states of the text without the syntax; the pooled outputs of the first chunk."""
-    from diffbatch.prompt_language import chunk, parse_attention
-
-    parts = parse_attention(text)
-    tokenizer = pipe.tokenizer
-    window = tokenizer.model_max_length - 2
-    chunks = chunk(parts, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], window,
-                   tokenizer.get_vocab().get(",</w>"))
-    joined, pooled = [], None
-    for c in chunks:
-        pad = window - len(c.tokens)
-        weights = torch.tensor([1.0, *c.weights, *[1.0] * (pad + 1)])[None, :, None]
-        states, pools = [], []
-        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids = torch.tensor([[tok.bos_token_id, *c.tokens, tok.eos_token_id, *[tok.pad_token_id] * pad]])
-            with torch.no_grad():
-                out = encoder(ids, output_hidden_states=True)
-            z = out.hidden_states[-2]
-            states.append(z * weights * (z.mean() / (z * weights).mean()))
-            pools.append(out[0])
-        joined.append(torch.cat(states, dim=-1))
-        pooled = pooled if pooled is not None else torch.cat(pools, dim=-1)
+    """A1111's reading on SD3's CLIP encoders, padded to T5's width; then T5's states of the text without the
+    syntax (the pieces apart, blanks made one); the pooled outputs of both CLIP encoders."""
+    clip, pooled, parts = a1111_two_encoders(pipe, text)
     with torch.no_grad():
-        t5 = pipe._get_t5_prompt_embeds("".join(t for t, _ in parts), max_sequence_length=256)
-    clip = torch.nn.functional.pad(torch.cat(joined, dim=1), (0, t5.shape[-1] - joined[0].shape[-1]))
-    return torch.cat([clip, t5], dim=-2), pooled
+        t5 = pipe._get_t5_prompt_embeds(" ".join(" ".join(t for t, _ in parts).split()), max_sequence_length=256)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
 @pytest.mark.parametrize(("prompt", "negative"), [("(red:1.4) [dot]", "((green))"),

@@ -13,6 +13,7 @@ from diffbatch.adapters.sdxl import StableDiffusionXLAdapter
 from diffbatch.engine import Result
 from diffbatch.errors import ModelLoadError
 from diffbatch.hardware import native_bfloat16
+from helpers import a1111_two_encoders
 from tiny_sdxl import SDXLOracle, noise_picture, save_tiny_sdxl, tiny_sdxl_components
 
 TOLERANCE = 1e-4  # max abs difference on [0, 1] pixels, float32
@@ -233,30 +234,9 @@ def test_empty_negative_prompt_is_zeros_and_other_negatives_are_encoded(engine):
 
 
 def _sdxl_embeds(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A1111's reading on SDXL, written out independently of diffbatch's encoder: per encoder, each chunk's
-    penultimate hidden states times its tokens' weights, its mean restored; the encoders joined along features;
-    the pooled output the second encoder's for the first chunk."""
-    from diffbatch.prompt_language import chunk, parse_attention
-
-    tokenizer = pipe.tokenizer
-    window = tokenizer.model_max_length - 2
-    chunks = chunk(parse_attention(text), lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], window,
-                   tokenizer.get_vocab().get(",</w>"))
-    joined, pooled = [], None
-    for c in chunks:
-        pad = window - len(c.tokens)
-        weights = torch.tensor([1.0, *c.weights, *[1.0] * (pad + 1)])[None, :, None]
-        per_encoder = []
-        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids = torch.tensor([[tok.bos_token_id, *c.tokens, tok.eos_token_id, *[tok.pad_token_id] * pad]])
-            with torch.no_grad():
-                out = encoder(ids, output_hidden_states=True)
-            z = out.hidden_states[-2]
-            per_encoder.append(z * weights * (z.mean() / (z * weights).mean()))
-            if pooled is None and out[0].ndim == 2:
-                pooled = out[0]
-        joined.append(torch.cat(per_encoder, dim=-1))
-    return torch.cat(joined, dim=1), pooled
+    """A1111's reading on SDXL: both encoders' chunks joined; the pooled output the second encoder's."""
+    embeds, pooled, _ = a1111_two_encoders(pipe, text)
+    return embeds, pooled[-1]
 
 
 def test_the_prompt_language_on_both_encoders_is_diffusers_given_its_embeddings(engine, base_oracle):
